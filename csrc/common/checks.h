@@ -1,0 +1,38 @@
+#pragma once
+// Argument checks whose messages name the argument and what was expected.
+// Type problems raise TypeError, bad values/shapes ValueError, device problems RuntimeError.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace epamx {
+
+inline void check_floating(const at::Tensor& t, const char* op, const char* arg) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op, ": ", arg,
+                   " must be a floating tensor (float32, float64, float16 or bfloat16), got ", dt);
+}
+
+inline void check_same_device(const at::Tensor& a, const char* arg_a, const at::Tensor& b, const char* arg_b,
+                              const char* op) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", arg_a, " and ", arg_b,
+              " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+inline void check_device_type(const at::Tensor& t, c10::DeviceType type, const char* op, const char* arg) {
+  TORCH_CHECK(t.device().type() == type, op, ": ", arg, " must be a ", c10::DeviceTypeName(type, true),
+              " tensor, got one on ", t.device());
+}
+
+// True when dims [first, first+count) of `t` can be flattened into one dimension of stride 1.
+inline bool dims_are_dense(const at::Tensor& t, int64_t first, int64_t count) {
+  int64_t expected = 1;
+  for (int64_t d = first + count - 1; d >= first; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
+}  // namespace epamx

@@ -1,0 +1,24 @@
+#pragma once
+// Launch helpers shared by the CUDA kernels.
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace epamx::cuda {
+
+constexpr int kThreadsPerBlock = 256;
+// Enough blocks to fill any current GPU several times over; grid-stride loops cover the rest.
+constexpr int64_t kMaxBlocks = 65535LL * 8;
+
+inline unsigned int blocks_for(int64_t work_items, int threads = kThreadsPerBlock) {
+  const int64_t blocks = (work_items + threads - 1) / threads;
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxBlocks)));
+}
+
+}  // namespace epamx::cuda
+
+// Each thread visits i, i + gridDim*blockDim, ... below n.
+#define EPAMX_GRID_STRIDE_LOOP(index_t, i, n)                                                    \
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n);          \
+       i += static_cast<index_t>(blockDim.x) * gridDim.x)

@@ -1,0 +1,47 @@
+// The epamx operator library: every schema, declared once, and the pybind11 module epamx._C.
+// Device kernels register themselves in <op>/<op>_cpu.cpp and <op>/<op>_cuda.cu.
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include "temporal_shift/temporal_shift.h"
+
+#if EPAMX_WITH_CUDA
+namespace epamx {
+int cuda_runtime_version();  // common/cuda_info.cu
+}
+#endif
+
+TORCH_LIBRARY(epamx, m) {
+  // Temporal shift (TSM). input: (N, C, T, H, W), or (N*T, C, H, W) with num_segments = T.
+  m.def("temporal_shift(Tensor input, int fold_div=8, int? num_segments=None) -> Tensor");
+  m.def("temporal_shift_(Tensor(a!) input, int fold_div=8, int? num_segments=None) -> ()");
+  m.def("_temporal_shift_backward(Tensor grad, int fold_div, int? num_segments) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "epamx native extension: registers the torch.ops.epamx operators and reports how it was built";
+  m.def("build_info", [] {
+    pybind11::dict info;
+    info["version"] = EPAMX_VERSION;
+    info["torch_version"] = TORCH_VERSION;
+    info["cxx_compiler"] = EPAMX_CXX_COMPILER;
+#ifdef _OPENMP
+    info["openmp"] = _OPENMP;
+#else
+    info["openmp"] = pybind11::none();
+#endif
+    info["cuda"] = static_cast<bool>(EPAMX_WITH_CUDA);
+    info["cuda_archs"] = std::string(EPAMX_CUDA_ARCHS);
+#if EPAMX_WITH_CUDA
+    info["cuda_runtime_version"] = epamx::cuda_runtime_version();
+#else
+    info["cuda_runtime_version"] = pybind11::none();
+#endif
+    return info;
+  });
+  auto testing = m.def_submodule("_testing", "Hooks for epamx's own tests; not a public API");
+  testing.def("temporal_shift_run_thread_bodies", &epamx::temporal_shift_run_thread_bodies, pybind11::arg("input"),
+              pybind11::arg("fold_div"), pybind11::arg("num_segments"), pybind11::arg("inplace"),
+              pybind11::arg("backward"), pybind11::arg("thread_order"));
+}

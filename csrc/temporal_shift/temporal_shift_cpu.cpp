@@ -1,0 +1,111 @@
+// Temporal shift, CPU kernels: at::parallel_for over frame planes (out of place) or shifted channels (in place).
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "temporal_shift/temporal_shift.h"
+
+namespace epamx {
+namespace {
+
+// Elements per parallel task: large enough to amortise scheduling, small enough to split EPAM-Net's tensors.
+constexpr int64_t kGrainElements = 1 << 15;
+
+int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
+}
+
+at::Tensor shift_copy_cpu(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments, int sign,
+                          const char* op) {
+  const ShiftLayout L = check_shift_args(x, fold_div, num_segments, op);
+  // Strides of n, t and c are read as they are; only frame planes that are not dense are copied first.
+  const at::Tensor in = shift_planes_dense(x, L) ? x : x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return out;
+  const auto g = shift_geometry<int64_t>(in, L);
+  dispatch_by_element_size(x, op, [&]<typename bits_t>() {
+    const auto* src = static_cast<const bits_t*>(in.const_data_ptr());
+    auto* dst = static_cast<bits_t*>(out.mutable_data_ptr());
+    at::parallel_for(0, L.N * L.T * L.C, grain_for(L.P), [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) shift_plane_run<bits_t, int64_t>(q, 0, g.P, g, sign, src, dst);
+    });
+  });
+  return out;
+}
+
+at::Tensor temporal_shift_cpu(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments) {
+  return shift_copy_cpu(x, fold_div, num_segments, +1, "temporal_shift");
+}
+
+at::Tensor temporal_shift_backward_cpu(const at::Tensor& grad, int64_t fold_div, std::optional<int64_t> num_segments) {
+  return shift_copy_cpu(grad, fold_div, num_segments, -1, "_temporal_shift_backward");
+}
+
+void shift_inplace_cpu(const at::Tensor& x, const ShiftLayout& L, int sign, const char* op) {
+  const auto g = shift_geometry<int64_t>(x, L);
+  dispatch_by_element_size(x, op, [&]<typename bits_t>() {
+    auto* data = static_cast<bits_t*>(x.mutable_data_ptr());
+    at::parallel_for(0, L.N * 2 * L.fold, grain_for(L.T * L.P), [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        shift_columns_inplace<bits_t, int64_t>(q / (2 * g.fold), q % (2 * g.fold), 0, g.P, g, sign, data);
+      }
+    });
+  });
+}
+
+void temporal_shift_inplace_cpu(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments) {
+  constexpr const char* op = "temporal_shift_";
+  const ShiftLayout L = check_shift_args(x, fold_div, num_segments, op);
+  TORCH_CHECK_VALUE(at::has_internal_overlap(x) != at::MemOverlap::Yes, op,
+                    ": input must not have overlapping memory (e.g. from expand()); clone() it first");
+  if (x.numel() == 0 || L.fold == 0) return;
+  // Frames with strided pixels: shift a dense copy, then write it back into the caller's tensor.
+  const at::Tensor work = shift_planes_dense(x, L) ? x : x.contiguous();
+  shift_inplace_cpu(work, L, +1, op);
+  if (!work.is_same(x)) x.copy_(work);
+}
+
+}  // namespace
+
+at::Tensor temporal_shift_run_thread_bodies(at::Tensor input, int64_t fold_div, std::optional<int64_t> num_segments,
+                                            bool inplace, bool backward, const at::Tensor& thread_order) {
+  constexpr const char* op = "temporal_shift_run_thread_bodies";
+  check_device_type(input, c10::DeviceType::CPU, op, "input");
+  check_same_device(input, "input", thread_order, "thread_order", op);
+  TORCH_CHECK_TYPE(thread_order.scalar_type() == at::kLong && thread_order.dim() == 1, op,
+                   ": thread_order must be a 1-D int64 tensor");
+  const ShiftLayout L = check_shift_args(input, fold_div, num_segments, op);
+  const int sign = backward ? -1 : +1;
+  at::Tensor src = input.contiguous();
+  at::Tensor out = inplace ? src : at::empty(input.sizes(), input.options());
+  const auto g = shift_geometry<int64_t>(src, L);
+  const int64_t threads = inplace ? shift_inplace_threads(g) : input.numel();
+  TORCH_CHECK_VALUE(thread_order.numel() == threads, op, ": thread_order must list all ", threads,
+                    " thread indices, got ", thread_order.numel());
+  const at::Tensor order = thread_order.contiguous();
+  const int64_t* idx = order.const_data_ptr<int64_t>();
+  dispatch_by_element_size(input, op, [&]<typename bits_t>() {
+    auto* dst = static_cast<bits_t*>(out.mutable_data_ptr());
+    const auto* in = static_cast<const bits_t*>(src.const_data_ptr());
+    for (int64_t k = 0; k < threads; ++k) {
+      TORCH_CHECK_VALUE(idx[k] >= 0 && idx[k] < threads, op, ": thread index ", idx[k], " out of range");
+      if (inplace) {
+        shift_inplace_thread<bits_t, int64_t>(idx[k], g, sign, dst);
+      } else {
+        shift_copy_thread<bits_t, int64_t>(idx[k], g, sign, in, dst);
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(epamx, CPU, m) {
+  m.impl("temporal_shift", &temporal_shift_cpu);
+  m.impl("_temporal_shift_backward", &temporal_shift_backward_cpu);
+  m.impl("temporal_shift_", &temporal_shift_inplace_cpu);
+}
+
+}  // namespace epamx

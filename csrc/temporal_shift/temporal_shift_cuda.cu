@@ -1,0 +1,99 @@
+// Temporal shift, CUDA kernels: thin __global__ launchers around the per-thread bodies of temporal_shift_math.h.
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common/cuda_utils.cuh"
+#include "temporal_shift/temporal_shift.h"
+
+namespace epamx {
+namespace {
+
+template <typename bits_t, typename index_t>
+__global__ void shift_copy_kernel(ShiftGeometry<index_t> g, int sign, const bits_t* __restrict__ in,
+                                  bits_t* __restrict__ out, index_t numel) {
+  EPAMX_GRID_STRIDE_LOOP(index_t, i, numel) { shift_copy_thread(i, g, sign, in, out); }
+}
+
+template <typename bits_t, typename index_t>
+__global__ void shift_inplace_kernel(ShiftGeometry<index_t> g, int sign, bits_t* x, index_t threads) {
+  EPAMX_GRID_STRIDE_LOOP(index_t, j, threads) { shift_inplace_thread(j, g, sign, x); }
+}
+
+template <typename index_t>
+void launch_copy(const at::Tensor& in, at::Tensor& out, const ShiftLayout& L, int sign, const char* op) {
+  const auto g = shift_geometry<index_t>(in, L);
+  const auto numel = static_cast<index_t>(out.numel());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_by_element_size(in, op, [&]<typename bits_t>() {
+    shift_copy_kernel<bits_t, index_t><<<cuda::blocks_for(numel), cuda::kThreadsPerBlock, 0, stream>>>(
+        g, sign, static_cast<const bits_t*>(in.const_data_ptr()), static_cast<bits_t*>(out.mutable_data_ptr()),
+        numel);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename index_t>
+void launch_inplace(const at::Tensor& x, const ShiftLayout& L, int sign, const char* op) {
+  const auto g = shift_geometry<index_t>(x, L);
+  const index_t threads = shift_inplace_threads(g);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_by_element_size(x, op, [&]<typename bits_t>() {
+    shift_inplace_kernel<bits_t, index_t><<<cuda::blocks_for(threads), cuda::kThreadsPerBlock, 0, stream>>>(
+        g, sign, static_cast<bits_t*>(x.mutable_data_ptr()), threads);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor shift_copy_cuda(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments, int sign,
+                           const char* op) {
+  const ShiftLayout L = check_shift_args(x, fold_div, num_segments, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor in = shift_planes_dense(x, L) ? x : x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return out;
+  if (fits_int32(in)) {
+    launch_copy<int32_t>(in, out, L, sign, op);
+  } else {
+    launch_copy<int64_t>(in, out, L, sign, op);
+  }
+  return out;
+}
+
+at::Tensor temporal_shift_cuda(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments) {
+  return shift_copy_cuda(x, fold_div, num_segments, +1, "temporal_shift");
+}
+
+at::Tensor temporal_shift_backward_cuda(const at::Tensor& grad, int64_t fold_div,
+                                        std::optional<int64_t> num_segments) {
+  return shift_copy_cuda(grad, fold_div, num_segments, -1, "_temporal_shift_backward");
+}
+
+void temporal_shift_inplace_cuda(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments) {
+  constexpr const char* op = "temporal_shift_";
+  const ShiftLayout L = check_shift_args(x, fold_div, num_segments, op);
+  TORCH_CHECK_VALUE(at::has_internal_overlap(x) != at::MemOverlap::Yes, op,
+                    ": input must not have overlapping memory (e.g. from expand()); clone() it first");
+  if (x.numel() == 0 || L.fold == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  // Frames with strided pixels: shift a dense copy, then write it back into the caller's tensor.
+  const at::Tensor work = shift_planes_dense(x, L) ? x : x.contiguous();
+  if (fits_int32(work)) {
+    launch_inplace<int32_t>(work, L, +1, op);
+  } else {
+    launch_inplace<int64_t>(work, L, +1, op);
+  }
+  if (!work.is_same(x)) x.copy_(work);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(epamx, CUDA, m) {
+  m.impl("temporal_shift", &temporal_shift_cuda);
+  m.impl("_temporal_shift_backward", &temporal_shift_backward_cuda);
+  m.impl("temporal_shift_", &temporal_shift_inplace_cuda);
+}
+
+}  // namespace epamx

@@ -1,0 +1,4 @@
+"""Drop-in torch.nn modules built on epamx.ops."""
+from epamx.nn.temporal_shift import TemporalShift
+
+__all__ = ["TemporalShift"]

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from epamx.ops import temporal_shift, temporal_shift_
+
+_LAYOUTS = {"NCTHW": 5, "(NT)CHW": 4}
+
+
+class TemporalShift(nn.Module):
+    """Temporal shift of part of the channels, one frame forward and one back (see epamx.ops.temporal_shift).
+
+    Args:
+        fold_div: channels [0, C // fold_div) take frame t + 1, the next C // fold_div take frame t - 1.
+        inplace: shift the input tensor itself and return it (no new tensor; only the shifted channels move).
+        layout: "NCTHW" for (N, C, T, H, W) inputs, or "(NT)CHW" for TSM's (N*T, C, H, W) with num_segments.
+        num_segments: frames per clip, required by (and only allowed with) the "(NT)CHW" layout.
+    """
+
+    def __init__(self, fold_div: int = 8, inplace: bool = False, layout: str = "NCTHW",
+                 num_segments: Optional[int] = None):
+        super().__init__()
+        if not isinstance(fold_div, int) or fold_div < 1:
+            raise ValueError(f"TemporalShift: fold_div must be an int >= 1, got {fold_div!r}")
+        if layout not in _LAYOUTS:
+            raise ValueError(f"TemporalShift: layout must be one of {sorted(_LAYOUTS)}, got {layout!r}")
+        if layout == "(NT)CHW":
+            if not isinstance(num_segments, int) or num_segments < 1:
+                raise ValueError(f"TemporalShift: layout '(NT)CHW' needs num_segments, an int >= 1, got {num_segments!r}")
+        elif num_segments is not None:
+            raise ValueError("TemporalShift: num_segments is only used with layout '(NT)CHW'; the 'NCTHW' layout "
+                             "reads T from the input")
+        self.fold_div = fold_div
+        self.inplace = inplace
+        self.layout = layout
+        self.num_segments = num_segments
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != _LAYOUTS[self.layout]:
+            expected = "(N, C, T, H, W)" if self.layout == "NCTHW" else "(N*T, C, H, W)"
+            raise ValueError(f"TemporalShift(layout={self.layout!r}) expects a {_LAYOUTS[self.layout]}-D input "
+                             f"{expected}, got shape {tuple(x.shape)}")
+        shift = temporal_shift_ if self.inplace else temporal_shift
+        return shift(x, self.fold_div, self.num_segments)
+
+    def extra_repr(self) -> str:
+        text = f"fold_div={self.fold_div}, inplace={self.inplace}, layout={self.layout!r}"
+        if self.num_segments is not None:
+            text += f", num_segments={self.num_segments}"
+        return text
