@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "common/cpu_memory.h"
 #include "temporal_shift/temporal_shift.h"
 
 namespace epamx {
@@ -23,7 +24,7 @@ at::Tensor shift_copy_cpu(const at::Tensor& x, int64_t fold_div, std::optional<i
   const ShiftLayout L = check_shift_args(x, fold_div, num_segments, op);
   // Strides of n, t and c are read as they are; only frame planes that are not dense are copied first.
   const at::Tensor in = shift_planes_dense(x, L) ? x : x.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor out = empty_for_overwrite(x.sizes(), x.options());
   if (x.numel() == 0) return out;
   const auto g = shift_geometry<int64_t>(in, L);
   dispatch_by_element_size(x, op, [&]<typename bits_t>() {

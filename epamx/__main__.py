@@ -1,0 +1,3 @@
+from epamx.cli import main
+
+raise SystemExit(main())
