@@ -1,0 +1,45 @@
+"""The package around the ops: build information, the command line, the README's main command."""
+import json
+import subprocess
+import sys
+
+import torch
+
+import epamx
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "epamx", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_build_info_describes_this_build():
+    info = epamx.build_info()
+    assert info["version"] == epamx.__version__
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert info["openmp"], "built without OpenMP: at::parallel_for would run on one thread"
+    assert info["cuda"] == bool(info["cuda_archs"])
+    if torch.cuda.is_available() and torch.backends.cuda.is_built():
+        assert info["cuda"], "torch has CUDA and a GPU, but epamx was built without its CUDA kernels"
+
+
+def test_cli_info_json():
+    result = _run("info", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["epamx"] == epamx.__version__
+    assert "CPU" in info["compiled backends"]
+    assert "epamx::temporal_shift" in info["operators"]
+    assert info["torch threads"] >= 1
+
+
+def test_cli_demo_runs_and_checks_results():
+    result = _run("demo", "--device", "cpu", "--batch", "1", "--repeats", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("(")]
+    assert len(rows) == 3 and all(row.endswith("yes") for row in rows), result.stdout
+
+
+def test_cli_rejects_unknown_command():
+    result = _run("frobnicate")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
