@@ -60,23 +60,45 @@ inline bool shift_planes_dense(const at::Tensor& x, const ShiftLayout& L) {
   return dims_are_dense(x, L.plane_dim, 2);
 }
 
+// The widest copy unit, in bytes (16, 8, 4 or 2, never less than one element), that divides the frame plane,
+// every stride in use and the addresses of `x` and `other` (the output, if any).
+inline int64_t shift_copy_unit(const at::Tensor& x, const ShiftLayout& L, const at::Tensor* other = nullptr) {
+  const int64_t element = x.element_size();
+  int64_t lengths[5] = {L.P * element, 0, 0, 0, 0};
+  int count = 1;
+  for (int64_t d = 0; d < L.plane_dim; ++d) {
+    if (x.size(d) > 1) lengths[count++] = x.stride(d) * element;
+  }
+  const auto address = [](const at::Tensor& t) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); };
+  for (int64_t unit = 16; unit > element; unit /= 2) {
+    bool fits = address(x) % unit == 0 && (other == nullptr || address(*other) % unit == 0);
+    for (int i = 0; i < count && fits; ++i) fits = lengths[i] % unit == 0;
+    if (fits) return unit;
+  }
+  return element;
+}
+
+// The [N, T, C, P] geometry of `x` (frame planes dense) in copy units of `unit_bytes`.
 template <typename index_t>
-ShiftGeometry<index_t> shift_geometry(const at::Tensor& x, const ShiftLayout& L) {
+ShiftGeometry<index_t> shift_geometry(const at::Tensor& x, const ShiftLayout& L, int64_t unit_bytes) {
+  const int64_t per_unit = unit_bytes / x.element_size();
   ShiftGeometry<index_t> g{};
   g.N = static_cast<index_t>(L.N);
   g.T = static_cast<index_t>(L.T);
   g.C = static_cast<index_t>(L.C);
-  g.P = static_cast<index_t>(L.P);
+  g.P = static_cast<index_t>(L.P / per_unit);
   g.fold = static_cast<index_t>(L.fold);
   g.time_major = L.time_major;
+  // A stride of a size-1 dim is never multiplied by anything but 0, so it need not divide evenly.
+  const auto units = [&](int64_t stride) { return static_cast<index_t>(stride / per_unit); };
   if (L.time_major) {
-    g.stride_t = static_cast<index_t>(x.stride(0));
-    g.stride_n = static_cast<index_t>(x.stride(0) * L.T);
-    g.stride_c = static_cast<index_t>(x.stride(1));
+    g.stride_t = units(x.stride(0));
+    g.stride_n = units(x.stride(0) * L.T);
+    g.stride_c = units(x.stride(1));
   } else {
-    g.stride_n = static_cast<index_t>(x.stride(0));
-    g.stride_c = static_cast<index_t>(x.stride(1));
-    g.stride_t = static_cast<index_t>(x.stride(2));
+    g.stride_n = units(x.stride(0));
+    g.stride_c = units(x.stride(1));
+    g.stride_t = units(x.stride(2));
   }
   return g;
 }
@@ -89,14 +111,15 @@ inline bool fits_int32(const at::Tensor& x) {
   return x.numel() < kMax && max_offset < kMax;
 }
 
-// Runs f.template operator()<bits_t>() with an unsigned integer type of x's element size.
+// Runs f.template operator()<bits_t>() with the type of a `unit_bytes`-byte copy unit.
 template <typename F>
-void dispatch_by_element_size(const at::Tensor& x, const char* op, F&& f) {
-  switch (x.element_size()) {
+void dispatch_by_unit(int64_t unit_bytes, const char* op, F&& f) {
+  switch (unit_bytes) {
     case 2: f.template operator()<uint16_t>(); break;
     case 4: f.template operator()<uint32_t>(); break;
     case 8: f.template operator()<uint64_t>(); break;
-    default: TORCH_CHECK(false, op, ": unsupported element size ", x.element_size());
+    case 16: f.template operator()<Bits128>(); break;
+    default: TORCH_CHECK(false, op, ": unsupported copy unit of ", unit_bytes, " bytes");
   }
 }
 
@@ -104,8 +127,8 @@ void dispatch_by_element_size(const at::Tensor& x, const char* op, F&& f) {
 
 namespace epamx {
 
-// Test hook, CPU only: runs the CUDA kernels' per-thread bodies for the thread indices in `thread_order`
-// (any order): in place on a contiguous version of `input` (`input` itself when contiguous) when `inplace`,
+// Test hook, CPU only: runs the CUDA kernels' per-thread bodies, with the copy unit the CUDA kernels would
+// pick, for the thread indices in `thread_order` (any order): in place on a contiguous version of `input` (`input` itself when contiguous) when `inplace`,
 // else into a new contiguous tensor; returns the result. If a kernel's result depended on the order its
 // threads ran in, shuffled orders would expose the race.
 at::Tensor temporal_shift_run_thread_bodies(at::Tensor input, int64_t fold_div, std::optional<int64_t> num_segments,

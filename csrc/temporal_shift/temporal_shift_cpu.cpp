@@ -26,8 +26,9 @@ at::Tensor shift_copy_cpu(const at::Tensor& x, int64_t fold_div, std::optional<i
   const at::Tensor in = shift_planes_dense(x, L) ? x : x.contiguous();
   at::Tensor out = empty_for_overwrite(x.sizes(), x.options());
   if (x.numel() == 0) return out;
-  const auto g = shift_geometry<int64_t>(in, L);
-  dispatch_by_element_size(x, op, [&]<typename bits_t>() {
+  const int64_t unit = shift_copy_unit(in, L, &out);
+  const auto g = shift_geometry<int64_t>(in, L, unit);
+  dispatch_by_unit(unit, op, [&]<typename bits_t>() {
     const auto* src = static_cast<const bits_t*>(in.const_data_ptr());
     auto* dst = static_cast<bits_t*>(out.mutable_data_ptr());
     at::parallel_for(0, L.N * L.T * L.C, grain_for(L.P), [&](int64_t begin, int64_t end) {
@@ -46,8 +47,9 @@ at::Tensor temporal_shift_backward_cpu(const at::Tensor& grad, int64_t fold_div,
 }
 
 void shift_inplace_cpu(const at::Tensor& x, const ShiftLayout& L, int sign, const char* op) {
-  const auto g = shift_geometry<int64_t>(x, L);
-  dispatch_by_element_size(x, op, [&]<typename bits_t>() {
+  const int64_t unit = shift_copy_unit(x, L);
+  const auto g = shift_geometry<int64_t>(x, L, unit);
+  dispatch_by_unit(unit, op, [&]<typename bits_t>() {
     auto* data = static_cast<bits_t*>(x.mutable_data_ptr());
     at::parallel_for(0, L.N * 2 * L.fold, grain_for(L.T * L.P), [&](int64_t begin, int64_t end) {
       for (int64_t q = begin; q < end; ++q) {
@@ -82,13 +84,14 @@ at::Tensor temporal_shift_run_thread_bodies(at::Tensor input, int64_t fold_div, 
   const int sign = backward ? -1 : +1;
   at::Tensor src = input.contiguous();
   at::Tensor out = inplace ? src : at::empty(input.sizes(), input.options());
-  const auto g = shift_geometry<int64_t>(src, L);
-  const int64_t threads = inplace ? shift_inplace_threads(g) : input.numel();
+  const int64_t unit = inplace ? shift_copy_unit(src, L) : shift_copy_unit(src, L, &out);
+  const auto g = shift_geometry<int64_t>(src, L, unit);
+  const int64_t threads = inplace ? shift_inplace_threads(g) : input.numel() * input.element_size() / unit;
   TORCH_CHECK_VALUE(thread_order.numel() == threads, op, ": thread_order must list all ", threads,
                     " thread indices, got ", thread_order.numel());
   const at::Tensor order = thread_order.contiguous();
   const int64_t* idx = order.const_data_ptr<int64_t>();
-  dispatch_by_element_size(input, op, [&]<typename bits_t>() {
+  dispatch_by_unit(unit, op, [&]<typename bits_t>() {
     auto* dst = static_cast<bits_t*>(out.mutable_data_ptr());
     const auto* in = static_cast<const bits_t*>(src.const_data_ptr());
     for (int64_t k = 0; k < threads; ++k) {

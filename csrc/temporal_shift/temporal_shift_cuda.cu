@@ -13,8 +13,8 @@ namespace {
 
 template <typename bits_t, typename index_t>
 __global__ void shift_copy_kernel(ShiftGeometry<index_t> g, int sign, const bits_t* __restrict__ in,
-                                  bits_t* __restrict__ out, index_t numel) {
-  EPAMX_GRID_STRIDE_LOOP(index_t, i, numel) { shift_copy_thread(i, g, sign, in, out); }
+                                  bits_t* __restrict__ out, index_t units) {
+  EPAMX_GRID_STRIDE_LOOP(index_t, i, units) { shift_copy_thread(i, g, sign, in, out); }
 }
 
 template <typename bits_t, typename index_t>
@@ -22,25 +22,29 @@ __global__ void shift_inplace_kernel(ShiftGeometry<index_t> g, int sign, bits_t*
   EPAMX_GRID_STRIDE_LOOP(index_t, j, threads) { shift_inplace_thread(j, g, sign, x); }
 }
 
+// Both launchers move data in the widest unit (up to 16 bytes) the shapes allow, so a thread's index
+// arithmetic is paid once per 16 bytes rather than once per element wherever frame planes allow.
 template <typename index_t>
 void launch_copy(const at::Tensor& in, at::Tensor& out, const ShiftLayout& L, int sign, const char* op) {
-  const auto g = shift_geometry<index_t>(in, L);
-  const auto numel = static_cast<index_t>(out.numel());
+  const int64_t unit = shift_copy_unit(in, L, &out);
+  const auto g = shift_geometry<index_t>(in, L, unit);
+  const auto units = static_cast<index_t>(out.numel() * out.element_size() / unit);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_by_element_size(in, op, [&]<typename bits_t>() {
-    shift_copy_kernel<bits_t, index_t><<<cuda::blocks_for(numel), cuda::kThreadsPerBlock, 0, stream>>>(
+  dispatch_by_unit(unit, op, [&]<typename bits_t>() {
+    shift_copy_kernel<bits_t, index_t><<<cuda::blocks_for(units), cuda::kThreadsPerBlock, 0, stream>>>(
         g, sign, static_cast<const bits_t*>(in.const_data_ptr()), static_cast<bits_t*>(out.mutable_data_ptr()),
-        numel);
+        units);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 template <typename index_t>
 void launch_inplace(const at::Tensor& x, const ShiftLayout& L, int sign, const char* op) {
-  const auto g = shift_geometry<index_t>(x, L);
+  const int64_t unit = shift_copy_unit(x, L);
+  const auto g = shift_geometry<index_t>(x, L, unit);
   const index_t threads = shift_inplace_threads(g);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_by_element_size(x, op, [&]<typename bits_t>() {
+  dispatch_by_unit(unit, op, [&]<typename bits_t>() {
     shift_inplace_kernel<bits_t, index_t><<<cuda::blocks_for(threads), cuda::kThreadsPerBlock, 0, stream>>>(
         g, sign, static_cast<bits_t*>(x.mutable_data_ptr()), threads);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -8,11 +8,20 @@
 //
 // Both layouts, (N, C, T, H, W) and (N*T, C, H, W), are seen through one logical view [N, T, C, P] with
 // P = H*W pixels per frame plane (stride 1) and free strides for n, t and c. The shift only moves data, so
-// kernels copy bit patterns (uint16/32/64 by element size): exact for every floating dtype, and a zero
-// bit pattern is +0.0 in all of them.
+// kernels copy bit patterns in "units" of 2, 4, 8 or 16 bytes (one element or several neighbouring pixels):
+// exact for every floating dtype, and a zero bit pattern is +0.0 in all of them. P and the strides below
+// count units.
+#include <cstdint>
+
 #include "common/macros.h"
 
 namespace epamx {
+
+// A 16-byte copy unit: one load and one store move 4 float32 or 8 bfloat16 pixels.
+struct alignas(16) Bits128 {
+  uint64_t lo, hi;
+  HOST_DEVICE_INLINE constexpr explicit Bits128(int zero = 0) : lo(zero), hi(zero) {}
+};
 
 template <typename index_t>
 struct ShiftGeometry {

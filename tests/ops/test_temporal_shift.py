@@ -169,26 +169,48 @@ def test_inplace_rejects_overlapping_memory(device):
 
 # ---- the CUDA kernels' thread bodies, run on the CPU in any order ----------------------------------------------
 
+# The kernels copy in units of up to 16 bytes where the frame plane allows: these cases reach each unit width.
+THREAD_BODY_CASES = [
+    ((2, 17, 6, 3, 5, 4), torch.float32),   # 60-byte planes: 4-byte units
+    ((2, 17, 6, 3, 5, 4), torch.float16),   # 30-byte planes: 2-byte units
+    ((2, 12, 5, 2, 3, 4), torch.bfloat16),  # 12-byte planes: 4-byte units of two pixels
+    ((2, 9, 4, 2, 1, 2), torch.float64),    # 16-byte planes: 16-byte units
+    ((2, 16, 5, 4, 4, 4), torch.float32),   # 64-byte planes: 16-byte units
+    ((1, 10, 3, 2, 2, 3), torch.float16),   # 8-byte planes: 8-byte units
+]
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-def test_gpu_thread_bodies_are_order_independent(layout, inplace, backward):
-    x, fold_div, num_segments = make_input((2, 17, 6, 3, 5, 4), layout)
+@pytest.mark.parametrize("shape,dtype", THREAD_BODY_CASES, ids=lambda v: _shape_id(v) if isinstance(v, tuple) else str(v))
+def test_gpu_thread_bodies_are_order_independent(layout, inplace, backward, shape, dtype):
+    x, fold_div, num_segments = make_input(shape, layout, dtype)
     if backward:
         leaf = x.clone().requires_grad_(True)
         (expected,) = torch.autograd.grad(temporal_shift_reference(leaf, fold_div, num_segments), leaf, x)
     else:
         expected = temporal_shift_reference(x, fold_div, num_segments)
-    fold = 17 // fold_div
-    threads = 2 * 2 * fold * 15 if inplace else x.numel()  # N * 2*fold * H*W columns, or one per element
     g = torch.Generator().manual_seed(3)
-    orders = [torch.arange(threads), torch.arange(threads).flip(0)]
-    orders += [torch.randperm(threads, generator=g) for _ in range(3)]
-    for order in orders:
+    threads = _count_threads(x, fold_div, num_segments, inplace, backward)
+    for trial in range(5):
+        order = [torch.arange(threads), torch.arange(threads).flip(0)][trial] if trial < 2 else \
+            torch.randperm(threads, generator=g)
         with poisoned_allocations():
             out = _C._testing.temporal_shift_run_thread_bodies(x.clone(), fold_div, num_segments, inplace, backward,
                                                                order)
         assert_bitwise_equal(out, expected)
+
+
+def _count_threads(x, fold_div, num_segments, inplace, backward):
+    """Threads the CUDA kernel launches for a contiguous input: one per copy unit (out of place) or per column of
+    units in a shifted channel (in place); the unit is the widest of 2/4/8/16 bytes dividing a frame plane."""
+    n, c, t = (x.shape[0] // num_segments, x.shape[1], num_segments) if num_segments else x.shape[:3]
+    plane_bytes = x.shape[-1] * x.shape[-2] * x.element_size()
+    unit = max(x.element_size(), min(16, plane_bytes & -plane_bytes))
+    if inplace:
+        return n * 2 * (c // fold_div) * plane_bytes // unit
+    return x.numel() * x.element_size() // unit
 
 
 def test_thread_body_hook_checks_its_order():
