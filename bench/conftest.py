@@ -66,6 +66,11 @@ def _environment() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            cpu += f", L3 {f.read().strip()}"
+    except OSError:
+        pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if "cuda" in DEVICES else ""
     return (f"{datetime.date.today()}, epamx {epamx.__version__}, torch {torch.__version__}, CPU {cpu} "
             f"({torch.get_num_threads()} threads){gpu}")
@@ -101,6 +106,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             f.write(f"{_environment()}\n\n")
             f.write("Medians of pytest-benchmark rounds. `vs reference`: the reference's time / this time, both "
                     "measured in this run. `GB/s`: the bytes the op must read and write / time. `vs copy`: that "
-                    "bandwidth / a same-size tensor copy's bandwidth in this run.\n\n")
+                    "bandwidth / a same-size tensor copy's bandwidth in this run (the copy writes into a buffer it "
+                    "already has; out-of-place ops allocate their output each call). In-place rows re-process the same "
+                    "tensor every round, so on a CPU whose last-level cache holds it they run from cache.\n\n")
             f.write("\n".join(lines) + "\n")
         terminalreporter.write_line(f"table written to {path}")
