@@ -4,6 +4,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "attention_reweight/attention_reweight.h"
+#include "channel_pool/channel_pool.h"
 #include "temporal_shift/temporal_shift.h"
 
 #if EPAMX_WITH_CUDA
@@ -17,6 +19,13 @@ TORCH_LIBRARY(epamx, m) {
   m.def("temporal_shift(Tensor input, int fold_div=8, int? num_segments=None) -> Tensor");
   m.def("temporal_shift_(Tensor(a!) input, int fold_div=8, int? num_segments=None) -> ()");
   m.def("_temporal_shift_backward(Tensor grad, int fold_div, int? num_segments) -> Tensor");
+
+  // Spatial-temporal attention. x: (N, C, T, H, W); spatial: (N, 1, T, H, W); temporal: (N, 1, T, 1, 1).
+  m.def("attention_reweight(Tensor x, Tensor spatial, Tensor temporal) -> Tensor");
+  m.def("_attention_reweight_backward(Tensor grad, Tensor x, Tensor spatial, Tensor temporal) -> (Tensor, Tensor, Tensor)");
+  // Max and mean over channels of frames 0, t_stride, 2 t_stride, ...: (N, C, T, H, W) -> (N, 2, T', H, W).
+  m.def("channel_pool(Tensor x, int t_stride=1) -> Tensor");
+  m.def("_channel_pool_backward(Tensor grad, Tensor x, int t_stride) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -44,4 +53,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   testing.def("temporal_shift_run_thread_bodies", &epamx::temporal_shift_run_thread_bodies, pybind11::arg("input"),
               pybind11::arg("fold_div"), pybind11::arg("num_segments"), pybind11::arg("inplace"),
               pybind11::arg("backward"), pybind11::arg("thread_order"));
+  testing.def("attention_reweight_backward_run_thread_bodies", &epamx::attention_reweight_backward_run_thread_bodies,
+              pybind11::arg("grad"), pybind11::arg("x"), pybind11::arg("spatial"), pybind11::arg("temporal"),
+              pybind11::arg("groups"), pybind11::arg("order1"), pybind11::arg("order2"));
+  testing.def("channel_pool_run_thread_bodies", &epamx::channel_pool_run_thread_bodies, pybind11::arg("x"),
+              pybind11::arg("t_stride"), pybind11::arg("grad"), pybind11::arg("order"));
 }

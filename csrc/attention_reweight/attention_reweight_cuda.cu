@@ -1,0 +1,120 @@
+// Attention reweighting, CUDA kernels: thin __global__ launchers around attention_reweight_math.h.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "attention_reweight/attention_reweight.h"
+#include "common/cuda_utils.cuh"
+
+namespace epamx {
+namespace {
+
+// Threads wanted in flight for the backward pass's first step: channels are split into groups until the
+// positions times the groups reach this (EPAM-Net's 12 x 16 x 7 x 7 positions alone would leave a GPU idle).
+constexpr int64_t kTargetThreads = 1 << 17;
+
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void reweight_forward_kernel(ReweightGeometry<index_t> g, const scalar_t* __restrict__ x,
+                                        const scalar_t* __restrict__ s, const scalar_t* __restrict__ a,
+                                        scalar_t* __restrict__ out, index_t numel) {
+  EPAMX_GRID_STRIDE_LOOP(index_t, i, numel) { reweight_forward_thread<scalar_t, acc_t, index_t>(i, g, x, s, a, out); }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void reweight_backward_kernel(ReweightGeometry<index_t> g, index_t groups, const scalar_t* __restrict__ grad,
+                                         const scalar_t* __restrict__ x, const scalar_t* __restrict__ s,
+                                         const scalar_t* __restrict__ a, scalar_t* __restrict__ dx,
+                                         acc_t* __restrict__ partial, index_t threads) {
+  EPAMX_GRID_STRIDE_LOOP(index_t, i, threads) {
+    reweight_backward_thread<scalar_t, acc_t, index_t>(i, groups, g, grad, x, s, a, dx, partial);
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void reweight_backward_finish_kernel(ReweightGeometry<index_t> g, index_t groups,
+                                                const acc_t* __restrict__ partial, const scalar_t* __restrict__ s,
+                                                const scalar_t* __restrict__ a, scalar_t* __restrict__ ds,
+                                                scalar_t* __restrict__ da) {
+  const index_t positions = g.N * g.T * g.P;
+  EPAMX_GRID_STRIDE_LOOP(index_t, frame, g.N * g.T) {
+    reweight_backward_finish_frame<scalar_t, acc_t, index_t>(frame, groups, positions, g, partial + frame * g.P, s, a,
+                                                             ds, da);
+  }
+}
+
+at::Tensor attention_reweight_cuda(const at::Tensor& x_in, const at::Tensor& spatial_in,
+                                   const at::Tensor& temporal_in) {
+  constexpr const char* op = "attention_reweight";
+  check_reweight_args(x_in, spatial_in, temporal_in, op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), s = spatial_in.contiguous(), a = temporal_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return out;
+  TORCH_CHECK(x.numel() < std::numeric_limits<int32_t>::max(), op, ": x has ", x.numel(),
+              " elements; at most 2^31 - 1 are supported");
+  const auto g = reweight_geometry<int32_t>(x);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto numel = static_cast<int32_t>(x.numel());
+    reweight_forward_kernel<scalar_t, acc_t, int32_t><<<cuda::blocks_for(numel), cuda::kThreadsPerBlock, 0, stream>>>(
+        g, x.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(), numel);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_cuda(const at::Tensor& grad_in,
+                                                                                const at::Tensor& x_in,
+                                                                                const at::Tensor& spatial_in,
+                                                                                const at::Tensor& temporal_in) {
+  constexpr const char* op = "_attention_reweight_backward";
+  check_reweight_args(x_in, spatial_in, temporal_in, op);
+  check_reweight_grad(grad_in, x_in, op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous(), s = spatial_in.contiguous(),
+                   a = temporal_in.contiguous();
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor ds = at::empty(s.sizes(), s.options());
+  at::Tensor da = at::empty(a.sizes(), a.options());
+  // Sums over no channels or no pixels are zero (dA is not empty when only H*W is).
+  if (x.numel() == 0) return {dx, ds.zero_(), da.zero_()};
+  const int64_t positions = x.size(0) * x.size(2) * x.size(3) * x.size(4);
+  const int64_t groups = std::clamp<int64_t>((kTargetThreads + positions - 1) / positions, 1, x.size(1));
+  TORCH_CHECK(x.numel() < std::numeric_limits<int32_t>::max() &&
+                  groups * positions < std::numeric_limits<int32_t>::max(),
+              op, ": x has ", x.numel(), " elements; at most 2^31 - 1 are supported");
+  const auto g = reweight_geometry<int32_t>(x);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor partial = at::empty({groups * positions}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    const auto threads = static_cast<int32_t>(groups * positions);
+    reweight_backward_kernel<scalar_t, acc_t, int32_t>
+        <<<cuda::blocks_for(threads), cuda::kThreadsPerBlock, 0, stream>>>(
+            g, static_cast<int32_t>(groups), grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            s.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+            partial.mutable_data_ptr<acc_t>(), threads);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    reweight_backward_finish_kernel<scalar_t, acc_t, int32_t>
+        <<<cuda::blocks_for(g.N * g.T), cuda::kThreadsPerBlock, 0, stream>>>(
+            g, static_cast<int32_t>(groups), partial.const_data_ptr<acc_t>(), s.const_data_ptr<scalar_t>(),
+            a.const_data_ptr<scalar_t>(), ds.mutable_data_ptr<scalar_t>(), da.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dx, ds, da};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(epamx, CUDA, m) {
+  m.impl("attention_reweight", &attention_reweight_cuda);
+  m.impl("_attention_reweight_backward", &attention_reweight_backward_cuda);
+}
+
+}  // namespace epamx

@@ -1,0 +1,109 @@
+// Channel pooling, CPU kernels: at::parallel_for over frames, each scanning its channels plane by plane.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "channel_pool/channel_pool.h"
+
+namespace epamx {
+namespace {
+
+constexpr int64_t kGrainElements = 1 << 15;
+
+// Scratch for a run over a whole frame plane.
+template <typename acc_t>
+struct PlaneScratch {
+  explicit PlaneScratch(int64_t P) : best(P), sum(P), arg(P) {}
+  std::vector<acc_t> best, sum;
+  std::vector<int64_t> arg;
+};
+
+at::Tensor channel_pool_cpu(const at::Tensor& x_in, int64_t t_stride) {
+  constexpr const char* op = "channel_pool";
+  check_pool_args(x_in, t_stride, op);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(pool_output_shape(x, t_stride), x.options());
+  if (out.numel() == 0) return out;
+  const auto g = pool_geometry<int64_t>(x, t_stride);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* outp = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.N * g.T_out, std::max<int64_t>(1, kGrainElements / (g.C * g.P)), [&](int64_t b, int64_t e) {
+      PlaneScratch<acc_t> scratch(g.P);
+      for (int64_t f = b; f < e; ++f) {
+        channel_pool_forward_run<scalar_t, acc_t, int64_t>(f, 0, g.P, g, xp, outp, scratch.best.data(),
+                                                           scratch.arg.data(), scratch.sum.data());
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor channel_pool_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, int64_t t_stride) {
+  constexpr const char* op = "_channel_pool_backward";
+  check_pool_args(x_in, t_stride, op);
+  check_pool_grad(grad_in, x_in, t_stride, op);
+  const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return dx;
+  const auto g = pool_geometry<int64_t>(x, t_stride);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.N * g.T, std::max<int64_t>(1, kGrainElements / (g.C * g.P)), [&](int64_t b, int64_t e) {
+      PlaneScratch<acc_t> scratch(g.P);
+      for (int64_t f = b; f < e; ++f) {
+        channel_pool_backward_run<scalar_t, acc_t, int64_t>(f, 0, g.P, g, gp, xp, dxp, scratch.best.data(),
+                                                            scratch.arg.data(), scratch.sum.data());
+      }
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+
+at::Tensor channel_pool_run_thread_bodies(const at::Tensor& x_in, int64_t t_stride, const std::optional<at::Tensor>& grad,
+                                          const at::Tensor& order) {
+  constexpr const char* op = "channel_pool_run_thread_bodies";
+  check_pool_args(x_in, t_stride, op);
+  check_device_type(x_in, c10::DeviceType::CPU, op, "x");
+  if (grad) check_pool_grad(*grad, x_in, t_stride, op);
+  const at::Tensor x = x_in.contiguous();
+  const auto g = pool_geometry<int64_t>(x, t_stride);
+  at::Tensor out = grad ? at::empty(x.sizes(), x.options()) : at::empty(pool_output_shape(x, t_stride), x.options());
+  const int64_t threads = grad ? g.N * g.T * g.P : g.N * g.T_out * g.P;
+  TORCH_CHECK_VALUE(order.numel() == threads, op, ": order must list all ", threads, " thread indices, got ",
+                    order.numel());
+  const at::Tensor o = order.to(at::kLong).contiguous();
+  const at::Tensor gr = grad ? grad->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    for (int64_t k = 0; k < threads; ++k) {
+      const int64_t i = o.const_data_ptr<int64_t>()[k];
+      TORCH_CHECK_VALUE(i >= 0 && i < threads, op, ": thread index ", i, " out of range");
+      if (grad) {
+        channel_pool_backward_thread<scalar_t, acc_t, int64_t>(i, g, gr.const_data_ptr<scalar_t>(),
+                                                               x.const_data_ptr<scalar_t>(),
+                                                               out.mutable_data_ptr<scalar_t>());
+      } else {
+        channel_pool_forward_thread<scalar_t, acc_t, int64_t>(i, g, x.const_data_ptr<scalar_t>(),
+                                                              out.mutable_data_ptr<scalar_t>());
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(epamx, CPU, m) {
+  m.impl("channel_pool", &channel_pool_cpu);
+  m.impl("_channel_pool_backward", &channel_pool_backward_cpu);
+}
+
+}  // namespace epamx

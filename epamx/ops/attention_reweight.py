@@ -1,0 +1,56 @@
+"""Reweighting of EPAM-Net's RGB features by its pose-driven attention maps, fused into one pass.
+
+    out = x * (1 + S * A)       (the authors write it x + x * (S * A))
+
+x is (N, C, T, H, W), the spatial map S (N, 1, T, H, W) broadcasts over channels, the temporal map A
+(N, 1, T, 1, 1) over channels and space. Computed in float32 for half and bfloat16 inputs (float64 for float64)
+and rounded once. The backward pass reads x and the incoming gradient once and saves nothing but the inputs:
+dx = g * (1 + S*A), dS = A * sum_c g*x, dA = sum_{c,h,w} g*x*S.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["attention_reweight", "attention_reweight_reference"]
+
+
+def attention_reweight(x: Tensor, spatial: Tensor, temporal: Tensor) -> Tensor:
+    """x * (1 + spatial * temporal) for x (N, C, T, H, W), spatial (N, 1, T, H, W), temporal (N, 1, T, 1, 1).
+
+    The result has x's dtype. Maps of another floating dtype (as autocast may produce) are cast to x's dtype
+    first; their gradients come back in their own dtype. Inputs of other strides are made contiguous.
+    """
+    if spatial.dtype != x.dtype and spatial.is_floating_point():
+        spatial = spatial.to(x.dtype)
+    if temporal.dtype != x.dtype and temporal.is_floating_point():
+        temporal = temporal.to(x.dtype)
+    return torch.ops.epamx.attention_reweight(x, spatial, temporal)
+
+
+def attention_reweight_reference(x: Tensor, spatial: Tensor, temporal: Tensor) -> Tensor:
+    """The authors' eager composition, x + x * (S * A): the reference for tests and benchmarks."""
+    return x + x * (spatial * temporal)
+
+
+@torch.library.register_fake("epamx::attention_reweight")
+def _attention_reweight_fake(x, spatial, temporal):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("epamx::_attention_reweight_backward")
+def _attention_reweight_backward_fake(grad, x, spatial, temporal):
+    return x.new_empty(x.shape), spatial.new_empty(spatial.shape), temporal.new_empty(temporal.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    x, spatial, temporal = ctx.saved_tensors
+    dx, dspatial, dtemporal = torch.ops.epamx._attention_reweight_backward(grad, x, spatial, temporal)
+    return tuple(g if needed else None for g, needed in zip((dx, dspatial, dtemporal), ctx.needs_input_grad))
+
+
+torch.library.register_autograd("epamx::attention_reweight", _backward, setup_context=_setup_context)

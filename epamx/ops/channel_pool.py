@@ -1,0 +1,52 @@
+"""Max and mean over channels of every t_stride-th frame, in one pass (CBAM's channel pooling, with EPAM-Net's
+temporal subsampling of the pose features fused in so no strided copy is made).
+
+    out[:, 0] = x[:, :, ::t_stride].max(dim=1)     out[:, 1] = x[:, :, ::t_stride].mean(dim=1)
+
+x (N, C, T, H, W) -> (N, 2, ceil(T / t_stride), H, W). The mean accumulates in float32 for half and bfloat16.
+The maximum follows torch.max: NaN propagates, and among equal maxima (ties) the first channel is the arg-max;
+the backward pass sends the max gradient to that channel only (as torch.max's gradient does) and the mean
+gradient, divided by C, to every channel. Frames the pooling skips get zero gradient. The backward pass
+recomputes the arg-max from x, so only the input is saved.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["channel_pool", "channel_pool_reference"]
+
+
+def channel_pool(x: Tensor, t_stride: int = 1) -> Tensor:
+    """(N, C, T, H, W) -> (N, 2, ceil(T / t_stride), H, W): channel max and mean of frames 0, t_stride, ..."""
+    return torch.ops.epamx.channel_pool(x, t_stride)
+
+
+def channel_pool_reference(x: Tensor, t_stride: int = 1) -> Tensor:
+    """The eager composition the authors use: a strided frame selection, then torch.max and torch.mean."""
+    frames = x[:, :, ::t_stride]
+    return torch.cat((frames.max(dim=1, keepdim=True)[0], frames.mean(dim=1, keepdim=True)), dim=1)
+
+
+@torch.library.register_fake("epamx::channel_pool")
+def _channel_pool_fake(x, t_stride=1):
+    n, _, t, h, w = x.shape
+    return x.new_empty((n, 2, (t + t_stride - 1) // t_stride, h, w))
+
+
+@torch.library.register_fake("epamx::_channel_pool_backward")
+def _channel_pool_backward_fake(grad, x, t_stride):
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, ctx.t_stride = inputs
+    ctx.save_for_backward(x)
+
+
+def _backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return torch.ops.epamx._channel_pool_backward(grad, x, ctx.t_stride), None
+
+
+torch.library.register_autograd("epamx::channel_pool", _backward, setup_context=_setup_context)

@@ -1,0 +1,186 @@
+"""attention_reweight against the authors' eager composition x + x * (S * A), evaluated in float64."""
+import pytest
+import torch
+
+from conftest import DEVICES, TOLERANCES, poisoned_allocations
+from epamx import _C
+from epamx.ops import attention_reweight, attention_reweight_reference
+
+# (N, C, T, H, W): EPAM-Net's last RGB stage, odd C and T, H != W, single channel / frame / pixel.
+SHAPES = [(2, 432, 16, 7, 7), (1, 17, 3, 5, 3), (3, 1, 5, 2, 4), (2, 9, 1, 1, 1), (1, 33, 7, 14, 14)]
+
+
+def _id(shape):
+    return "x".join(map(str, shape))
+
+
+def make_inputs(shape, dtype=torch.float32, device="cpu", seed=0):
+    n, c, t, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    spatial = torch.rand(n, 1, t, h, w, generator=g)  # sigmoid outputs live in (0, 1)
+    temporal = torch.rand(n, 1, t, 1, 1, generator=g)
+    return [v.to(device=device, dtype=dtype) for v in (x, spatial, temporal)]
+
+
+def reference64(x, spatial, temporal):
+    return attention_reweight_reference(x.double(), spatial.double(), temporal.double())
+
+
+def close(actual, expected, dtype):
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_forward_matches_reference(shape, dtype, device):
+    x, s, a = make_inputs(shape, dtype, device)
+    with poisoned_allocations():
+        out = attention_reweight(x, s, a)
+    assert out.dtype == dtype and out.shape == x.shape
+    close(out, reference64(x, s, a), dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_backward_matches_reference(shape, dtype, device):
+    x, s, a = make_inputs(shape, dtype, device)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(device=device, dtype=dtype)
+    leaves = [v.double().requires_grad_(True) for v in (x, s, a)]
+    expected = torch.autograd.grad(attention_reweight_reference(*leaves), leaves, grad.double())
+    with poisoned_allocations():
+        actual = torch.ops.epamx._attention_reweight_backward(grad, x, s, a)
+    # dS and dA sum over C (and H*W) products: allow for that many roundings of the inputs.
+    scale = 1 + shape[1] * shape[3] * shape[4] ** 0.5
+    rtol, atol = TOLERANCES[dtype]
+    for act, exp in zip(actual, expected):
+        assert act.dtype == dtype
+        torch.testing.assert_close(act.double(), exp, rtol=rtol * scale, atol=atol * scale)
+
+
+def test_non_contiguous_inputs(device):
+    x, s, a = make_inputs((2, 6, 5, 4, 3), torch.float32, device)
+    x_nc = x.transpose(1, 2).contiguous().transpose(1, 2)
+    s_nc = s.expand(2, 1, 5, 4, 3)[..., :]
+    a_nc = torch.rand(2, 1, 10, 1, 1, device=device)[:, :, ::2]
+    assert not x_nc.is_contiguous() and not a_nc.is_contiguous()
+    close(attention_reweight(x_nc, s_nc, a_nc), reference64(x_nc, s_nc, a_nc), torch.float32)
+    x2 = x_nc.clone().requires_grad_(True)
+    attention_reweight(x2, s_nc, a_nc).sum().backward()
+    close(x2.grad, (1 + s_nc.double() * a_nc.double()).expand_as(x2), torch.float32)
+
+
+def test_gradcheck_fp64(device):
+    x, s, a = [v.requires_grad_(True) for v in make_inputs((2, 5, 3, 4, 3), torch.float64, device)]
+    assert torch.autograd.gradcheck(attention_reweight, (x, s, a))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 5, 17])
+def test_gpu_thread_bodies_are_order_independent(groups):
+    x, s, a = make_inputs((2, 17, 3, 5, 3))
+    grad = torch.randn_like(x)
+    expected = torch.ops.epamx._attention_reweight_backward(grad, x, s, a)
+    n_threads = groups * 2 * 3 * 15
+    g = torch.Generator().manual_seed(groups)
+    for order1, order2 in [(torch.arange(n_threads), torch.arange(6)),
+                           (torch.arange(n_threads).flip(0), torch.arange(6).flip(0)),
+                           (torch.randperm(n_threads, generator=g), torch.randperm(6, generator=g))]:
+        with poisoned_allocations():
+            actual = _C._testing.attention_reweight_backward_run_thread_bodies(grad, x, s, a, groups, order1, order2)
+        for act, exp in zip(actual, expected):
+            torch.testing.assert_close(act, exp, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_dtypes_as_autocast_makes_them(device):
+    x, s, a = make_inputs((2, 8, 4, 3, 3), torch.bfloat16, device)
+    s32 = s.float().requires_grad_(True)
+    a32 = a.float().requires_grad_(True)
+    xg = x.clone().requires_grad_(True)
+    out = attention_reweight(xg, s32, a32)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert xg.grad.dtype == torch.bfloat16 and s32.grad.dtype == torch.float32 and a32.grad.dtype == torch.float32
+    close(out, reference64(x, s, a), torch.bfloat16)
+
+
+def test_under_autocast(device):
+    conv = torch.nn.Conv3d(4, 1, 1).to(device)
+    x = torch.randn(2, 4, 3, 5, 5, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        spatial = torch.sigmoid(conv(x))
+        temporal = spatial.mean(dim=(3, 4), keepdim=True)
+        out = attention_reweight(x, spatial, temporal)
+    assert out.dtype == x.dtype
+    close(out, reference64(x, spatial, temporal), torch.bfloat16)
+
+
+def test_opcheck(device):
+    x, s, a = make_inputs((2, 6, 3, 4, 5), torch.float32, device)
+    torch.library.opcheck(torch.ops.epamx.attention_reweight.default, (x, s, a))
+    torch.library.opcheck(torch.ops.epamx.attention_reweight.default,
+                          tuple(v.clone().requires_grad_(True) for v in (x, s, a)))
+    torch.library.opcheck(torch.ops.epamx._attention_reweight_backward.default, (torch.randn_like(x), x, s, a))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(backend, device):
+    def f(x, s, a):
+        return attention_reweight(x.cos(), torch.sigmoid(s), a).sum()
+
+    x, s, a = make_inputs((2, 6, 3, 4, 5), torch.float32, device)
+    eager = [v.clone().requires_grad_(True) for v in (x, s, a)]
+    compiled = [v.clone().requires_grad_(True) for v in (x, s, a)]
+    f(*eager).backward()
+    torch.compile(f, fullgraph=True, backend=backend)(*compiled).backward()
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c.grad, e.grad)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 2, 2), (2, 0, 3, 2, 2), (2, 4, 0, 2, 2), (2, 4, 3, 0, 2)])
+def test_empty_tensors(shape, device):
+    x, s, a = [v.requires_grad_(True) for v in make_inputs(shape, torch.float32, device)]
+    out = attention_reweight(x, s, a)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape and s.grad.shape == s.shape and a.grad.shape == a.shape
+    assert (s.grad == 0).all() and (a.grad == 0).all()
+
+
+def _bad(x=(2, 4, 3, 5, 6), s=(2, 1, 3, 5, 6), a=(2, 1, 3, 1, 1), dtype=torch.float32, s_dtype=None):
+    def call(device):
+        return torch.ops.epamx.attention_reweight(torch.randn(x, device=device).to(dtype),
+                                                  torch.rand(s, device=device).to(s_dtype or dtype),
+                                                  torch.rand(a, device=device).to(dtype))
+    return call
+
+
+BAD_INPUTS = [
+    ("x 4-D", _bad(x=(2, 4, 3, 5)), ValueError, r"x must be 5-D \(N, C, T, H, W\)"),
+    ("spatial with channels", _bad(s=(2, 4, 3, 5, 6)), ValueError,
+     r"spatial must have shape \(N, 1, T, H, W\) = \(2, 1, 3, 5, 6\)"),
+    ("spatial T mismatch", _bad(s=(2, 1, 4, 5, 6)), ValueError, "spatial must have shape"),
+    ("spatial H/W swapped", _bad(s=(2, 1, 3, 6, 5)), ValueError, "spatial must have shape"),
+    ("temporal not pooled", _bad(a=(2, 1, 3, 5, 6)), ValueError,
+     r"temporal must have shape \(N, 1, T, 1, 1\) = \(2, 1, 3, 1, 1\)"),
+    ("temporal N mismatch", _bad(a=(1, 1, 3, 1, 1)), ValueError, "temporal must have shape"),
+    ("integer x", _bad(dtype=torch.int32), TypeError, "x must be a floating tensor"),
+    ("mixed dtypes to the raw op", _bad(s_dtype=torch.float64), TypeError, "spatial and temporal must have x's dtype"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_explained(call, error, message, device):
+    with pytest.raises(error, match=message):
+        call(device)
+
+
+def test_backward_rejects_bad_grad():
+    x, s, a = make_inputs((2, 4, 3, 2, 2))
+    with pytest.raises(ValueError, match="grad must have x's shape"):
+        torch.ops.epamx._attention_reweight_backward(torch.randn(2, 4, 3, 2, 1), x, s, a)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU")
+def test_cuda_rejects_maps_on_another_device():
+    x, s, a = make_inputs((2, 4, 3, 2, 2), torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="x and spatial must be on the same device"):
+        torch.ops.epamx.attention_reweight(x, s.cpu(), a)

@@ -1,0 +1,143 @@
+"""channel_pool against the eager composition (strided frame selection, torch.max, torch.mean)."""
+import pytest
+import torch
+
+from conftest import TOLERANCES, poisoned_allocations
+from epamx import _C
+from epamx.ops import channel_pool, channel_pool_reference
+
+# ((N, C, T, H, W), t_stride): EPAM-Net's pose features, T not a multiple of t_stride, odd C, H != W.
+CASES = [((2, 216, 48, 7, 7), 3), ((1, 17, 7, 5, 3), 3), ((2, 9, 5, 2, 4), 2), ((3, 1, 4, 3, 3), 1),
+         ((1, 5, 3, 1, 1), 4), ((2, 33, 16, 14, 14), 5)]
+
+
+def _id(case):
+    return "x".join(map(str, case[0])) + f"-s{case[1]}"
+
+
+def make_input(shape, dtype=torch.float32, device="cpu", seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_forward_matches_reference(case, dtype, device):
+    shape, t_stride = case
+    x = make_input(shape, dtype, device)
+    with poisoned_allocations():
+        out = channel_pool(x, t_stride)
+    expected = channel_pool_reference(x.double(), t_stride)
+    assert out.shape == expected.shape and out.dtype == dtype
+    torch.testing.assert_close(out[:, 0].double(), expected[:, 0], rtol=0, atol=0)  # the max is exact
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(out[:, 1].double(), expected[:, 1], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_backward_matches_reference(case, dtype, device):
+    shape, t_stride = case
+    x = make_input(shape, dtype, device)
+    out_shape = channel_pool_reference(x, t_stride).shape
+    grad = make_input(out_shape, dtype, device, seed=4)
+    leaf = x.double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(channel_pool_reference(leaf, t_stride), leaf, grad.double())
+    with poisoned_allocations():
+        actual = torch.ops.epamx._channel_pool_backward(grad, x, t_stride)
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol)
+
+
+def test_ties_go_to_the_first_channel_like_torch_max(device):
+    # Small integers: most positions have several channels sharing the maximum.
+    x = torch.randint(0, 3, (2, 6, 4, 3, 3), generator=torch.Generator().manual_seed(1)).float().to(device)
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    grad = torch.randn(2, 2, 2, 3, 3, device=device)
+    (channel_pool(a, 2) * grad).sum().backward()
+    (channel_pool_reference(b, 2) * grad).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-7)
+    first = (x[:, :, ::2] == x[:, :, ::2].max(dim=1, keepdim=True)[0]).float().argmax(dim=1)
+    routed = (a.grad[:, :, ::2] - grad[:, 1:2] / 6).abs().argmax(dim=1)
+    assert torch.equal(routed, first)
+
+
+def test_nan_propagates_like_torch_max(device):
+    x = make_input((1, 5, 3, 2, 2), torch.float32, device)
+    x[0, 2, 0, 1, 1] = float("nan")
+    x[0, 4, 2, 0, 0] = float("nan")
+    torch.testing.assert_close(channel_pool(x, 1), channel_pool_reference(x, 1), equal_nan=True)
+
+
+def test_non_contiguous_input(device):
+    base = make_input((2, 12, 9, 5, 4), torch.float32, device)
+    x = base[:, ::2].transpose(3, 4)
+    torch.testing.assert_close(channel_pool(x, 2), channel_pool_reference(x, 2))
+
+
+def test_gradcheck_fp64(device):
+    x = make_input((2, 5, 7, 3, 4), torch.float64, device).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: channel_pool(v, 3), (x,))
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("t_stride", [1, 3])
+def test_gpu_thread_bodies_are_order_independent(backward, t_stride):
+    x = make_input((2, 7, 5, 3, 2))
+    out_shape = channel_pool_reference(x, t_stride).shape
+    grad = make_input(out_shape, seed=2) if backward else None
+    expected = torch.ops.epamx._channel_pool_backward(grad, x, t_stride) if backward else channel_pool(x, t_stride)
+    threads = 2 * (5 if backward else out_shape[2]) * 6
+    g = torch.Generator().manual_seed(t_stride)
+    for order in [torch.arange(threads), torch.arange(threads).flip(0), torch.randperm(threads, generator=g)]:
+        with poisoned_allocations():
+            actual = _C._testing.channel_pool_run_thread_bodies(x, t_stride, grad, order)
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_opcheck(device):
+    x = make_input((2, 6, 7, 4, 5), torch.float32, device)
+    torch.library.opcheck(torch.ops.epamx.channel_pool.default, (x, 3))
+    torch.library.opcheck(torch.ops.epamx.channel_pool.default, (x.clone().requires_grad_(True), 3))
+    torch.library.opcheck(torch.ops.epamx._channel_pool_backward.default,
+                          (make_input((2, 2, 3, 4, 5), torch.float32, device), x, 3))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(backend, device):
+    def f(v):
+        return (channel_pool(v * 2, 3).sigmoid() ** 2).sum()
+
+    x = make_input((2, 6, 7, 4, 5), torch.float32, device)
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    f(a).backward()
+    torch.compile(f, fullgraph=True, backend=backend, dynamic=backend == "aot_eager")(b).backward()
+    torch.testing.assert_close(b.grad, a.grad)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 6, 2, 2), (2, 4, 0, 2, 2), (2, 4, 6, 0, 2)])
+def test_empty_tensors(shape, device):
+    x = make_input(shape, torch.float32, device).requires_grad_(True)
+    out = channel_pool(x, 3)
+    assert out.shape == channel_pool_reference(x, 3).shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+BAD_INPUTS = [
+    ("4-D", lambda d: channel_pool(torch.randn(2, 4, 3, 3, device=d)), ValueError, r"x must be 5-D \(N, C, T, H, W\)"),
+    ("no channels", lambda d: channel_pool(torch.randn(2, 0, 3, 3, 3, device=d)), ValueError,
+     "at least one channel"),
+    ("t_stride 0", lambda d: channel_pool(torch.randn(2, 4, 3, 3, 3, device=d), 0), ValueError,
+     "t_stride must be >= 1, got 0"),
+    ("integer x", lambda d: channel_pool(torch.ones(2, 4, 3, 3, 3, dtype=torch.int64, device=d)), TypeError,
+     "x must be a floating tensor"),
+    ("grad shape", lambda d: torch.ops.epamx._channel_pool_backward(torch.randn(2, 2, 2, 3, 3, device=d),
+                                                                    torch.randn(2, 4, 5, 3, 3, device=d), 2),
+     ValueError, r"grad must have shape \[2, 2, 3, 3, 3\] \(N, 2, T', H, W\), got \[2, 2, 2, 3, 3\]"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_explained(call, error, message, device):
+    with pytest.raises(error, match=message):
+        call(device)
