@@ -14,13 +14,6 @@ namespace {
 
 constexpr int64_t kGrainElements = 1 << 15;
 
-// Scratch for a run over a whole frame plane.
-template <typename acc_t>
-struct PlaneScratch {
-  explicit PlaneScratch(int64_t P) : best(P), sum(P), arg(P) {}
-  std::vector<acc_t> best, sum;
-  std::vector<int64_t> arg;
-};
 
 at::Tensor channel_pool_cpu(const at::Tensor& x_in, int64_t t_stride) {
   constexpr const char* op = "channel_pool";
@@ -34,10 +27,9 @@ at::Tensor channel_pool_cpu(const at::Tensor& x_in, int64_t t_stride) {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* outp = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, g.N * g.T_out, std::max<int64_t>(1, kGrainElements / (g.C * g.P)), [&](int64_t b, int64_t e) {
-      PlaneScratch<acc_t> scratch(g.P);
+      std::vector<acc_t> best(g.P), sum(g.P);
       for (int64_t f = b; f < e; ++f) {
-        channel_pool_forward_run<scalar_t, acc_t, int64_t>(f, 0, g.P, g, xp, outp, scratch.best.data(),
-                                                           scratch.arg.data(), scratch.sum.data());
+        channel_pool_forward_run<scalar_t, acc_t, int64_t>(f, 0, g.P, g, xp, outp, best.data(), sum.data());
       }
     });
   });
@@ -52,15 +44,40 @@ at::Tensor channel_pool_backward_cpu(const at::Tensor& grad_in, const at::Tensor
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;
   const auto g = pool_geometry<int64_t>(x, t_stride);
+  // Two passes, so that dx is written in memory order: the arg-max of every pooled position first, then for
+  // each (n, c) its T frames, one contiguous run (the GPU kernel instead gives each thread one position).
+  at::Tensor arg = at::empty({g.N * g.T_out * g.P}, x.options().dtype(at::kLong));
+  int64_t* argp = arg.mutable_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.T, std::max<int64_t>(1, kGrainElements / (g.C * g.P)), [&](int64_t b, int64_t e) {
-      PlaneScratch<acc_t> scratch(g.P);
+    at::parallel_for(0, g.N * g.T_out, std::max<int64_t>(1, kGrainElements / (g.C * g.P)), [&](int64_t b, int64_t e) {
+      std::vector<acc_t> best(g.P), sum(g.P);
       for (int64_t f = b; f < e; ++f) {
-        channel_pool_backward_run<scalar_t, acc_t, int64_t>(f, 0, g.P, g, gp, xp, dxp, scratch.best.data(),
-                                                            scratch.arg.data(), scratch.sum.data());
+        pool_scan_channels<scalar_t, acc_t, int64_t>(f / g.T_out, f % g.T_out * g.t_stride, 0, g.P, g, xp,
+                                                     best.data(), argp + f * g.P, sum.data());
+      }
+    });
+    const acc_t inv_c = acc_t(1) / static_cast<acc_t>(g.C);
+    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, kGrainElements / (g.T * g.P)), [&](int64_t b, int64_t e) {
+      for (int64_t nc = b; nc < e; ++nc) {
+        const int64_t n = nc / g.C, c = nc % g.C;
+        for (int64_t t = 0; t < g.T; ++t) {
+          scalar_t* dst = dxp + (nc * g.T + t) * g.P;
+          if (t % g.t_stride != 0) {
+            std::fill_n(dst, g.P, scalar_t(0));
+            continue;
+          }
+          const int64_t f = n * g.T_out + t / g.t_stride;
+          const int64_t* af = argp + f * g.P;
+          const scalar_t* grad_max = gp + (n * 2 * g.T_out + t / g.t_stride) * g.P;
+          const scalar_t* grad_mean = grad_max + g.T_out * g.P;
+          for (int64_t k = 0; k < g.P; ++k) {
+            dst[k] = static_cast<scalar_t>(pool_input_grad(c, af[k], static_cast<acc_t>(grad_max[k]),
+                                                           static_cast<acc_t>(grad_mean[k]) * inv_c));
+          }
+        }
       }
     });
   });

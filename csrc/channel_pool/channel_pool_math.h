@@ -48,14 +48,25 @@ HOST_DEVICE_INLINE void pool_scan_channels(index_t n, index_t t, index_t p0, ind
   }
 }
 
-// Forward: positions [p0, p0 + count) of output frame f = n * T' + t'. best, arg and sum are scratch of `count`.
+// Forward: positions [p0, p0 + count) of output frame f = n * T' + t'. best and sum are scratch of `count`.
+// Only values are needed here, so the maximum is a branch-free select (NaN wins as in pool_takes_max).
 template <typename scalar_t, typename acc_t, typename index_t>
 HOST_DEVICE_INLINE void channel_pool_forward_run(index_t frame_out, index_t p0, index_t count,
                                                  const PoolGeometry<index_t>& g, const scalar_t* x, scalar_t* out,
-                                                 acc_t* best, index_t* arg, acc_t* sum) {
+                                                 acc_t* best, acc_t* sum) {
   const index_t n = frame_out / g.T_out;
   const index_t t_out = frame_out % g.T_out;
-  pool_scan_channels<scalar_t, acc_t, index_t>(n, t_out * g.t_stride, p0, count, g, x, best, arg, sum);
+  const scalar_t* xf = x + (n * g.C * g.T + t_out * g.t_stride) * g.P + p0;
+  const index_t channel_stride = g.T * g.P;
+  for (index_t k = 0; k < count; ++k) best[k] = sum[k] = static_cast<acc_t>(xf[k]);
+  for (index_t c = 1; c < g.C; ++c) {
+    const scalar_t* xc = xf + c * channel_stride;
+    for (index_t k = 0; k < count; ++k) {
+      const acc_t v = static_cast<acc_t>(xc[k]);
+      best[k] = (v > best[k] || v != v) ? v : best[k];
+      sum[k] += v;
+    }
+  }
   scalar_t* max_out = out + (n * 2 * g.T_out + t_out) * g.P + p0;
   scalar_t* mean_out = max_out + g.T_out * g.P;
   const acc_t inv_c = acc_t(1) / static_cast<acc_t>(g.C);
@@ -70,8 +81,14 @@ template <typename scalar_t, typename acc_t, typename index_t>
 HOST_DEVICE_INLINE void channel_pool_forward_thread(index_t i, const PoolGeometry<index_t>& g, const scalar_t* x,
                                                     scalar_t* out) {
   acc_t best[1], sum[1];
-  index_t arg[1];
-  channel_pool_forward_run<scalar_t, acc_t, index_t>(i / g.P, i % g.P, index_t(1), g, x, out, best, arg, sum);
+  channel_pool_forward_run<scalar_t, acc_t, index_t>(i / g.P, i % g.P, index_t(1), g, x, out, best, sum);
+}
+
+// The gradient channel c receives at a pooled position: the max gradient if c is the arg-max, plus the mean
+// gradient already divided by C.
+template <typename acc_t, typename index_t>
+HOST_DEVICE_INLINE acc_t pool_input_grad(index_t c, index_t arg, acc_t grad_max, acc_t grad_mean_over_c) {
+  return c == arg ? grad_max + grad_mean_over_c : grad_mean_over_c;
 }
 
 // Backward: dx at positions [p0, p0 + count) of input frame f = n * T + t, every channel. Frames the pooling
@@ -103,7 +120,7 @@ HOST_DEVICE_INLINE void channel_pool_backward_run(index_t frame_in, index_t p0, 
   }
   for (index_t c = 0; c < g.C; ++c) {
     for (index_t k = 0; k < count; ++k) {
-      dxf[c * channel_stride + k] = static_cast<scalar_t>(c == arg[k] ? best[k] + sum[k] : sum[k]);
+      dxf[c * channel_stride + k] = static_cast<scalar_t>(pool_input_grad(c, arg[k], best[k], sum[k]));
     }
   }
 }
