@@ -8,12 +8,12 @@
 #include <vector>
 
 #include "channel_pool/channel_pool.h"
+#include "common/cpu_memory.h"
 
 namespace epamx {
 namespace {
 
 constexpr int64_t kGrainElements = 1 << 15;
-
 
 at::Tensor channel_pool_cpu(const at::Tensor& x_in, int64_t t_stride) {
   constexpr const char* op = "channel_pool";
@@ -41,7 +41,7 @@ at::Tensor channel_pool_backward_cpu(const at::Tensor& grad_in, const at::Tensor
   check_pool_args(x_in, t_stride, op);
   check_pool_grad(grad_in, x_in, t_stride, op);
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
-  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dx = empty_for_overwrite(x.sizes(), x.options());
   if (x.numel() == 0) return dx;
   const auto g = pool_geometry<int64_t>(x, t_stride);
   // Two passes, so that dx is written in memory order: the arg-max of every pooled position first, then for
