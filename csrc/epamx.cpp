@@ -19,6 +19,8 @@ TORCH_LIBRARY(epamx, m) {
   m.def("temporal_shift(Tensor input, int fold_div=8, int? num_segments=None) -> Tensor");
   m.def("temporal_shift_(Tensor(a!) input, int fold_div=8, int? num_segments=None) -> ()");
   m.def("_temporal_shift_backward(Tensor grad, int fold_div, int? num_segments) -> Tensor");
+  // The opposite shift, in place: undoes temporal_shift_ except for the frames the shift dropped.
+  m.def("_temporal_shift_backward_(Tensor(a!) grad, int fold_div, int? num_segments) -> ()");
 
   // Spatial-temporal attention. x: (N, C, T, H, W); spatial: (N, 1, T, H, W); temporal: (N, 1, T, 1, 1).
   m.def("attention_reweight(Tensor x, Tensor spatial, Tensor temporal) -> Tensor");

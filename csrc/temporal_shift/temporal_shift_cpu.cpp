@@ -59,16 +59,25 @@ void shift_inplace_cpu(const at::Tensor& x, const ShiftLayout& L, int sign, cons
   });
 }
 
-void temporal_shift_inplace_cpu(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments) {
-  constexpr const char* op = "temporal_shift_";
+void shift_inplace_entry_cpu(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments, int sign,
+                             const char* op) {
   const ShiftLayout L = check_shift_args(x, fold_div, num_segments, op);
   TORCH_CHECK_VALUE(at::has_internal_overlap(x) != at::MemOverlap::Yes, op,
                     ": input must not have overlapping memory (e.g. from expand()); clone() it first");
   if (x.numel() == 0 || L.fold == 0) return;
   // Frames with strided pixels: shift a dense copy, then write it back into the caller's tensor.
   const at::Tensor work = shift_planes_dense(x, L) ? x : x.contiguous();
-  shift_inplace_cpu(work, L, +1, op);
+  shift_inplace_cpu(work, L, sign, op);
   if (!work.is_same(x)) x.copy_(work);
+}
+
+void temporal_shift_inplace_cpu(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments) {
+  shift_inplace_entry_cpu(x, fold_div, num_segments, +1, "temporal_shift_");
+}
+
+void temporal_shift_backward_inplace_cpu(const at::Tensor& grad, int64_t fold_div,
+                                         std::optional<int64_t> num_segments) {
+  shift_inplace_entry_cpu(grad, fold_div, num_segments, -1, "_temporal_shift_backward_");
 }
 
 }  // namespace
@@ -110,6 +119,7 @@ TORCH_LIBRARY_IMPL(epamx, CPU, m) {
   m.impl("temporal_shift", &temporal_shift_cpu);
   m.impl("_temporal_shift_backward", &temporal_shift_backward_cpu);
   m.impl("temporal_shift_", &temporal_shift_inplace_cpu);
+  m.impl("_temporal_shift_backward_", &temporal_shift_backward_inplace_cpu);
 }
 
 }  // namespace epamx

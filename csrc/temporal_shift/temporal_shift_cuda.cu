@@ -75,8 +75,8 @@ at::Tensor temporal_shift_backward_cuda(const at::Tensor& grad, int64_t fold_div
   return shift_copy_cuda(grad, fold_div, num_segments, -1, "_temporal_shift_backward");
 }
 
-void temporal_shift_inplace_cuda(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments) {
-  constexpr const char* op = "temporal_shift_";
+void shift_inplace_entry_cuda(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments, int sign,
+                              const char* op) {
   const ShiftLayout L = check_shift_args(x, fold_div, num_segments, op);
   TORCH_CHECK_VALUE(at::has_internal_overlap(x) != at::MemOverlap::Yes, op,
                     ": input must not have overlapping memory (e.g. from expand()); clone() it first");
@@ -85,11 +85,20 @@ void temporal_shift_inplace_cuda(const at::Tensor& x, int64_t fold_div, std::opt
   // Frames with strided pixels: shift a dense copy, then write it back into the caller's tensor.
   const at::Tensor work = shift_planes_dense(x, L) ? x : x.contiguous();
   if (fits_int32(work)) {
-    launch_inplace<int32_t>(work, L, +1, op);
+    launch_inplace<int32_t>(work, L, sign, op);
   } else {
-    launch_inplace<int64_t>(work, L, +1, op);
+    launch_inplace<int64_t>(work, L, sign, op);
   }
   if (!work.is_same(x)) x.copy_(work);
+}
+
+void temporal_shift_inplace_cuda(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments) {
+  shift_inplace_entry_cuda(x, fold_div, num_segments, +1, "temporal_shift_");
+}
+
+void temporal_shift_backward_inplace_cuda(const at::Tensor& grad, int64_t fold_div,
+                                          std::optional<int64_t> num_segments) {
+  shift_inplace_entry_cuda(grad, fold_div, num_segments, -1, "_temporal_shift_backward_");
 }
 
 }  // namespace
@@ -98,6 +107,7 @@ TORCH_LIBRARY_IMPL(epamx, CUDA, m) {
   m.impl("temporal_shift", &temporal_shift_cuda);
   m.impl("_temporal_shift_backward", &temporal_shift_backward_cuda);
   m.impl("temporal_shift_", &temporal_shift_inplace_cuda);
+  m.impl("_temporal_shift_backward_", &temporal_shift_backward_inplace_cuda);
 }
 
 }  // namespace epamx

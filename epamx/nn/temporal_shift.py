@@ -1,10 +1,11 @@
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 from torch import Tensor, nn
 
-from epamx.ops import temporal_shift, temporal_shift_
+from epamx.ops import temporal_shift, temporal_shift_, temporal_shift_reference, temporal_unshift_
 
 _LAYOUTS = {"NCTHW": 5, "(NT)CHW": 4}
 
@@ -17,10 +18,11 @@ class TemporalShift(nn.Module):
         inplace: shift the input tensor itself and return it (no new tensor; only the shifted channels move).
         layout: "NCTHW" for (N, C, T, H, W) inputs, or "(NT)CHW" for TSM's (N*T, C, H, W) with num_segments.
         num_segments: frames per clip, required by (and only allowed with) the "(NT)CHW" layout.
+        fused: use the fused epamx op; False runs the plain-PyTorch reference (zeros_like + slicing), out of place.
     """
 
     def __init__(self, fold_div: int = 8, inplace: bool = False, layout: str = "NCTHW",
-                 num_segments: Optional[int] = None):
+                 num_segments: Optional[int] = None, fused: bool = True):
         super().__init__()
         if not isinstance(fold_div, int) or fold_div < 1:
             raise ValueError(f"TemporalShift: fold_div must be an int >= 1, got {fold_div!r}")
@@ -36,17 +38,48 @@ class TemporalShift(nn.Module):
         self.inplace = inplace
         self.layout = layout
         self.num_segments = num_segments
+        self.fused = fused
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_rank(self, x: Tensor) -> None:
         if x.dim() != _LAYOUTS[self.layout]:
             expected = "(N, C, T, H, W)" if self.layout == "NCTHW" else "(N*T, C, H, W)"
             raise ValueError(f"TemporalShift(layout={self.layout!r}) expects a {_LAYOUTS[self.layout]}-D input "
                              f"{expected}, got shape {tuple(x.shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_rank(x)
+        if not self.fused:
+            return temporal_shift_reference(x, self.fold_div, self.num_segments)
         shift = temporal_shift_ if self.inplace else temporal_shift
         return shift(x, self.fold_div, self.num_segments)
+
+    @contextlib.contextmanager
+    def shifted_in_place(self, x: Tensor) -> Iterator[Tensor]:
+        """Shift ``x`` in place for the duration of a ``with`` block, then restore it bit for bit.
+
+        For inference, where a block needs the shifted tensor only briefly (its first convolution) and the
+        unshifted one afterwards (the residual): no shifted copy is allocated. The two frames the shift drops
+        (2 * fold channel planes per clip) are saved and put back after the opposite shift. Not differentiable;
+        layout "NCTHW" only.
+        """
+        if self.layout != "NCTHW":
+            raise ValueError("TemporalShift.shifted_in_place supports layout 'NCTHW' only")
+        self._check_rank(x)
+        fold = x.shape[1] // self.fold_div
+        dropped_first = x[:, :fold, :1].clone()
+        dropped_last = x[:, fold:2 * fold, -1:].clone()
+        temporal_shift_(x, self.fold_div)
+        try:
+            yield x
+        finally:
+            temporal_unshift_(x, self.fold_div)
+            x[:, :fold, :1] = dropped_first
+            x[:, fold:2 * fold, -1:] = dropped_last
 
     def extra_repr(self) -> str:
         text = f"fold_div={self.fold_div}, inplace={self.inplace}, layout={self.layout!r}"
         if self.num_segments is not None:
             text += f", num_segments={self.num_segments}"
+        if not self.fused:
+            text += ", fused=False"
         return text

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["temporal_shift", "temporal_shift_", "temporal_shift_reference"]
+__all__ = ["temporal_shift", "temporal_shift_", "temporal_shift_reference", "temporal_unshift_"]
 
 
 def temporal_shift(input: Tensor, fold_div: int = 8, num_segments: Optional[int] = None) -> Tensor:
@@ -45,6 +45,16 @@ def temporal_shift_(input: Tensor, fold_div: int = 8, num_segments: Optional[int
     if torch.is_grad_enabled() and input.requires_grad:
         return _TemporalShiftInplace.apply(input, fold_div, num_segments)
     torch.ops.epamx.temporal_shift_(input, fold_div, num_segments)
+    return input
+
+
+def temporal_unshift_(input: Tensor, fold_div: int = 8, num_segments: Optional[int] = None) -> Tensor:
+    """The opposite shift, in place (the adjoint of :func:`temporal_shift_`), returning ``input``.
+
+    After ``temporal_shift_(x)`` it restores every frame of ``x`` except the two the shift dropped: frame 0 of
+    channels [0, fold) and frame T - 1 of channels [fold, 2 * fold), which come back as zeros. Not differentiable.
+    """
+    torch.ops.epamx._temporal_shift_backward_(input, fold_div, num_segments)
     return input
 
 
@@ -95,6 +105,11 @@ def _temporal_shift_backward_fake(grad, fold_div, num_segments):
 
 @torch.library.register_fake("epamx::temporal_shift_")
 def _temporal_shift_inplace_fake(input, fold_div=8, num_segments=None):
+    return None
+
+
+@torch.library.register_fake("epamx::_temporal_shift_backward_")
+def _temporal_shift_backward_inplace_fake(grad, fold_div, num_segments):
     return None
 
 

@@ -6,7 +6,7 @@ import torch
 from conftest import DEVICES, poisoned_allocations
 from epamx import _C
 from epamx.nn import TemporalShift
-from epamx.ops import temporal_shift, temporal_shift_, temporal_shift_reference
+from epamx.ops import temporal_shift, temporal_shift_, temporal_shift_reference, temporal_unshift_
 
 LAYOUTS = ["NCTHW", "(NT)CHW"]
 
@@ -455,3 +455,31 @@ def test_cuda_64bit_indexing():
     assert_bitwise_equal(temporal_shift(x, 2), expected)
     temporal_shift_(x, 2)
     assert_bitwise_equal(x, expected)
+
+
+# ---- the in-place opposite shift, and exact restoring ------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_unshift_in_place_is_the_backward_op(layout, dtype, device):
+    x, fold_div, num_segments = make_input((2, 17, 5, 3, 4, 4), layout, dtype, device)
+    y = x.clone()
+    assert temporal_unshift_(y, fold_div, num_segments) is y
+    assert_bitwise_equal(y, torch.ops.epamx._temporal_shift_backward(x, fold_div, num_segments))
+
+
+@pytest.mark.parametrize("shape", ALL_SHAPES, ids=_shape_id)
+def test_shifted_in_place_restores_exactly(shape, device):
+    x, fold_div, _ = make_input(shape, "NCTHW", torch.float32, device)
+    original = x.clone()
+    shift = TemporalShift(fold_div)
+    with shift.shifted_in_place(x) as shifted:
+        assert shifted is x
+        assert_bitwise_equal(x, temporal_shift_reference(original, fold_div))
+    assert_bitwise_equal(x, original)
+
+
+def test_module_reference_path(device):
+    x, _, _ = make_input((2, 16, 5, 3, 3, 4), "NCTHW", torch.float32, device)
+    shift = TemporalShift(4, fused=False)
+    assert_bitwise_equal(shift(x), temporal_shift(x, 4))
+    assert "fused=False" in repr(shift)
