@@ -1,0 +1,191 @@
+"""X-ShiftNet: X3D-style bottleneck blocks with 2D (1x3x3 depthwise) convolutions and a temporal shift in front of
+every block, the backbone of both EPAM-Net streams (../shared/REFERENCE.md; the authors' X3DTemporalShift).
+
+Module and parameter names follow the authors' code (mmcv ConvModule: ``.conv`` + ``.bn``), so their checkpoints
+load with a few renames (epamx.models.load_authors_checkpoint).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from epamx.nn import TemporalShift
+
+
+class ConvBNAct(nn.Module):
+    """Conv3d (no bias) + BatchNorm3d + optional ReLU, named like mmcv's ConvModule."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=1, stride=1, padding=0, groups: int = 1,
+                 relu: bool = True):
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups,
+                              bias=False)
+        self.bn = nn.BatchNorm3d(out_channels)
+        self.activate = nn.ReLU(inplace=True) if relu else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn(self.conv(x))
+        return self.activate(x) if self.activate is not None else x
+
+
+def _round_width(width: float, multiplier: float, min_width: int = 8, divisor: int = 8) -> int:
+    """X3D's channel rounding: to a multiple of `divisor`, at least `min_width`, never below 90% of the target."""
+    width *= multiplier
+    rounded = max(min_width, int(width + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * width:
+        rounded += divisor
+    return int(rounded)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation over channels with X3D's rounded bottleneck."""
+
+    def __init__(self, channels: int, ratio: float):
+        super().__init__()
+        self.bottleneck = _round_width(channels, ratio)
+        self.fc1 = nn.Conv3d(channels, self.bottleneck, kernel_size=1)
+        self.fc2 = nn.Conv3d(self.bottleneck, channels, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=(2, 3, 4), keepdim=True)))))
+        return x * scale
+
+
+class XShiftBlock(nn.Module):
+    """shift -> 1x1x1 conv+BN+ReLU -> (1,3,3) depthwise conv+BN (spatial stride) -> [SE] -> Swish -> 1x1x1 conv+BN,
+    plus the unshifted input (through a 1x1x1 conv+BN where the shape changes), then ReLU.
+
+    Without autograd (inference), the input is shifted in place around the first convolution and restored
+    exactly afterwards, so no shifted copy is allocated; the result is bit for bit the same.
+    """
+
+    def __init__(self, in_channels: int, planes: int, out_channels: int, spatial_stride: int = 1, fold_div: int = 8,
+                 se_ratio: Optional[float] = None, use_swish: bool = True, fused: bool = True):
+        super().__init__()
+        self.shift = TemporalShift(fold_div, fused=fused)
+        self.conv1 = ConvBNAct(in_channels, planes, 1)
+        self.conv2 = ConvBNAct(planes, planes, (1, 3, 3), stride=(1, spatial_stride, spatial_stride),
+                               padding=(0, 1, 1), groups=planes, relu=False)
+        self.se_module = SqueezeExcite(planes, se_ratio) if se_ratio is not None else None
+        self.swish = nn.SiLU() if use_swish else nn.Identity()
+        self.conv3 = ConvBNAct(planes, out_channels, 1, relu=False)
+        self.downsample = None
+        if spatial_stride != 1 or in_channels != out_channels:
+            self.downsample = ConvBNAct(in_channels, out_channels, 1, stride=(1, spatial_stride, spatial_stride),
+                                        relu=False)
+        self.relu = nn.ReLU(inplace=True)
+
+    def _shift_in_place(self, x: Tensor) -> bool:
+        return (self.shift.fused and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and x.requires_grad))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._shift_in_place(x):
+            with self.shift.shifted_in_place(x):
+                out = self.conv1(x)
+        else:
+            out = self.conv1(self.shift(x))
+        out = self.conv2(out)
+        if self.se_module is not None:
+            out = self.se_module(out)
+        out = self.conv3(self.swish(out))
+        identity = self.downsample(x) if self.downsample is not None else x
+        return self.relu(out + identity)
+
+
+class XShiftNet(nn.Module):
+    """The X-ShiftNet backbone: (1,3,3) stem conv+BN+ReLU, stages of XShiftBlocks, 1x1x1 conv5+BN+ReLU.
+
+    Args:
+        in_channels: input channels (3 for RGB, K (+L) heatmap channels for pose).
+        base_channels: width of the first stage; stage i has base_channels * 2**i.
+        stage_blocks: blocks per stage.
+        spatial_strides: the first block of each stage's spatial stride (default 2 everywhere).
+        stem_stride: the stem's spatial stride.
+        bottleneck_factor: a block's inner width / its output width (X3D's gamma_b); conv5 widens by it too.
+        fold_div: temporal shift fold divisor (fold = C // fold_div channels move each way).
+        se_style: "half" (SE in blocks 0, 2, 4, ... of a stage), "all", or "none".
+        se_ratio: SE bottleneck ratio before X3D's rounding.
+        use_swish: Swish after the depthwise convolution.
+        fused: temporal shifts on the fused epamx op, or False for the plain-PyTorch reference path.
+
+    Input (N, C_in, T, H, W), any T, H, W; output (N, feat_dim, T, H', W'), each stride-2 step taking ceil(H / 2).
+    """
+
+    def __init__(self, in_channels: int = 3, base_channels: int = 24, stage_blocks: Sequence[int] = (3, 5, 11, 7),
+                 spatial_strides: Optional[Sequence[int]] = None, stem_stride: int = 2,
+                 bottleneck_factor: float = 2.25, fold_div: int = 8, se_style: str = "half",
+                 se_ratio: float = 1 / 16, use_swish: bool = True, fused: bool = True):
+        super().__init__()
+        spatial_strides = tuple(spatial_strides) if spatial_strides is not None else (2,) * len(stage_blocks)
+        if len(spatial_strides) != len(stage_blocks):
+            raise ValueError(f"XShiftNet: spatial_strides {spatial_strides} must have one entry per stage "
+                             f"(stage_blocks {tuple(stage_blocks)})")
+        if se_style not in ("half", "all", "none"):
+            raise ValueError(f"XShiftNet: se_style must be 'half', 'all' or 'none', got {se_style!r}")
+        self.in_channels = in_channels
+        self.stride = stem_stride * math.prod(spatial_strides)
+        self.conv1_s = ConvBNAct(in_channels, base_channels, (1, 3, 3), stride=(1, stem_stride, stem_stride),
+                                 padding=(0, 1, 1))
+        self.res_layers = []
+        width = base_channels
+        for i, (blocks, stride) in enumerate(zip(stage_blocks, spatial_strides)):
+            out_width = base_channels * 2 ** i
+            planes = int(out_width * bottleneck_factor)
+            layer = nn.Sequential(*[
+                XShiftBlock(width if b == 0 else out_width, planes, out_width, stride if b == 0 else 1, fold_div,
+                            se_ratio if se_style == "all" or (se_style == "half" and b % 2 == 0) else None,
+                            use_swish, fused)
+                for b in range(blocks)])
+            self.add_module(f"layer{i + 1}", layer)
+            self.res_layers.append(f"layer{i + 1}")
+            width = out_width
+        self.feat_dim = int(width * bottleneck_factor)
+        self.conv5 = ConvBNAct(width, self.feat_dim, 1)
+        self.reset_parameters()
+
+    @classmethod
+    def rgb(cls, **kwargs) -> "XShiftNet":
+        """EPAM-Net's RGB stream: 3 x 16 x 224 x 224 -> 432 x 16 x 7 x 7, 1,980,030 parameters."""
+        return cls(**{**dict(in_channels=3, stage_blocks=(3, 5, 11, 7), stem_stride=2, fold_div=8), **kwargs})
+
+    @classmethod
+    def pose(cls, in_channels: int = 17, **kwargs) -> "XShiftNet":
+        """EPAM-Net's pose stream: 17 x 48 x 56 x 56 -> 216 x 48 x 7 x 7, 519,580 parameters with 17 joints."""
+        return cls(**{**dict(in_channels=in_channels, stage_blocks=(5, 11, 7), stem_stride=1, fold_div=4), **kwargs})
+
+    @property
+    def fused(self) -> bool:
+        return all(m.fused for m in self.modules() if isinstance(m, TemporalShift))
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, TemporalShift):
+                m.fused = value
+
+    def reset_parameters(self) -> None:
+        """The authors' initialisation: Kaiming-normal convolutions (fan out), batch norm at 1 and 0, and the last
+        batch norm of every residual branch at 0, so each block starts as the identity."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm3d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, XShiftBlock):
+                nn.init.zeros_(m.conv3.bn.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"XShiftNet: expected input (N, {self.in_channels}, T, H, W), got shape {tuple(x.shape)}")
+        x = self.conv1_s(x)
+        for name in self.res_layers:
+            x = getattr(self, name)(x)
+        return self.conv5(x)
