@@ -40,15 +40,55 @@ def _info(args: argparse.Namespace) -> int:
         "GPUs": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "operators": ops,
     }
+    if args.model:
+        info["model"] = _model_summary(args.num_classes)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         width = max(map(len, info))
         for key, value in info.items():
+            if isinstance(value, dict):
+                print(f"{key}:")
+                part_width = max(map(len, value))
+                for part, text in value.items():
+                    print(f"  {part:<{part_width}}  {text}")
+                continue
             if isinstance(value, list):
                 value = ", ".join(map(str, value)) or "-"
             print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _model_summary(num_classes: int) -> dict:
+    """Parameters per part and multiply-adds (torch.utils.flop_counter, which counts convolutions and matrix
+    products) of EPAM-Net on one clip: 16 RGB frames at 224x224 and 48 heatmap frames of 17 joints at 56x56."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from epamx.models import EPAMNet
+
+    model = EPAMNet(num_classes=num_classes).eval()
+    imgs, heatmaps = torch.zeros(1, 3, 16, 224, 224), torch.zeros(1, 17, 48, 56, 56)
+    parts = {"RGB backbone": model.rgb_backbone, "pose backbone": model.pose_backbone,
+             "attention": model.attention_module, "heads": [model.rgb_cls_head, model.pose_cls_head]}
+    summary = {}
+    with torch.no_grad():
+        for name, module in [("RGB backbone", (model.rgb_backbone, imgs)),
+                             ("pose backbone", (model.pose_backbone, heatmaps))]:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                module[0](module[1])
+            summary[f"{name} GMACs"] = f"{counter.get_total_flops() / 2e9:.2f}"
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(imgs, heatmaps)
+        total_macs = counter.get_total_flops() / 2e9
+    for name, module in parts.items():
+        modules = module if isinstance(module, list) else [module]
+        summary[f"{name} parameters"] = f"{sum(p.numel() for m in modules for p in m.parameters()):,}"
+    summary["total parameters"] = f"{sum(p.numel() for p in model.parameters()):,} ({num_classes} classes)"
+    summary["total GMACs"] = f"{total_macs:.2f} (convolutions and matrix products; the paper's 8.1 GFLOPs also " \
+                             "counts batch norm, activations and pooling)"
+    return summary
 
 
 def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -107,6 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="versions, compiled backends (CPU, CUDA archs), threads, operators")
     info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--model", action="store_true", help="also EPAM-Net's parameters per part and multiply-adds")
+    info.add_argument("--num-classes", type=int, default=60, help="classes of the model summarised (default 60)")
     info.set_defaults(run=_info)
     demo = commands.add_parser("demo", help="run and time the fused ops against their references")
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -32,6 +32,15 @@ def test_cli_info_json():
     assert info["torch threads"] >= 1
 
 
+def test_cli_info_model_matches_the_reference_figures():
+    result = _run("info", "--model", "--json", "--num-classes", "120")
+    assert result.returncode == 0, result.stderr
+    model = json.loads(result.stdout)["model"]
+    assert model["RGB backbone parameters"] == "1,980,030" and model["pose backbone parameters"] == "519,580"
+    assert model["total parameters"].startswith("2,577,717")
+    assert model["RGB backbone GMACs"] == "4.26" and model["pose backbone GMACs"] == "3.36"
+
+
 def test_cli_demo_runs_and_checks_results():
     result = _run("demo", "--device", "cpu", "--batch", "1", "--repeats", "1")
     assert result.returncode == 0, result.stdout + result.stderr
