@@ -18,6 +18,7 @@ import epamx
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and epamx.build_info()["cuda"] else [])
 _RESULTS: dict = collections.OrderedDict()
+_METRICS: list = []
 
 
 def pytest_addoption(parser):
@@ -59,6 +60,14 @@ def measure(benchmark):
     return run
 
 
+@pytest.fixture
+def record_metric():
+    """record_metric(what, case, value_text): a measurement other than time, listed under the table."""
+    def record(what, case, value):
+        _METRICS.append((what, case, value))
+    return record
+
+
 def _environment() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -87,11 +96,14 @@ def _table() -> list[str]:
         vs_copy = f"{bandwidth / (copy[1] / copy[0] / 1e9):.0%}" if copy and impl != "copy" else ""
         lines.append(f"| {op} | {dev} | {case} | {impl} | {seconds * 1e3:.3f} ms | {ratio} | {bandwidth:.1f} "
                      f"| {vs_copy} |")
+    if _METRICS:
+        lines += ["", "| measurement | case | value |", "|---|---|---|"]
+        lines += [f"| {what} | {case} | {value} |" for what, case, value in _METRICS]
     return lines
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not _RESULTS:
+    if not _RESULTS and not _METRICS:
         return
     lines = _table()
     terminalreporter.section("epamx: speed-up over the reference measured in the same run")

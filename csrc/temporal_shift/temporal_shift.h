@@ -60,6 +60,13 @@ inline bool shift_planes_dense(const at::Tensor& x, const ShiftLayout& L) {
   return dims_are_dense(x, L.plane_dim, 2);
 }
 
+// Whether the in-place kernels can walk `x` as it is: its pixels must have one stride (H and W merge), as in
+// dense planes or channels-last memory.
+inline bool shift_pixels_uniform(const at::Tensor& x, const ShiftLayout& L) {
+  const int64_t h = L.plane_dim, w = L.plane_dim + 1;
+  return x.size(h) == 1 || x.size(w) == 1 || x.stride(h) == x.size(w) * x.stride(w);
+}
+
 // The widest copy unit, in bytes (16, 8, 4 or 2, never less than one element), that divides the frame plane,
 // every stride in use and the addresses of `x` and `other` (the output, if any).
 inline int64_t shift_copy_unit(const at::Tensor& x, const ShiftLayout& L, const at::Tensor* other = nullptr) {
@@ -89,6 +96,8 @@ ShiftGeometry<index_t> shift_geometry(const at::Tensor& x, const ShiftLayout& L,
   g.P = static_cast<index_t>(L.P / per_unit);
   g.fold = static_cast<index_t>(L.fold);
   g.time_major = L.time_major;
+  g.stride_p = 1;
+  g.channels_inner = false;
   // A stride of a size-1 dim is never multiplied by anything but 0, so it need not divide evenly.
   const auto units = [&](int64_t stride) { return static_cast<index_t>(stride / per_unit); };
   if (L.time_major) {
@@ -100,6 +109,22 @@ ShiftGeometry<index_t> shift_geometry(const at::Tensor& x, const ShiftLayout& L,
     g.stride_c = units(x.stride(1));
     g.stride_t = units(x.stride(2));
   }
+  return g;
+}
+
+// The kernels write a contiguous result; a channels-last input gets a channels-last result, so the convolution
+// after the shift sees one memory format (a mixed pair falls off oneDNN's fast path, about 10x slower here).
+inline at::Tensor keep_memory_format(const at::Tensor& out, const at::Tensor& input) {
+  return out.contiguous(input.suggest_memory_format());
+}
+
+// The geometry of `x` with strided pixels (channels-last, say), element by element, for the in-place kernels.
+template <typename index_t>
+ShiftGeometry<index_t> shift_geometry_strided(const at::Tensor& x, const ShiftLayout& L) {
+  auto g = shift_geometry<index_t>(x, L, x.element_size());
+  const int64_t h = L.plane_dim, w = L.plane_dim + 1;
+  g.stride_p = static_cast<index_t>(x.size(w) > 1 ? x.stride(w) : x.stride(h));
+  g.channels_inner = x.stride(1) < g.stride_p;
   return g;
 }
 

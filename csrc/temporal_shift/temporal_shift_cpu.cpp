@@ -25,7 +25,7 @@ at::Tensor shift_copy_cpu(const at::Tensor& x, int64_t fold_div, std::optional<i
   // Strides of n, t and c are read as they are; only frame planes that are not dense are copied first.
   const at::Tensor in = shift_planes_dense(x, L) ? x : x.contiguous();
   at::Tensor out = empty_for_overwrite(x.sizes(), x.options());
-  if (x.numel() == 0) return out;
+  if (x.numel() == 0) return keep_memory_format(out, x);
   const int64_t unit = shift_copy_unit(in, L, &out);
   const auto g = shift_geometry<int64_t>(in, L, unit);
   dispatch_by_unit(unit, op, [&]<typename bits_t>() {
@@ -35,7 +35,7 @@ at::Tensor shift_copy_cpu(const at::Tensor& x, int64_t fold_div, std::optional<i
       for (int64_t q = begin; q < end; ++q) shift_plane_run<bits_t, int64_t>(q, 0, g.P, g, sign, src, dst);
     });
   });
-  return out;
+  return keep_memory_format(out, x);
 }
 
 at::Tensor temporal_shift_cpu(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments) {
@@ -59,16 +59,34 @@ void shift_inplace_cpu(const at::Tensor& x, const ShiftLayout& L, int sign, cons
   });
 }
 
+// Pixels with one stride but not dense (channels-last): column by column, channels innermost when they are
+// contiguous, so one task's columns share cache lines.
+void shift_inplace_strided_cpu(const at::Tensor& x, const ShiftLayout& L, int sign, const char* op) {
+  const auto g = shift_geometry_strided<int64_t>(x, L);
+  dispatch_by_unit(x.element_size(), op, [&]<typename bits_t>() {
+    auto* data = static_cast<bits_t*>(x.mutable_data_ptr());
+    at::parallel_for(0, shift_inplace_threads(g), grain_for(L.T), [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) shift_inplace_thread<bits_t, int64_t>(j, g, sign, data);
+    });
+  });
+}
+
 void shift_inplace_entry_cpu(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments, int sign,
                              const char* op) {
   const ShiftLayout L = check_shift_args(x, fold_div, num_segments, op);
   TORCH_CHECK_VALUE(at::has_internal_overlap(x) != at::MemOverlap::Yes, op,
                     ": input must not have overlapping memory (e.g. from expand()); clone() it first");
   if (x.numel() == 0 || L.fold == 0) return;
-  // Frames with strided pixels: shift a dense copy, then write it back into the caller's tensor.
-  const at::Tensor work = shift_planes_dense(x, L) ? x : x.contiguous();
-  shift_inplace_cpu(work, L, sign, op);
-  if (!work.is_same(x)) x.copy_(work);
+  if (shift_planes_dense(x, L)) {
+    shift_inplace_cpu(x, L, sign, op);
+  } else if (shift_pixels_uniform(x, L)) {
+    shift_inplace_strided_cpu(x, L, sign, op);
+  } else {
+    // Pixels with two strides: shift a dense copy, then write it back into the caller's tensor.
+    const at::Tensor work = x.contiguous();
+    shift_inplace_cpu(work, L, sign, op);
+    x.copy_(work);
+  }
 }
 
 void temporal_shift_inplace_cpu(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments) {
@@ -91,10 +109,12 @@ at::Tensor temporal_shift_run_thread_bodies(at::Tensor input, int64_t fold_div, 
                    ": thread_order must be a 1-D int64 tensor");
   const ShiftLayout L = check_shift_args(input, fold_div, num_segments, op);
   const int sign = backward ? -1 : +1;
-  at::Tensor src = input.contiguous();
+  // In place, pixels with one stride are walked where they are, as temporal_shift_ does; otherwise densely.
+  const bool strided = inplace && !shift_planes_dense(input, L) && shift_pixels_uniform(input, L);
+  at::Tensor src = strided ? input : input.contiguous();
   at::Tensor out = inplace ? src : at::empty(input.sizes(), input.options());
-  const int64_t unit = inplace ? shift_copy_unit(src, L) : shift_copy_unit(src, L, &out);
-  const auto g = shift_geometry<int64_t>(src, L, unit);
+  const int64_t unit = strided ? input.element_size() : inplace ? shift_copy_unit(src, L) : shift_copy_unit(src, L, &out);
+  const auto g = strided ? shift_geometry_strided<int64_t>(src, L) : shift_geometry<int64_t>(src, L, unit);
   const int64_t threads = inplace ? shift_inplace_threads(g) : input.numel() * input.element_size() / unit;
   TORCH_CHECK_VALUE(thread_order.numel() == threads, op, ": thread_order must list all ", threads,
                     " thread indices, got ", thread_order.numel());

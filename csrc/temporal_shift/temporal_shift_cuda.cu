@@ -40,8 +40,10 @@ void launch_copy(const at::Tensor& in, at::Tensor& out, const ShiftLayout& L, in
 
 template <typename index_t>
 void launch_inplace(const at::Tensor& x, const ShiftLayout& L, int sign, const char* op) {
-  const int64_t unit = shift_copy_unit(x, L);
-  const auto g = shift_geometry<index_t>(x, L, unit);
+  // Dense frame planes move in wide units; pixels with one other stride (channels-last) element by element.
+  const bool dense = shift_planes_dense(x, L);
+  const int64_t unit = dense ? shift_copy_unit(x, L) : x.element_size();
+  const auto g = dense ? shift_geometry<index_t>(x, L, unit) : shift_geometry_strided<index_t>(x, L);
   const index_t threads = shift_inplace_threads(g);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_by_unit(unit, op, [&]<typename bits_t>() {
@@ -57,13 +59,13 @@ at::Tensor shift_copy_cuda(const at::Tensor& x, int64_t fold_div, std::optional<
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor in = shift_planes_dense(x, L) ? x : x.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
-  if (x.numel() == 0) return out;
+  if (x.numel() == 0) return keep_memory_format(out, x);
   if (fits_int32(in)) {
     launch_copy<int32_t>(in, out, L, sign, op);
   } else {
     launch_copy<int64_t>(in, out, L, sign, op);
   }
-  return out;
+  return keep_memory_format(out, x);
 }
 
 at::Tensor temporal_shift_cuda(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments) {
@@ -82,8 +84,8 @@ void shift_inplace_entry_cuda(const at::Tensor& x, int64_t fold_div, std::option
                     ": input must not have overlapping memory (e.g. from expand()); clone() it first");
   if (x.numel() == 0 || L.fold == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
-  // Frames with strided pixels: shift a dense copy, then write it back into the caller's tensor.
-  const at::Tensor work = shift_planes_dense(x, L) ? x : x.contiguous();
+  // Pixels with two strides: shift a dense copy, then write it back into the caller's tensor.
+  const at::Tensor work = shift_planes_dense(x, L) || shift_pixels_uniform(x, L) ? x : x.contiguous();
   if (fits_int32(work)) {
     launch_inplace<int32_t>(work, L, sign, op);
   } else {

@@ -27,8 +27,10 @@ template <typename index_t>
 struct ShiftGeometry {
   index_t N, T, C, P;
   index_t stride_n, stride_t, stride_c;  // of the tensor read (in place: read and written)
+  index_t stride_p;  // between pixels: 1 (dense frame planes), or e.g. C for channels-last tensors (in place)
   index_t fold;
   bool time_major;  // output plane order: (n, t, c) for (N*T, C, H, W) tensors, else (n, c, t)
+  bool channels_inner;  // in place: neighbouring threads take neighbouring channels (channels-last memory)
 };
 
 // Frames channel c reads ahead: +1 (frame t+1), -1 (frame t-1) or 0.
@@ -81,11 +83,11 @@ HOST_DEVICE_INLINE void shift_copy_thread(index_t i, const ShiftGeometry<index_t
 // ---- in place: columns (n, c, p0 .. p0+count) of a shifted channel c < 2*fold ----------------------------------
 // A column is walked along t in the direction that reads every frame before it is overwritten, so a column
 // needs no buffer. Distinct columns never touch the same memory: owning whole columns is what makes the
-// GPU kernel race-free, whatever order its threads run in.
+// GPU kernel race-free, whatever order its threads run in. Runs of count > 1 need dense planes (stride_p 1).
 template <typename bits_t, typename index_t>
 HOST_DEVICE_INLINE void shift_columns_inplace(index_t n, index_t c, index_t p0, index_t count,
                                               const ShiftGeometry<index_t>& g, int sign, bits_t* x) {
-  bits_t* col = x + n * g.stride_n + c * g.stride_c + p0;
+  bits_t* col = x + n * g.stride_n + c * g.stride_c + p0 * g.stride_p;
   const index_t st = g.stride_t;
   if (shift_offset(c, g.fold, sign) > 0) {
     for (index_t t = 0; t + 1 < g.T; ++t) {
@@ -111,14 +113,22 @@ HOST_DEVICE_INLINE index_t shift_inplace_threads(const ShiftGeometry<index_t>& g
   return g.N * 2 * g.fold * g.P;
 }
 
-// One GPU thread of the in-place kernel: column j, pixels fastest so neighbouring threads touch neighbouring
-// addresses.
+// One GPU thread of the in-place kernel: column j, with whichever of pixels and channels is contiguous in memory
+// fastest, so neighbouring threads touch neighbouring addresses.
 template <typename bits_t, typename index_t>
 HOST_DEVICE_INLINE void shift_inplace_thread(index_t j, const ShiftGeometry<index_t>& g, int sign, bits_t* x) {
-  const index_t p = j % g.P;
-  const index_t q = j / g.P;
   const index_t shifted = 2 * g.fold;
-  shift_columns_inplace(q / shifted, q % shifted, p, index_t(1), g, sign, x);
+  index_t n, c, p;
+  if (g.channels_inner) {
+    c = j % shifted;
+    p = (j / shifted) % g.P;
+    n = j / shifted / g.P;
+  } else {
+    p = j % g.P;
+    c = (j / g.P) % shifted;
+    n = j / g.P / shifted;
+  }
+  shift_columns_inplace(n, c, p, index_t(1), g, sign, x);
 }
 
 }  // namespace epamx

@@ -59,7 +59,8 @@ class XShiftBlock(nn.Module):
     plus the unshifted input (through a 1x1x1 conv+BN where the shape changes), then ReLU.
 
     Without autograd (inference), the input is shifted in place around the first convolution and restored
-    exactly afterwards, so no shifted copy is allocated; the result is bit for bit the same.
+    exactly afterwards, so no shifted copy is allocated; the result is bit for bit the same. Set
+    ``inplace_shift = False`` to always allocate the shifted copy.
     """
 
     def __init__(self, in_channels: int, planes: int, out_channels: int, spatial_stride: int = 1, fold_div: int = 8,
@@ -77,9 +78,10 @@ class XShiftBlock(nn.Module):
             self.downsample = ConvBNAct(in_channels, out_channels, 1, stride=(1, spatial_stride, spatial_stride),
                                         relu=False)
         self.relu = nn.ReLU(inplace=True)
+        self.inplace_shift = True
 
     def _shift_in_place(self, x: Tensor) -> bool:
-        return (self.shift.fused and not torch.compiler.is_compiling()
+        return (self.inplace_shift and self.shift.fused and not torch.compiler.is_compiling()
                 and not (torch.is_grad_enabled() and x.requires_grad))
 
     def forward(self, x: Tensor) -> Tensor:

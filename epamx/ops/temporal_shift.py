@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 __all__ = ["temporal_shift", "temporal_shift_", "temporal_shift_reference", "temporal_unshift_"]
 
@@ -31,7 +32,8 @@ def temporal_shift(input: Tensor, fold_div: int = 8, num_segments: Optional[int]
         num_segments: frames per clip T, only for 4-D inputs.
 
     Returns:
-        A new contiguous tensor of the input's shape. Differentiable (the gradient is the opposite shift).
+        A new tensor of the input's shape, contiguous (channels-last for a channels-last input). Differentiable
+        (the gradient is the opposite shift).
     """
     return torch.ops.epamx.temporal_shift(input, fold_div, num_segments)
 
@@ -93,14 +95,18 @@ class _TemporalShiftInplace(torch.autograd.Function):
 
 # ---- registrations: fake kernels (shapes for torch.compile / meta tensors) and autograd --------------------------
 
+def _empty_like_result(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+
+
 @torch.library.register_fake("epamx::temporal_shift")
 def _temporal_shift_fake(input, fold_div=8, num_segments=None):
-    return input.new_empty(input.shape)
+    return _empty_like_result(input)
 
 
 @torch.library.register_fake("epamx::_temporal_shift_backward")
 def _temporal_shift_backward_fake(grad, fold_div, num_segments):
-    return grad.new_empty(grad.shape)
+    return _empty_like_result(grad)
 
 
 @torch.library.register_fake("epamx::temporal_shift_")

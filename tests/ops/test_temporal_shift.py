@@ -143,9 +143,11 @@ def test_non_contiguous_out_of_place(layout, name, dtype, device):
     assert not x.is_contiguous() or x.storage_offset() > 0
     before = base.clone()
     out = temporal_shift(x, fold_div, num_segments)
-    assert out.is_contiguous()
+    channels_last = {5: torch.channels_last_3d, 4: torch.channels_last}[x.dim()]
+    assert out.is_contiguous(memory_format=channels_last if name.startswith("channels_last") else torch.contiguous_format)
     assert_bitwise_equal(out, temporal_shift_reference(x, fold_div, num_segments))
     assert_bitwise_equal(base, before)
+    torch.library.opcheck(torch.ops.epamx.temporal_shift.default, (x, fold_div, num_segments))
 
 
 @pytest.mark.parametrize("layout,name", STRIDE_CASES)
@@ -211,6 +213,22 @@ def _count_threads(x, fold_div, num_segments, inplace, backward):
     if inplace:
         return n * 2 * (c // fold_div) * plane_bytes // unit
     return x.numel() * x.element_size() // unit
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_gpu_inplace_thread_bodies_on_channels_last(backward):
+    x, fold_div, _ = make_input((2, 17, 6, 3, 5, 4), "NCTHW")
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    leaf = x.clone().requires_grad_(True)
+    shifted = temporal_shift_reference(leaf, fold_div)
+    expected = torch.autograd.grad(shifted, leaf, x)[0] if backward else shifted.detach()
+    threads = 2 * 2 * (17 // fold_div) * 15  # one per column of a shifted channel, element by element
+    g = torch.Generator().manual_seed(5)
+    for order in [torch.arange(threads), torch.arange(threads).flip(0), torch.randperm(threads, generator=g)]:
+        y = x.clone()
+        out = _C._testing.temporal_shift_run_thread_bodies(y, fold_div, None, True, backward, order)
+        assert out.data_ptr() == y.data_ptr(), "channels-last memory is shifted where it is"
+        assert_bitwise_equal(out, expected)
 
 
 def test_thread_body_hook_checks_its_order():
