@@ -81,8 +81,7 @@ class EPAMNet(nn.Module):
             raise ValueError(f"EPAMNet: the streams end at different sizes, RGB {tuple(rgb.shape[3:])} from "
                              f"{tuple(imgs.shape[3:])} and pose {tuple(pose.shape[3:])} from {tuple(heatmaps.shape[3:])}; "
                              f"RGB frames must be 4x the heatmap size (224x224 with 56x56)")
-        self.attention_module.t_stride = pose_frames // frames
-        return self.attention_module(rgb, pose), pose
+        return self.attention_module(rgb, pose, t_stride=pose_frames // frames), pose
 
     def forward(self, imgs: Tensor, heatmaps: Tensor) -> Tuple[Tensor, Tensor]:
         rgb, pose = self.features(imgs, heatmaps)

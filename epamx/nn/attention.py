@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -47,32 +47,36 @@ class SpatialTemporalAttention(nn.Module):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         self.spatial_bn.reset_parameters()
 
-    def maps(self, pose_feats: Tensor) -> Tuple[Tensor, Tensor]:
-        """The spatial map S (N, 1, T, H, W) and the temporal map A (N, 1, T, 1, 1) from pose features."""
+    def maps(self, pose_feats: Tensor, t_stride: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """The spatial map S (N, 1, T, H, W) and the temporal map A (N, 1, T, 1, 1) from pose features, taking
+        every ``t_stride``-th frame (default: the module's t_stride)."""
+        t_stride = self.t_stride if t_stride is None else t_stride
         if pose_feats.dim() != 5:
             raise ValueError(f"SpatialTemporalAttention: pose_feats must be 5-D (N, C, T, H, W), got shape "
                              f"{tuple(pose_feats.shape)}")
         pool = channel_pool if self.fused else channel_pool_reference
-        spatial = torch.sigmoid(self.spatial_bn(self.spatial_conv(pool(pose_feats, self.t_stride))))
+        spatial = torch.sigmoid(self.spatial_bn(self.spatial_conv(pool(pose_feats, t_stride))))
         n, _, t = spatial.shape[:3]
         temporal = torch.sigmoid(self.temporal_conv(spatial.mean(dim=(3, 4)).view(n, 1, t))).view(n, 1, t, 1, 1)
         return spatial, temporal
 
-    def forward(self, rgb_feats: Tensor, pose_feats: Tensor) -> Tensor:
-        """Reweighted RGB features f_r + f_r * S * A, same shape as rgb_feats (N, C_r, T, H, W)."""
+    def forward(self, rgb_feats: Tensor, pose_feats: Tensor, t_stride: Optional[int] = None) -> Tensor:
+        """Reweighted RGB features f_r + f_r * S * A, same shape as rgb_feats (N, C_r, T, H, W); ``t_stride``
+        overrides the module's for this call."""
+        t_stride = self.t_stride if t_stride is None else t_stride
         if rgb_feats.dim() != 5:
             raise ValueError(f"SpatialTemporalAttention: rgb_feats must be 5-D (N, C, T, H, W), got shape "
                              f"{tuple(rgb_feats.shape)}")
         if pose_feats.dim() == 5:
             n, _, t, h, w = rgb_feats.shape
             pn, _, pt, ph, pw = pose_feats.shape
-            strided = -(-pt // self.t_stride)
+            strided = -(-pt // t_stride)
             if (pn, strided, ph, pw) != (n, t, h, w):
                 raise ValueError(
                     f"SpatialTemporalAttention: pose_feats {tuple(pose_feats.shape)} do not match rgb_feats "
                     f"{tuple(rgb_feats.shape)}: expected the same N, H, W and ceil(T_pose / t_stride) = "
-                    f"ceil({pt} / {self.t_stride}) = {strided} equal to the RGB frames T = {t}")
-        spatial, temporal = self.maps(pose_feats)
+                    f"ceil({pt} / {t_stride}) = {strided} equal to the RGB frames T = {t}")
+        spatial, temporal = self.maps(pose_feats, t_stride)
         reweight = attention_reweight if self.fused else attention_reweight_reference
         return reweight(rgb_feats, spatial, temporal)
 

@@ -130,7 +130,8 @@ def test_forward_predict_and_other_clip_sizes():
     rgb, pose = model(imgs, heatmaps)
     assert rgb.shape == pose.shape == (2, 7)
     torch.testing.assert_close(model.predict(imgs, heatmaps), rgb + pose)
-    assert model.attention_module.t_stride == 2
+    spatial, temporal = model.attention_module.maps(model.pose_backbone(heatmaps), t_stride=2)
+    assert spatial.shape == (2, 1, 4, 3, 3) and temporal.shape == (2, 1, 4, 1, 1)
 
 
 def test_heads_are_initialised_like_the_authors():
@@ -255,6 +256,16 @@ def test_compile_fullgraph_backbone():
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(net, fullgraph=True, backend="aot_eager")(x), net(x))
+
+
+def test_compile_fullgraph_whole_model():
+    torch.manual_seed(0)
+    model = randomize_batch_norm(EPAMNet(num_classes=4)).eval()
+    imgs, heatmaps = torch.randn(1, 3, 2, 32, 32), torch.rand(1, 17, 6, 8, 8)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for got, want in zip(compiled(imgs, heatmaps), model(imgs, heatmaps)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("imgs,heatmaps,message", [
