@@ -195,9 +195,9 @@ def test_gpu_thread_bodies_are_order_independent(layout, inplace, backward, shap
         expected = temporal_shift_reference(x, fold_div, num_segments)
     g = torch.Generator().manual_seed(3)
     threads = _count_threads(x, fold_div, num_segments, inplace, backward)
-    for trial in range(5):
-        order = [torch.arange(threads), torch.arange(threads).flip(0)][trial] if trial < 2 else \
-            torch.randperm(threads, generator=g)
+    orders = [torch.arange(threads), torch.arange(threads).flip(0)]
+    orders += [torch.randperm(threads, generator=g) for _ in range(3)]
+    for order in orders:
         with poisoned_allocations():
             out = _C._testing.temporal_shift_run_thread_bodies(x.clone(), fold_div, num_segments, inplace, backward,
                                                                order)
