@@ -4,6 +4,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "render_heatmaps/render_heatmaps.h"
 #include "temporal_shift/temporal_shift.h"
 
 #if EPAMX_WITH_CUDA
@@ -17,6 +18,10 @@ TORCH_LIBRARY(epamx, m) {
   m.def("temporal_shift(Tensor input, int fold_div=8, int? num_segments=None) -> Tensor");
   m.def("temporal_shift_(Tensor(a!) input, int fold_div=8, int? num_segments=None) -> ()");
   m.def("_temporal_shift_backward(Tensor grad, int fold_div, int? num_segments) -> Tensor");
+  // Pose heatmaps (PoseC3D GeneratePoseTarget). keypoints: (N, M, T, V, 2), scores: (N, M, T, V),
+  // limbs: joint pairs flattened; output (N, C, T, H, W), C = V (with_joints) + L.
+  m.def("render_heatmaps(Tensor keypoints, Tensor? scores, int[2] size, float sigma=0.6, int[]? limbs=None, "
+        "bool with_joints=True, float eps=1e-3, ScalarType? dtype=None) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -44,4 +49,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   testing.def("temporal_shift_run_thread_bodies", &epamx::temporal_shift_run_thread_bodies, pybind11::arg("input"),
               pybind11::arg("fold_div"), pybind11::arg("num_segments"), pybind11::arg("inplace"),
               pybind11::arg("backward"), pybind11::arg("thread_order"));
+  testing.def("render_heatmaps_run_thread_bodies", &epamx::render_heatmaps_run_thread_bodies,
+              pybind11::arg("keypoints"), pybind11::arg("scores"), pybind11::arg("size"), pybind11::arg("sigma"),
+              pybind11::arg("limbs"), pybind11::arg("with_joints"), pybind11::arg("eps"), pybind11::arg("dtype"),
+              pybind11::arg("thread_order"));
 }
