@@ -18,7 +18,20 @@ namespace {
 // Output elements per parallel task: enough planes to amortise scheduling, few enough to split one clip.
 constexpr int64_t kGrainElements = 1 << 15;
 
-// Max-accumulates every stamp of plane q (channel c of frame t of clip n) into `acc`, a zeroed H*W plane.
+// Max-accumulates one stamp into its window of `acc`, an H*W float32 plane. Each row's loop is branch-free
+// (see stamp_value), so the compiler vectorises it.
+template <bool segment>
+void draw_stamp(const Stamp& s, float two_sigma2, int64_t width, float* acc) {
+  for (int32_t y = s.y0; y < s.y1; ++y) {
+    float* row = acc + y * width;
+    for (int32_t x = s.x0; x < s.x1; ++x) {
+      const float v = stamp_value<segment>(s, two_sigma2, x, y);
+      row[x] = v > row[x] ? v : row[x];
+    }
+  }
+}
+
+// Draws every person's stamp of plane q (channel c of frame t of clip n) into `acc`, a zeroed H*W plane.
 void draw_plane(int64_t q, const RenderGeometry<int64_t>& g, const float* kp, const float* scores,
                 const int32_t* limbs, float* acc) {
   const int64_t t = q % g.T;
@@ -27,12 +40,10 @@ void draw_plane(int64_t q, const RenderGeometry<int64_t>& g, const float* kp, co
   for (int64_t m = 0; m < g.M; ++m) {
     const Stamp s = channel_stamp(n, m, t, c, g, kp, scores, limbs);
     if (stamp_is_empty(s)) continue;
-    for (int32_t y = s.y0; y < s.y1; ++y) {
-      float* row = acc + y * g.W;
-      for (int32_t x = s.x0; x < s.x1; ++x) {
-        const float v = stamp_value(s, g.two_sigma2, x, y);
-        if (v > row[x]) row[x] = v;
-      }
+    if (s.segment) {
+      draw_stamp<true>(s, g.two_sigma2, g.W, acc);
+    } else {
+      draw_stamp<false>(s, g.two_sigma2, g.W, acc);
     }
   }
 }

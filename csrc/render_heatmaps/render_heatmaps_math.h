@@ -8,13 +8,14 @@
 // int() truncates toward zero (so a point up to 1 + 3 sigma left of the image still reaches column 0). The
 // bounds are computed in double, as NumPy 1.x did for a float32 coordinate and a Python float sigma; every
 // value inside the window is computed in float32 with the same operations, in the same order, as the NumPy
-// original, so results agree to a few float32 rounding steps (exp's implementation differs).
+// original, so results agree to a few float32 rounding steps (exp is evaluated by exp_nonpositive below).
 // A pixel's value is the max over persons of their stamps' values at that pixel, and 0 where no stamp reaches.
 //
 // The CPU kernel walks each stamp's window; the CUDA kernel gives each output pixel a thread that asks every
 // person's stamp whether the pixel is inside. Both call make_stamp and stamp_value below.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "common/macros.h"
 
@@ -108,8 +109,44 @@ HOST_DEVICE_INLINE bool stamp_contains(const Stamp& s, int32_t x, int32_t y) {
   return x >= s.x0 && x < s.x1 && y >= s.y0 && y < s.y1;
 }
 
-// The stamp's value at pixel (x, y), which must lie inside its window. Can be NaN only for an infinite score;
-// callers take the max with `v > best`, which drops NaN rather than spreading it as np.maximum would.
+// 2^i for i in [-126, 127], from its bit pattern.
+HOST_DEVICE_INLINE float exp2_int(int32_t i) {
+  const int32_t bits = (i + 127) << 23;
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+// exp(x) in float32 for x <= 0, within about 2 ulp of the correctly rounded value (0 below -87, where the
+// result would be subnormal: at most 1.2e-38 times the peak). Branch-free plain arithmetic rather than expf,
+// so the CPU loop over a window row vectorises, and the CPU and the GPU compute the very same values.
+HOST_DEVICE_INLINE float exp_nonpositive(float x) {
+  // Clamping first keeps the integer conversion in range for -inf and NaN, which map to 0 below.
+  const float xc = x >= -88.0f ? x : -88.0f;
+  // x = k ln2 + r with k an integer and |r| <= ln2 / 2; k by the round-to-nearest trick of adding 1.5 * 2^23.
+  constexpr float kRound = 12582912.0f;
+  const float k = (xc * 1.44269504088896341f + kRound) - kRound;
+  // ln2 split into a part with few mantissa bits (so k * hi is exact) and the rest.
+  const float r = (xc - k * 0.693145751953125f) - k * 1.42860682030941723e-06f;
+  // exp(r) by its Taylor series to r^7 (truncation error below 5e-9 relative for |r| <= ln2 / 2).
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return x >= -87.0f ? p * exp2_int(static_cast<int32_t>(k)) : 0.0f;
+}
+
+// The stamp's value at pixel (x, y), which must lie inside its window; `segment` must equal s.segment (a
+// template argument so that each loop over a window row has no branch). Written with selects, not branches.
+template <bool segment>
 HOST_DEVICE_INLINE float stamp_value(const Stamp& s, float two_sigma2, int32_t xi, int32_t yi) {
   const float x = static_cast<float>(xi);
   const float y = static_cast<float>(yi);
@@ -117,24 +154,22 @@ HOST_DEVICE_INLINE float stamp_value(const Stamp& s, float two_sigma2, int32_t x
   const float dya = y - s.ay;
   const float d2a = dxa * dxa + dya * dya;
   float d2 = d2a;
-  if (s.segment) {
+  if constexpr (segment) {
     const float dxb = x - s.bx;
     const float dyb = y - s.by;
     const float d2b = dxb * dxb + dyb * dyb;
-    // The projection of the pixel onto the line, as a fraction of the segment: beyond an end point the
-    // distance is to that end point.
-    const float coeff = (d2a - d2b + s.d2ab) / 2.0f / s.d2ab;
-    if (coeff >= 1.0f) {
-      d2 = d2b;
-    } else if (coeff > 0.0f) {
-      const float px = s.ax + coeff * (s.bx - s.ax);
-      const float py = s.ay + coeff * (s.by - s.ay);
-      const float dxl = x - px;
-      const float dyl = y - py;
-      d2 = dxl * dxl + dyl * dyl;
-    }
+    // The projection of the pixel onto the line, as a fraction of the segment; beyond an end point the
+    // distance is to that end point. (* 0.5f rounds exactly like the original's / 2.)
+    const float coeff = (d2a - d2b + s.d2ab) * 0.5f / s.d2ab;
+    const float px = s.ax + coeff * (s.bx - s.ax);
+    const float py = s.ay + coeff * (s.by - s.ay);
+    const float dxl = x - px;
+    const float dyl = y - py;
+    const float d2l = dxl * dxl + dyl * dyl;
+    d2 = coeff >= 1.0f ? d2b : d2l;
+    d2 = coeff > 0.0f ? d2 : d2a;
   }
-  return std::exp(-d2 / two_sigma2) * s.peak;
+  return exp_nonpositive(-d2 / two_sigma2) * s.peak;
 }
 
 // The stamp person m draws into channel c of frame t of clip n. `kp` is (N, M, T, V, 2), `scores` (N, M, T, V)
@@ -172,8 +207,9 @@ HOST_DEVICE_INLINE void render_pixel_thread(index_t i, const RenderGeometry<inde
   for (index_t m = 0; m < g.M; ++m) {
     const Stamp s = channel_stamp(n, m, t, c, g, kp, scores, limbs);
     if (stamp_contains(s, x, y)) {
-      const float v = stamp_value(s, g.two_sigma2, x, y);
-      if (v > best) best = v;
+      const float v = s.segment ? stamp_value<true>(s, g.two_sigma2, x, y) : stamp_value<false>(s, g.two_sigma2, x, y);
+      // Written as a select, not fmaxf: a NaN value (infinite score times 0) leaves best unchanged.
+      best = v > best ? v : best;
     }
   }
   out[i] = static_cast<out_t>(best);
