@@ -210,6 +210,9 @@ def render_heatmaps_reference(keypoints: Tensor, scores: Optional[Tensor] = None
 def _render_heatmaps_fake(keypoints, scores, size, sigma=0.6, limbs=None, with_joints=True, eps=1e-3, dtype=None):
     torch._check(keypoints.dim() == 5 and keypoints.shape[4] == 2,
                  lambda: f"render_heatmaps: keypoints must be 5-D (N, M, T, V, 2), got {tuple(keypoints.shape)}")
+    torch._check(scores is None or scores.device == keypoints.device,
+                 lambda: f"render_heatmaps: keypoints and scores must be on the same device, got {keypoints.device} "
+                         f"and {scores.device}")
     n, _, t, v, _ = keypoints.shape
     channels = (v if with_joints else 0) + (len(limbs) // 2 if limbs else 0)
     return keypoints.new_empty((n, channels, t, size[0], size[1]), dtype=dtype or torch.float32)
