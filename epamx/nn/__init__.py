@@ -1,4 +1,5 @@
 """Drop-in torch.nn modules built on epamx.ops."""
+from epamx.nn.pose_heatmaps import PoseHeatmaps
 from epamx.nn.temporal_shift import TemporalShift
 
-__all__ = ["TemporalShift"]
+__all__ = ["TemporalShift", "PoseHeatmaps"]
