@@ -21,11 +21,11 @@ __global__ void render_heatmaps_kernel(RenderGeometry<index_t> g, const float* _
 
 template <typename index_t>
 void launch_render(const RenderArgs& a, double sigma, double eps, const at::Tensor& kp, const at::Tensor& sc,
-                   const at::Tensor& limbs, at::Tensor& out, const char* op) {
+                   const at::Tensor& limbs, at::Tensor& out) {
   const auto g = render_geometry<index_t>(a, sigma, eps);
   const auto count = static_cast<index_t>(out.numel());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.out_dtype, op, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.out_dtype, "render_heatmaps", [&] {
     render_heatmaps_kernel<scalar_t, index_t><<<cuda::blocks_for(count), cuda::kThreadsPerBlock, 0, stream>>>(
         g, kp.const_data_ptr<float>(), sc.defined() ? sc.const_data_ptr<float>() : nullptr,
         limbs.defined() ? limbs.const_data_ptr<int32_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), count);
@@ -52,9 +52,9 @@ at::Tensor render_heatmaps_cuda(const at::Tensor& keypoints, const std::optional
   // int32 indices where every index, and the grid-stride loop's last step past the end, stays below 2^31.
   constexpr int64_t kInt32Limit = int64_t(1) << 30;
   if (out.numel() < kInt32Limit && kp.numel() < kInt32Limit) {
-    launch_render<int32_t>(a, sigma, eps, kp, sc, limb_table, out, op);
+    launch_render<int32_t>(a, sigma, eps, kp, sc, limb_table, out);
   } else {
-    launch_render<int64_t>(a, sigma, eps, kp, sc, limb_table, out, op);
+    launch_render<int64_t>(a, sigma, eps, kp, sc, limb_table, out);
   }
   return out;
 }
