@@ -102,7 +102,8 @@ def render_heatmaps(keypoints: Tensor, scores: Optional[Tensor] = None, size: Un
 
     Returns:
         (N, C, T, H, W) with C = (V if with_joints else 0) + L. Not differentiable: a backward pass through it
-        raises (heatmaps are rendered from keypoints as data, as in PoseC3D).
+        raises (heatmaps are rendered from keypoints as data, as in PoseC3D); so does torch.compile, when it
+        compiles a graph in which keypoints or scores require grad (AOTAutograd traces the backward up front).
     """
     return torch.ops.epamx.render_heatmaps(keypoints, scores, _size(size), float(sigma), _flat_limbs(limbs),
                                            with_joints, float(eps), dtype)

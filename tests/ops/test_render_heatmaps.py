@@ -328,8 +328,13 @@ def test_requesting_a_gradient_is_an_error(device):
     with pytest.raises(RuntimeError, match="no gradient with respect to keypoints or scores"):
         out.sum().backward()
     assert not render_heatmaps(kp.detach(), scores, (23, 31)).requires_grad
+    compiled = torch.compile(lambda k, s: render_heatmaps(k, s, (23, 31)) * 2, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="no gradient with respect to keypoints or scores"):
+        compiled(kp, scores)
 
 
+# Only inputs that do not require grad: with ones that do, opcheck's AOTAutograd check runs the backward, which
+# raises by design (test_requesting_a_gradient_is_an_error).
 @pytest.mark.parametrize("limbs,dtype", [(None, None), (COCO17_LIMBS, torch.bfloat16)])
 def test_opcheck(limbs, dtype, device):
     kp, scores = make_inputs(n=2, m=2, t=3, device=device, seed=9)
