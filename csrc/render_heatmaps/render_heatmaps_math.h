@@ -38,7 +38,7 @@ struct Stamp {
   int32_t x0, x1, y0, y1;
   float ax, ay;    // the joint, or the limb's start
   float bx, by;    // the limb's end (segment stamps only)
-  float d2ab;      // squared segment length, float32 as in the original (segment stamps only)
+  float d2ab;      // squared segment length, rounded to float32 (segment stamps only)
   float peak;      // the value at distance 0: the score, or min(start score, end score) for a limb
   bool segment;    // distance to the segment a-b rather than to the point a
 };
@@ -79,17 +79,19 @@ HOST_DEVICE_INLINE Stamp joint_stamp(float x, float y, float score, const Render
 }
 
 // A limb from joint a to joint b. Its window is the bounding box of both end points, widened by 3 sigma. A limb
-// shorter than 1 pixel (squared length < 1 in float32) is drawn as joint a's Gaussian with a's own score and
-// window, exactly as the original does; its score check still uses min(score_a, score_b).
+// shorter than 1 pixel (squared length < 1) is drawn as joint a's Gaussian with a's own score and window,
+// exactly as the original does; its score check still uses min(score_a, score_b). The squared length is summed
+// in double from the float32 differences, as NumPy 1.x evaluates the original's scalar (dx**2 + dy**2), and
+// rounded to float32 where the original mixes it into float32 arrays.
 template <typename index_t>
 HOST_DEVICE_INLINE Stamp limb_stamp(float ax, float ay, float sa, float bx, float by, float sb,
                                     const RenderGeometry<index_t>& g) {
   const float peak = sa < sb ? sa : sb;
   if (!(static_cast<double>(peak) >= g.eps) || !finite_point(ax, ay) || !finite_point(bx, by)) return empty_stamp();
-  const float dx = ax - bx;
-  const float dy = ay - by;
-  const float d2ab = dx * dx + dy * dy;
-  if (d2ab < 1.0f) return joint_stamp(ax, ay, sa, g);
+  const auto dx = static_cast<double>(ax - bx);
+  const auto dy = static_cast<double>(ay - by);
+  const double d2ab = dx * dx + dy * dy;
+  if (d2ab < 1.0) return joint_stamp(ax, ay, sa, g);
   Stamp s = empty_stamp();
   axis_window(ax < bx ? ax : bx, ax < bx ? bx : ax, g.three_sigma, static_cast<int32_t>(g.W), s.x0, s.x1);
   axis_window(ay < by ? ay : by, ay < by ? by : ay, g.three_sigma, static_cast<int32_t>(g.H), s.y0, s.y1);
@@ -97,7 +99,7 @@ HOST_DEVICE_INLINE Stamp limb_stamp(float ax, float ay, float sa, float bx, floa
   s.ay = ay;
   s.bx = bx;
   s.by = by;
-  s.d2ab = d2ab;
+  s.d2ab = static_cast<float>(d2ab);
   s.peak = peak;
   s.segment = true;
   return s;

@@ -25,9 +25,11 @@ Where epamx deliberately differs from the NumPy original (pyskl / mmaction2 ``Ge
   inputs no value is NaN, so this only matters for infinite scores.
 - Joints and limbs can be rendered together (channels V..V+L-1 after the V joint channels); pyskl allows only
   one of the two, and mmaction2's version concatenates them in this same order.
-- Window bounds are computed in float64 from the float32 coordinate, as NumPy 1.x (the authors' environment)
-  evaluated ``np.float32(x) - 3 * sigma``; NumPy >= 2 rounds that difference to float32 first, which moves a
-  bound by one pixel when ``x -/+ 3 sigma`` lies within float32 rounding of an integer.
+- Scalar arithmetic follows NumPy 1.x (the authors' environment), which promoted a float32 scalar combined
+  with a Python number to float64: window bounds come from ``float64(x) - 3 * sigma`` and a limb's squared
+  length from float64 sums of its float32 differences. NumPy >= 2 keeps such scalars in float32, which can
+  move a window bound by one pixel when ``x -/+ 3 sigma`` lies within float32 rounding of an integer, and
+  changes a limb's squared length by an ulp.
 - Everything else (the Gaussian and segment-distance arithmetic, in float32, in the original's order of
   operations) is the original's; values agree to within float32 rounding of ``exp`` (about 1e-7).
 """
@@ -138,7 +140,8 @@ def _draw_limb(arr, a, b, score_a, score_b, sigma, eps):
     peak = min(score_a, score_b)
     if not float(peak) >= eps or not all(math.isfinite(v) for v in (a[0], a[1], b[0], b[1])):
         return
-    d2_ab = (a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2
+    # A Python float from the float32 differences, as NumPy 1.x promoted the original's scalar arithmetic.
+    d2_ab = float(a[0] - b[0]) ** 2 + float(a[1] - b[1]) ** 2
     if d2_ab < 1:
         _draw_joint(arr, a[0], a[1], score_a, sigma, eps)
         return
@@ -151,6 +154,7 @@ def _draw_limb(arr, a, b, score_a, score_b, sigma, eps):
     ys = np.arange(y0, y1, dtype=np.float32)[:, None]
     d2_a = (xs - a[0]) ** 2 + (ys - a[1]) ** 2
     d2_b = (xs - b[0]) ** 2 + (ys - b[1]) ** 2
+    d2_ab = np.float32(d2_ab)
     coeff = (d2_a - d2_b + d2_ab) / 2 / d2_ab
     d2_line = (xs - (a[0] + coeff * (b[0] - a[0]))) ** 2 + (ys - (a[1] + coeff * (b[1] - a[1]))) ** 2
     d2 = np.where(coeff <= 0, d2_a, np.where(coeff >= 1, d2_b, d2_line))

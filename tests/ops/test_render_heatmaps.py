@@ -11,7 +11,9 @@ from conftest import DEVICES, poisoned_allocations
 from epamx import _C
 from epamx.ops import (COCO17_LIMBS, NTU25_BONES, render_heatmaps, render_heatmaps_reference)
 
-ATOL = 1e-5  # fp32, against the reference
+# fp32 against the reference, as the issue asks. Measured on the CPU: 1.2e-7 (the polynomial exp); the GPU may
+# fuse multiply-adds, which moves float32 segment distances by a few ulps.
+ATOL = 1e-5
 
 
 def dense_reference(keypoints, scores, size, sigma, limbs=(), with_joints=True, eps=1e-3):
@@ -54,8 +56,11 @@ def dense_reference(keypoints, scores, size, sigma, limbs=(), with_joints=True, 
             active = peak.astype(np.float64) >= eps
         active &= np.isfinite(a).all(-1) & np.isfinite(b).all(-1)
         with np.errstate(invalid="ignore", over="ignore"):
-            d2ab = (a[..., 0] - b[..., 0]) ** 2 + (a[..., 1] - b[..., 1]) ** 2
-        short = d2ab < 1
+            # float64 sums of the float32 differences (NumPy 1.x scalar promotion), used as float32 below.
+            d2ab64 = ((a[..., 0] - b[..., 0]).astype(np.float64) ** 2
+                      + (a[..., 1] - b[..., 1]).astype(np.float64) ** 2)
+            d2ab = d2ab64.astype(np.float32)
+        short = d2ab64 < 1
         # Shorter than a pixel: joint a's Gaussian, with a's score and window.
         fallback = point(a[..., 0], a[..., 1], sa, active & short)
         ax, ay, bx, by = (v[..., None, None] for v in (a[..., 0], a[..., 1], b[..., 0], b[..., 1]))
@@ -149,7 +154,7 @@ def test_the_numpy_reference_matches_the_dense_reference():
     for limbs, with_joints in [(None, True), (COCO17_LIMBS, True), (COCO17_LIMBS, False)]:
         ours = render_heatmaps_reference(kp, scores, (21, 27), 0.6, limbs, with_joints)
         torch.testing.assert_close(ours, dense_reference(kp, scores, (21, 27), 0.6, limbs or (), with_joints),
-                                   rtol=0, atol=1e-6)
+                                   rtol=0, atol=1e-7)
 
 
 def test_scores_default_to_one(device):
@@ -450,12 +455,12 @@ cuda_only = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU")
 
 
 @cuda_only
-def test_cuda_matches_cpu_bit_for_bit_up_to_rounding():
+def test_cuda_matches_cpu_up_to_rounding():
     kp, scores = make_inputs(n=3, m=2, t=5, v=25, size=(56, 56), seed=12)
     cpu = render_heatmaps(kp, scores, 56, 0.6, NTU25_BONES)
     gpu = render_heatmaps(kp.cuda(), scores.cuda(), 56, 0.6, NTU25_BONES)
     # Same formulas; nvcc may fuse multiply-adds where GCC does not.
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=ATOL)
 
 
 @cuda_only
@@ -470,4 +475,4 @@ def test_cuda_uses_the_current_stream():
         x.copy_(src)
         out = render_heatmaps(x, scores.cuda(), 56, limbs=COCO17_LIMBS)
     stream.synchronize()
-    torch.testing.assert_close(out.cpu(), render_heatmaps(kp, scores, 56, limbs=COCO17_LIMBS), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.cpu(), render_heatmaps(kp, scores, 56, limbs=COCO17_LIMBS), rtol=0, atol=ATOL)
