@@ -53,9 +53,8 @@ inline RenderArgs check_render_args(const at::Tensor& keypoints, const std::opti
   TORCH_CHECK_VALUE(std::isfinite(sigma) && sigma > 0, op, ": sigma must be a finite number > 0, got ", sigma);
   if (limbs.has_value()) {
     const auto pairs = *limbs;
-    TORCH_CHECK_VALUE(pairs.size() % 2 == 0, op,
-                      ": limbs must be joint pairs flattened to (start0, end0, start1, end1, ...), got an odd count of ",
-                      pairs.size(), " values");
+    TORCH_CHECK_VALUE(pairs.size() % 2 == 0, op, ": limbs must be joint pairs flattened to ",
+                      "(start0, end0, start1, end1, ...), got an odd count of ", pairs.size(), " values");
     for (size_t i = 0; i < pairs.size(); ++i) {
       TORCH_CHECK_VALUE(pairs[i] >= 0 && pairs[i] < a.V, op, ": limbs[", i / 2, "] = (", pairs[i - i % 2], ", ",
                         pairs[i - i % 2 + 1], ") names a joint outside [0, V) for V = ", a.V);

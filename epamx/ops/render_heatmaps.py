@@ -31,7 +31,9 @@ Where epamx deliberately differs from the NumPy original (pyskl / mmaction2 ``Ge
   move a window bound by one pixel when ``x -/+ 3 sigma`` lies within float32 rounding of an integer, and
   changes a limb's squared length by an ulp.
 - Everything else (the Gaussian and segment-distance arithmetic, in float32, in the original's order of
-  operations) is the original's; values agree to within float32 rounding of ``exp`` (about 1e-7).
+  operations) is the original's, except ``exp`` itself: a polynomial shared by the CPU and CUDA kernels, within
+  1.22 ulp of exp, and 0 below exp(-87) = 1.7e-38 (where float32 nears its subnormals). The CPU kernel agrees
+  with this module's NumPy renderer to 1.2e-7 (measured on random inputs).
 """
 from __future__ import annotations
 
