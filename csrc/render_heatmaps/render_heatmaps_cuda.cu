@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "common/cuda_utils.cuh"
 #include "render_heatmaps/render_heatmaps.h"
 
@@ -43,11 +45,13 @@ at::Tensor render_heatmaps_cuda(const at::Tensor& keypoints, const std::optional
   if (out.numel() == 0) return out;
   const at::Tensor kp = render_input(keypoints);
   const at::Tensor sc = scores.has_value() ? render_input(*scores) : at::Tensor();
-  // The limb table is a few hundred bytes: copied to the device on the current stream, in stream order.
+  // The limb table is a few hundred bytes: staged in pinned memory and copied on the current stream without
+  // waiting for it (the caching host allocator keeps the staging buffer until the copy has run).
   at::Tensor limb_table;
   if (a.L > 0) {
-    limb_table = at::tensor(c10::ArrayRef<int32_t>(a.limbs), at::TensorOptions().dtype(at::kInt))
-                     .to(keypoints.device());
+    at::Tensor host = at::empty({2 * a.L}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+    std::copy(a.limbs.begin(), a.limbs.end(), host.mutable_data_ptr<int32_t>());
+    limb_table = host.to(keypoints.device(), /*non_blocking=*/true);
   }
   // int32 indices where every index, and the grid-stride loop's last step past the end, stays below 2^31.
   constexpr int64_t kInt32Limit = int64_t(1) << 30;
