@@ -12,7 +12,7 @@
 // A pixel's value is the max over persons of their stamps' values at that pixel, and 0 where no stamp reaches.
 //
 // The CPU kernel walks each stamp's window; the CUDA kernel gives each output pixel a thread that asks every
-// person's stamp whether the pixel is inside. Both call make_stamp and stamp_value below.
+// person's stamp whether the pixel is inside. Both call channel_stamp and stamp_value below.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -80,13 +80,13 @@ HOST_DEVICE_INLINE Stamp joint_stamp(float x, float y, float score, const Render
 
 // A limb from joint a to joint b. Its window is the bounding box of both end points, widened by 3 sigma. A limb
 // shorter than 1 pixel (squared length < 1) is drawn as joint a's Gaussian with a's own score and window,
-// exactly as the original does; its score check still uses min(score_a, score_b). The squared length is summed
+// exactly as the original does; its score check still uses min(score_a, score_b), NaN if either score is. The squared length is summed
 // in double from the float32 differences, as NumPy 1.x evaluates the original's scalar (dx**2 + dy**2), and
 // rounded to float32 where the original mixes it into float32 arrays.
 template <typename index_t>
 HOST_DEVICE_INLINE Stamp limb_stamp(float ax, float ay, float sa, float bx, float by, float sb,
                                     const RenderGeometry<index_t>& g) {
-  const float peak = sa < sb ? sa : sb;
+  const float peak = (sa < sb || std::isnan(sa)) ? sa : sb;
   if (!(static_cast<double>(peak) >= g.eps) || !finite_point(ax, ay) || !finite_point(bx, by)) return empty_stamp();
   const auto dx = static_cast<double>(ax - bx);
   const auto dy = static_cast<double>(ay - by);

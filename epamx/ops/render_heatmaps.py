@@ -20,7 +20,8 @@ Where epamx deliberately differs from the NumPy original (pyskl / mmaction2 ``Ge
 - NaN or infinite coordinates mean "missing": that joint (and every limb using it) draws nothing. The original
   raises in ``int(nan)``, so data loaders must clean keypoints first; a fused op on the device cannot raise per
   element, and missing joints are common in detector output.
-- A NaN score draws nothing (the original's ``score < eps`` is False for NaN and writes NaN into the window).
+- A NaN score draws nothing, and neither does a limb with a NaN end score (the original's ``score < eps`` is
+  False for NaN: it writes NaN into the window, or for a limb ignores a NaN end score in ``min``).
 - The max over persons ignores NaN values instead of spreading them (``np.maximum`` spreads them); with finite
   inputs no value is NaN, so this only matters for infinite scores.
 - Joints and limbs can be rendered together (channels V..V+L-1 after the V joint channels); pyskl allows only
@@ -139,7 +140,7 @@ def _draw_joint(arr, x, y, score, sigma, eps):
 def _draw_limb(arr, a, b, score_a, score_b, sigma, eps):
     import numpy as np
 
-    peak = min(score_a, score_b)
+    peak = np.minimum(score_a, score_b)  # NaN if either is, unlike min()
     if not float(peak) >= eps or not all(math.isfinite(v) for v in (a[0], a[1], b[0], b[1])):
         return
     # A Python float from the float32 differences, as NumPy 1.x promoted the original's scalar arithmetic.

@@ -91,13 +91,14 @@ def make_inputs(n=2, m=3, t=4, v=17, size=(23, 31), seed=0, device="cpu", specia
         flat_kp = kp.view(-1, v, 2)
         flat_sc = scores.view(-1, v)
         frames = flat_kp.shape[0]
-        pick = torch.randint(0, frames, (6,), generator=g)
+        pick = torch.randint(0, frames, (7,), generator=g)
         flat_sc[pick[0], 1] = 0.0
         flat_sc[pick[1], 2] = 5e-4  # below eps
         flat_sc[pick[2], 3] = 1.5e-3  # just above eps
         flat_kp[pick[3], 4, 0] = float("nan")
         flat_kp[pick[4], 5, 1] = float("inf")
         flat_kp[pick[5], 6] = flat_kp[pick[5], 5]  # a zero-length limb (5, 6) and two coinciding joints
+        flat_sc[pick[6], 7] = float("nan")  # the end of limbs (5, 7) and the start of (7, 9)
         flat_kp[:, 0] = flat_kp[:, 1] + torch.rand(frames, 2, generator=g) * 0.6  # limb (0, 1) under 1 px
         # Persons 0 and 1 overlap: person 1 is person 0 moved by up to a pixel.
         if m > 1:
@@ -288,6 +289,11 @@ def test_missing_joints_and_nan_scores_draw_nothing(device):
         assert hm[0].max() == 0 and hm[2].max() == 0 and hm[1, 5, 5] == 1
     kp = torch.tensor([[5.0, 5.0]], device=device).view(1, 1, 1, 1, 2)
     assert render_heatmaps(kp, torch.full((1, 1, 1, 1), float("nan"), device=device), (9, 9)).max() == 0
+    # A limb with a NaN score at either end draws nothing (min() in the original would keep the other score).
+    kp = torch.tensor([[2.0, 5.0], [7.0, 5.0]], device=device).view(1, 1, 1, 2, 2)
+    for scores in ([float("nan"), 0.5], [0.5, float("nan")]):
+        sc = torch.tensor(scores, device=device).view(1, 1, 1, 2)
+        assert render_heatmaps(kp, sc, (9, 9), limbs=[(0, 1)], with_joints=False).max() == 0
 
 
 def test_far_away_coordinates_do_not_overflow(device):
