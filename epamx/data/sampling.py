@@ -16,14 +16,14 @@ authors' variant; a pair (or a number) selects pyskl's.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import numpy as np
 
 __all__ = ["uniform_sample_frames", "rgb_frame_indices"]
 
 
-def _one_clip(rng: np.random.RandomState, num_frames: int, clip_len: int, test_mode: bool, clip: int,
+def _one_clip(rng, num_frames: int, clip_len: int, test_mode: bool, clip: int,
               num_clips: int) -> np.ndarray:
     if num_frames < clip_len:
         if test_mode:
@@ -62,7 +62,7 @@ def uniform_sample_frames(total_frames: int, clip_len: int = 48, test_mode: bool
     if test_mode:
         generator = np.random.RandomState(seed)
     elif rng is None:
-        generator = np.random.mtrand._rand
+        generator = np.random  # its module functions draw from NumPy's global RandomState, as the original
     elif isinstance(rng, np.random.RandomState):
         generator = rng
     else:

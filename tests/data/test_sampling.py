@@ -67,6 +67,9 @@ def test_train_mode_uses_the_given_generator():
                                   uniform_sample_frames(500, test_mode=False, rng=np.random.RandomState(3)))
     draws = [tuple(uniform_sample_frames(500, test_mode=False, rng=seed)) for seed in range(5)]
     assert len(set(draws)) == 5
+    np.random.seed(5)  # without a generator, NumPy's global one, as the original
+    np.testing.assert_array_equal(uniform_sample_frames(500, test_mode=False),
+                                  uniform_sample_frames(500, test_mode=False, rng=5))
     rs = np.random.RandomState(4)
     assert not np.array_equal(uniform_sample_frames(500, test_mode=False, rng=rs),
                               uniform_sample_frames(500, test_mode=False, rng=rs))
