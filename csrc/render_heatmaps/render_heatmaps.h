@@ -94,8 +94,8 @@ RenderGeometry<index_t> render_geometry(const RenderArgs& a, double sigma, doubl
 // computes on float32 arrays): converted and made contiguous here, which costs little next to the output.
 inline at::Tensor render_input(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-// Test hook, CPU only: runs the CUDA kernel's per-thread body for the thread (output element) indices in
-// `thread_order`, in that order, and returns the output.
+// Test hook, CPU only: runs the CUDA kernel's per-thread body for the thread indices (runs of pixels, see
+// render_threads) in `thread_order`, in that order, and returns the output.
 at::Tensor render_heatmaps_run_thread_bodies(const at::Tensor& keypoints, const std::optional<at::Tensor>& scores,
                                              c10::IntArrayRef size, double sigma,
                                              std::optional<std::vector<int64_t>> limbs, bool with_joints, double eps,

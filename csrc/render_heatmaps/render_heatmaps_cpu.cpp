@@ -104,21 +104,20 @@ at::Tensor render_heatmaps_run_thread_bodies(const at::Tensor& keypoints, const 
   const at::OptionalIntArrayRef pairs = limbs.has_value() ? at::OptionalIntArrayRef(*limbs) : std::nullopt;
   const RenderArgs a = check_render_args(keypoints, scores, size, sigma, pairs, with_joints, dtype, op);
   at::Tensor out = at::empty({a.N, a.C, a.T, a.H, a.W}, keypoints.options().dtype(a.out_dtype));
-  const int64_t threads = out.numel();
+  const auto g = render_geometry<int64_t>(a, sigma, eps);
+  const int64_t threads = render_threads(g);
   TORCH_CHECK_VALUE(thread_order.numel() == threads, op, ": thread_order must list all ", threads,
                     " thread indices, got ", thread_order.numel());
   const at::Tensor kp = render_input(keypoints);
   const at::Tensor sc = scores.has_value() ? render_input(*scores) : at::Tensor();
-  const auto g = render_geometry<int64_t>(a, sigma, eps);
   const at::Tensor order = thread_order.contiguous();
   const int64_t* idx = order.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.out_dtype, op, [&] {
     auto* dst = out.mutable_data_ptr<scalar_t>();
     for (int64_t k = 0; k < threads; ++k) {
       TORCH_CHECK_VALUE(idx[k] >= 0 && idx[k] < threads, op, ": thread index ", idx[k], " out of range");
-      render_pixel_thread<scalar_t, int64_t>(idx[k], g, kp.const_data_ptr<float>(),
-                                             sc.defined() ? sc.const_data_ptr<float>() : nullptr, a.limbs.data(),
-                                             dst);
+      render_run_thread<scalar_t, int64_t>(idx[k], g, kp.const_data_ptr<float>(),
+                                           sc.defined() ? sc.const_data_ptr<float>() : nullptr, a.limbs.data(), dst);
     }
   });
   return out;

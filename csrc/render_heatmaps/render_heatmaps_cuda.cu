@@ -1,5 +1,6 @@
-// render_heatmaps, CUDA kernel: one thread per output element (render_pixel_thread of render_heatmaps_math.h),
-// so every element is written exactly once, with coalesced stores, and no two threads write the same address.
+// render_heatmaps, CUDA kernel: one thread per run of a few pixels of an output row (render_run_thread of
+// render_heatmaps_math.h), so every element is written exactly once, neighbouring threads write neighbouring
+// memory, and no two threads write the same address.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,14 +19,14 @@ template <typename out_t, typename index_t>
 __global__ void render_heatmaps_kernel(RenderGeometry<index_t> g, const float* __restrict__ kp,
                                        const float* __restrict__ scores, const int32_t* __restrict__ limbs,
                                        out_t* __restrict__ out, index_t count) {
-  EPAMX_GRID_STRIDE_LOOP(index_t, i, count) { render_pixel_thread(i, g, kp, scores, limbs, out); }
+  EPAMX_GRID_STRIDE_LOOP(index_t, i, count) { render_run_thread(i, g, kp, scores, limbs, out); }
 }
 
 template <typename index_t>
 void launch_render(const RenderArgs& a, double sigma, double eps, const at::Tensor& kp, const at::Tensor& sc,
                    const at::Tensor& limbs, at::Tensor& out) {
   const auto g = render_geometry<index_t>(a, sigma, eps);
-  const auto count = static_cast<index_t>(out.numel());
+  const index_t count = render_threads(g);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.out_dtype, "render_heatmaps", [&] {
     render_heatmaps_kernel<scalar_t, index_t><<<cuda::blocks_for(count), cuda::kThreadsPerBlock, 0, stream>>>(

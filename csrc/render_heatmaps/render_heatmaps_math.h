@@ -80,14 +80,16 @@ HOST_DEVICE_INLINE Stamp joint_stamp(float x, float y, float score, const Render
 
 // A limb from joint a to joint b. Its window is the bounding box of both end points, widened by 3 sigma. A limb
 // shorter than 1 pixel (squared length < 1) is drawn as joint a's Gaussian with a's own score and window,
-// exactly as the original does; its score check still uses min(score_a, score_b), NaN if either score is. The squared length is summed
-// in double from the float32 differences, as NumPy 1.x evaluates the original's scalar (dx**2 + dy**2), and
-// rounded to float32 where the original mixes it into float32 arrays.
+// exactly as the original does; its score check still uses min(score_a, score_b), NaN if either score is. The
+// squared length is summed in double from the float32 differences, as NumPy 1.x evaluates the original's scalar
+// (dx**2 + dy**2), and rounded to float32 where the original mixes it into float32 arrays.
 template <typename index_t>
 HOST_DEVICE_INLINE Stamp limb_stamp(float ax, float ay, float sa, float bx, float by, float sb,
                                     const RenderGeometry<index_t>& g) {
   const float peak = (sa < sb || std::isnan(sa)) ? sa : sb;
-  if (!(static_cast<double>(peak) >= g.eps) || !finite_point(ax, ay) || !finite_point(bx, by)) return empty_stamp();
+  if (!(static_cast<double>(peak) >= g.eps) || !finite_point(ax, ay) || !finite_point(bx, by)) {
+    return empty_stamp();
+  }
   const auto dx = static_cast<double>(ax - bx);
   const auto dy = static_cast<double>(ay - by);
   const double d2ab = dx * dx + dy * dy;
@@ -192,30 +194,48 @@ HOST_DEVICE_INLINE Stamp channel_stamp(index_t n, index_t m, index_t t, index_t 
                     scores ? scores[b] : 1.0f, g);
 }
 
-// One GPU thread: output element i of the contiguous (N, C, T, H, W) output, the max over persons of the
-// stamps that reach it (0 where none does). Each thread writes its own element once and reads only inputs.
+// Output pixels one GPU thread writes: a run along a row, so that the persons' stamps, which cost more than a
+// pixel's value, are worked out once for several pixels.
+constexpr int32_t kPixelsPerThread = 4;
+
+// GPU threads for a render: one per run of kPixelsPerThread pixels (fewer at a row's end) of every output row.
+template <typename index_t>
+HOST_DEVICE_INLINE index_t render_threads(const RenderGeometry<index_t>& g) {
+  return g.N * g.C * g.T * g.H * ((g.W + kPixelsPerThread - 1) / kPixelsPerThread);
+}
+
+// One GPU thread: run i of the contiguous (N, C, T, H, W) output, each pixel the max over persons of the stamps
+// that reach it (0 where none does). Each thread writes its own pixels once and reads only inputs, so threads
+// are independent of each other whatever their order.
 template <typename out_t, typename index_t>
-HOST_DEVICE_INLINE void render_pixel_thread(index_t i, const RenderGeometry<index_t>& g, const float* kp,
-                                            const float* scores, const int32_t* limbs, out_t* out) {
-  const index_t plane = g.H * g.W;
-  const index_t p = i % plane;
-  index_t q = i / plane;
-  const index_t t = q % g.T;
-  q /= g.T;
-  const index_t c = q % g.C;
-  const index_t n = q / g.C;
-  const auto x = static_cast<int32_t>(p % g.W);
-  const auto y = static_cast<int32_t>(p / g.W);
-  float best = 0.0f;
+HOST_DEVICE_INLINE void render_run_thread(index_t i, const RenderGeometry<index_t>& g, const float* kp,
+                                          const float* scores, const int32_t* limbs, out_t* out) {
+  const index_t runs_per_row = (g.W + kPixelsPerThread - 1) / kPixelsPerThread;
+  const auto x0 = static_cast<int32_t>((i % runs_per_row) * kPixelsPerThread);
+  const index_t row = i / runs_per_row;  // (n, c, t, y)
+  const auto y = static_cast<int32_t>(row % g.H);
+  const index_t plane = row / g.H;
+  const index_t t = plane % g.T;
+  const index_t c = (plane / g.T) % g.C;
+  const index_t n = plane / (g.T * g.C);
+  const int32_t left = static_cast<int32_t>(g.W) - x0;
+  const int32_t count = left < kPixelsPerThread ? left : kPixelsPerThread;
+  float best[kPixelsPerThread];
+  for (int32_t k = 0; k < kPixelsPerThread; ++k) best[k] = 0.0f;
   for (index_t m = 0; m < g.M; ++m) {
     const Stamp s = channel_stamp(n, m, t, c, g, kp, scores, limbs);
-    if (stamp_contains(s, x, y)) {
-      const float v = s.segment ? stamp_value<true>(s, g.two_sigma2, x, y) : stamp_value<false>(s, g.two_sigma2, x, y);
-      // Written as a select, not fmaxf: a NaN value (infinite score times 0) leaves best unchanged.
-      best = v > best ? v : best;
+    if (y < s.y0 || y >= s.y1) continue;
+    for (int32_t k = 0; k < count; ++k) {
+      const int32_t x = x0 + k;
+      if (x < s.x0 || x >= s.x1) continue;
+      const float v =
+          s.segment ? stamp_value<true>(s, g.two_sigma2, x, y) : stamp_value<false>(s, g.two_sigma2, x, y);
+      // A select, not fmaxf: a NaN value (an infinite score times 0) leaves best unchanged, as on the CPU.
+      best[k] = v > best[k] ? v : best[k];
     }
   }
-  out[i] = static_cast<out_t>(best);
+  out_t* dst = out + row * g.W + x0;
+  for (int32_t k = 0; k < count; ++k) dst[k] = static_cast<out_t>(best[k]);
 }
 
 }  // namespace epamx

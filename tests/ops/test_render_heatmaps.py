@@ -312,20 +312,38 @@ def test_gpu_thread_bodies_match_the_cpu_kernel(v, with_joints, out_dtype):
     limbs = ntu_limbs(v)
     flat = [j for pair in limbs for j in pair]
     expected = render_heatmaps(kp, scores, (13, 19), 0.9, limbs, with_joints, dtype=out_dtype)
+    threads = _count_threads(expected.shape)
     g = torch.Generator().manual_seed(1)
-    for order in [torch.arange(expected.numel()), torch.randperm(expected.numel(), generator=g)]:
+    for order in [torch.arange(threads), torch.randperm(threads, generator=g)]:
         with poisoned_allocations():
             out = _C._testing.render_heatmaps_run_thread_bodies(kp, scores, [13, 19], 0.9, flat, with_joints, 1e-3,
                                                                 out_dtype, order)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
     out = _C._testing.render_heatmaps_run_thread_bodies(kp, None, [13, 19], 0.9, None, True, 1e-3, None,
-                                                        torch.arange(2 * v * 2 * 13 * 19))
+                                                        torch.arange(_count_threads((2, v, 2, 13, 19))))
     torch.testing.assert_close(out, render_heatmaps(kp, None, (13, 19), 0.9), rtol=0, atol=0)
+
+
+def _count_threads(shape):
+    """Threads of the CUDA kernel: one per run of up to 4 pixels along each output row."""
+    n, c, t, h, w = shape
+    return n * c * t * h * -(-w // 4)
+
+
+@pytest.mark.parametrize("width", [1, 3, 4, 5, 8, 11])
+def test_gpu_thread_bodies_cover_every_row_length(width):
+    kp, scores = make_inputs(n=1, m=2, t=2, v=17, size=(6, width), seed=width)
+    expected = render_heatmaps(kp, scores, (6, width), 0.6, COCO17_LIMBS)
+    with poisoned_allocations():
+        out = _C._testing.render_heatmaps_run_thread_bodies(
+            kp, scores, [6, width], 0.6, [j for pair in COCO17_LIMBS for j in pair], True, 1e-3, None,
+            torch.randperm(_count_threads(expected.shape)))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_thread_body_hook_checks_its_order():
     kp, scores = make_inputs(n=1, m=1, t=1, v=2, size=(3, 3), special=False)
-    with pytest.raises(ValueError, match="thread_order must list all 18"):
+    with pytest.raises(ValueError, match="thread_order must list all 6"):
         _C._testing.render_heatmaps_run_thread_bodies(kp, scores, [3, 3], 0.6, None, True, 1e-3, None,
                                                       torch.arange(5))
 
