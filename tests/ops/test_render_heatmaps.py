@@ -296,6 +296,16 @@ def test_missing_joints_and_nan_scores_draw_nothing(device):
         assert render_heatmaps(kp, sc, (9, 9), limbs=[(0, 1)], with_joints=False).max() == 0
 
 
+def test_infinite_scores_do_not_spread_nan(device):
+    # inf * exp(-d2) is inf near the segment and inf * 0 = NaN far from it: NaN is dropped by the max (0 remains),
+    # where np.maximum would write NaN.
+    kp = torch.tensor([[0.0, 0.0], [30.0, 30.0]], device=device).view(1, 1, 1, 2, 2)
+    scores = torch.full((1, 1, 1, 2), float("inf"), device=device)
+    hm = render_heatmaps(kp, scores, (32, 32), 0.3, limbs=[(0, 1)], with_joints=False)[0, 0, 0].cpu()
+    assert not hm.isnan().any()
+    assert hm[5, 5] == float("inf") and hm[30, 0] == 0
+
+
 def test_far_away_coordinates_do_not_overflow(device):
     hm = _one([[3e38, -3e38], [5.0, 5.0], [1e30, 5.0]], limbs=[(0, 1), (1, 2)], device=device)
     assert not hm.isnan().any()
