@@ -77,8 +77,8 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["epamx", "epamx.*"]),
-    # Any torch the extension was compiled against; never upgraded by installing epamx.
-    install_requires=["torch>=2.4"],
+    # Any torch the extension was compiled against; never upgraded by installing epamx. NumPy: epamx.data.
+    install_requires=["torch>=2.4", "numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy"]},
     ext_modules=[CMakeExtension("epamx._C")],
     cmdclass={"build_ext": CMakeBuild},

@@ -6,6 +6,7 @@
 
 #include "attention_reweight/attention_reweight.h"
 #include "channel_pool/channel_pool.h"
+#include "render_heatmaps/render_heatmaps.h"
 #include "temporal_shift/temporal_shift.h"
 
 #if EPAMX_WITH_CUDA
@@ -28,6 +29,11 @@ TORCH_LIBRARY(epamx, m) {
   // Max and mean over channels of frames 0, t_stride, 2 t_stride, ...: (N, C, T, H, W) -> (N, 2, T', H, W).
   m.def("channel_pool(Tensor x, int t_stride=1) -> Tensor");
   m.def("_channel_pool_backward(Tensor grad, Tensor x, int t_stride) -> Tensor");
+
+  // Pose heatmaps (PoseC3D GeneratePoseTarget). keypoints: (N, M, T, V, 2), scores: (N, M, T, V),
+  // limbs: joint pairs flattened; output (N, C, T, H, W), C = V (with_joints) + L.
+  m.def("render_heatmaps(Tensor keypoints, Tensor? scores, int[2] size, float sigma=0.6, int[]? limbs=None, "
+        "bool with_joints=True, float eps=1e-3, ScalarType? dtype=None) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -60,4 +66,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
               pybind11::arg("groups"), pybind11::arg("order1"), pybind11::arg("order2"));
   testing.def("channel_pool_run_thread_bodies", &epamx::channel_pool_run_thread_bodies, pybind11::arg("x"),
               pybind11::arg("t_stride"), pybind11::arg("grad"), pybind11::arg("order"));
+  testing.def("render_heatmaps_run_thread_bodies", &epamx::render_heatmaps_run_thread_bodies,
+              pybind11::arg("keypoints"), pybind11::arg("scores"), pybind11::arg("size"), pybind11::arg("sigma"),
+              pybind11::arg("limbs"), pybind11::arg("with_joints"), pybind11::arg("eps"), pybind11::arg("dtype"),
+              pybind11::arg("thread_order"));
 }

@@ -1,5 +1,6 @@
 """Drop-in torch.nn modules built on epamx.ops."""
 from epamx.nn.attention import SpatialTemporalAttention
+from epamx.nn.pose_heatmaps import PoseHeatmaps
 from epamx.nn.temporal_shift import TemporalShift
 
-__all__ = ["SpatialTemporalAttention", "TemporalShift"]
+__all__ = ["PoseHeatmaps", "SpatialTemporalAttention", "TemporalShift"]
