@@ -2,13 +2,13 @@
 classification heads whose logits are summed (../shared/REFERENCE.md)."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from epamx.models.xshiftnet import XShiftNet
-from epamx.nn import SpatialTemporalAttention, TemporalShift
+from epamx.nn import PoseHeatmaps, SpatialTemporalAttention, TemporalShift
 
 
 class ClassificationHead(nn.Module):
@@ -33,17 +33,21 @@ class EPAMNet(nn.Module):
         pose_channels: heatmap channels (17 COCO joints; more with limbs or other skeletons).
         fused: run on the fused epamx ops (default), or False for the plain-PyTorch reference path.
         dropout: of both heads.
+        heatmap_size: the size raw keypoints are rendered at by ``forward_keypoints`` (56).
 
     ``forward(imgs (N, 3, T, H, W), heatmaps (N, K, T_p, h, w))`` returns ``(rgb_logits, pose_logits)``;
     T_p must be a multiple of T (48 pose frames for 16 RGB frames) and both streams must end at the same
     spatial size (224x224 RGB and 56x56 heatmaps both give 7x7). ``predict`` sums the logits.
+    ``forward_keypoints`` takes raw keypoints instead of heatmaps and renders them on the device
+    (``pose_renderer``, an :class:`epamx.nn.PoseHeatmaps`: crop to the persons, resize, optional flip, render).
 
     For CPU inference, channels-last memory lets oneDNN skip its layout conversions (0.47 -> 0.26 s per clip on
     the 2-core machines): ``model.to(memory_format=torch.channels_last_3d)`` and inputs made
     ``.contiguous(memory_format=torch.channels_last_3d)``; the fused ops keep that format.
     """
 
-    def __init__(self, num_classes: int, pose_channels: int = 17, fused: bool = True, dropout: float = 0.5):
+    def __init__(self, num_classes: int, pose_channels: int = 17, fused: bool = True, dropout: float = 0.5,
+                 heatmap_size: int = 56):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"EPAMNet: num_classes must be an int >= 1, got {num_classes!r}")
@@ -53,6 +57,7 @@ class EPAMNet(nn.Module):
         self.attention_module = SpatialTemporalAttention(kernel_size=7, t_stride=3)
         self.rgb_cls_head = ClassificationHead(self.rgb_backbone.feat_dim, num_classes, dropout)
         self.pose_cls_head = ClassificationHead(self.pose_backbone.feat_dim, num_classes, dropout)
+        self.pose_renderer = PoseHeatmaps(size=heatmap_size)
         self.fused = fused
 
     @property
@@ -86,6 +91,13 @@ class EPAMNet(nn.Module):
     def forward(self, imgs: Tensor, heatmaps: Tensor) -> Tuple[Tensor, Tensor]:
         rgb, pose = self.features(imgs, heatmaps)
         return self.rgb_cls_head(rgb), self.pose_cls_head(pose)
+
+    def forward_keypoints(self, imgs: Tensor, keypoints: Tensor, scores: Optional[Tensor] = None,
+                          img_shape: Union[Tensor, Tuple[int, int], None] = None,
+                          flip: Union[bool, Tensor, None] = None) -> Tuple[Tensor, Tensor]:
+        """Like ``forward``, from raw keypoints (N, M, T_p, V, 2) in image pixels, scores (N, M, T_p, V) or None,
+        and the images' (h, w) (one pair, or (N, 2)); ``flip`` mirrors the keypoints as flipped frames would be."""
+        return self(imgs, self.pose_renderer(keypoints, scores, img_shape, flip))
 
     @torch.no_grad()
     def predict(self, imgs: Tensor, heatmaps: Tensor) -> Tensor:

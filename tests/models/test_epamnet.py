@@ -134,6 +134,22 @@ def test_forward_predict_and_other_clip_sizes():
     assert spatial.shape == (2, 1, 4, 3, 3) and temporal.shape == (2, 1, 4, 1, 1)
 
 
+def test_forward_from_raw_keypoints():
+    torch.manual_seed(0)
+    model = EPAMNet(num_classes=5, heatmap_size=16).eval()
+    imgs = torch.randn(2, 3, 4, 64, 64)
+    g = torch.Generator().manual_seed(1)
+    keypoints = torch.rand(2, 2, 12, 17, 2, generator=g) * torch.tensor([640.0, 480.0])
+    scores = torch.rand(2, 2, 12, 17, generator=g)
+    flip = torch.tensor([False, True])
+    heatmaps = model.pose_renderer(keypoints, scores, (480, 640), flip)
+    assert heatmaps.shape == (2, 17, 12, 16, 16) and heatmaps.amax() > 0.5
+    with torch.no_grad():
+        for got, want in zip(model.forward_keypoints(imgs, keypoints, scores, (480, 640), flip),
+                             model(imgs, heatmaps)):
+            torch.testing.assert_close(got, want)
+
+
 def test_heads_are_initialised_like_the_authors():
     torch.manual_seed(0)
     head = EPAMNet(num_classes=120).rgb_cls_head
