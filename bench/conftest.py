@@ -37,8 +37,8 @@ def device(request):
 
 @pytest.fixture
 def measure(benchmark):
-    """measure(op, case, impl, fn, bytes_moved, device, baseline="reference"): time fn() with pytest-benchmark
-    and record it. On CUDA each round runs fn `cuda_calls` times between synchronisations, so launch latency
+    """measure(op, case, impl, fn, bytes_moved, device): time fn() with pytest-benchmark and record it; the
+    table's ratio is against impl "reference" of the same op and case (bytes_moved 0: no bandwidth column). On CUDA each round runs fn `cuda_calls` times between synchronisations, so launch latency
     and the synchronisation itself are not counted as kernel time."""
 
     def run(op, case, impl, fn, bytes_moved, device, cuda_calls=20):
@@ -94,8 +94,8 @@ def _table() -> list[str]:
         bandwidth = nbytes / seconds / 1e9
         ratio = f"{ref[0] / seconds:.2f}x" if ref and impl != "reference" else ""
         vs_copy = f"{bandwidth / (copy[1] / copy[0] / 1e9):.0%}" if copy and impl != "copy" else ""
-        lines.append(f"| {op} | {dev} | {case} | {impl} | {seconds * 1e3:.3f} ms | {ratio} | {bandwidth:.1f} "
-                     f"| {vs_copy} |")
+        gbs = f"{bandwidth:.1f}" if nbytes else ""
+        lines.append(f"| {op} | {dev} | {case} | {impl} | {seconds * 1e3:.3f} ms | {ratio} | {gbs} | {vs_copy} |")
     if _METRICS:
         lines += ["", "| measurement | case | value |", "|---|---|---|"]
         lines += [f"| {what} | {case} | {value} |" for what, case, value in _METRICS]
