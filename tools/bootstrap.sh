@@ -43,10 +43,10 @@ fi
 echo "epamx bootstrap: building the extension (log: build/bootstrap.log)"
 mkdir -p build
 export PATH="$PWD/$VENV/bin:$PATH"  # the venv's cmake and ninja
-if ! "${PIP[@]}" -v --no-build-isolation --no-deps -e . >build/bootstrap.log 2>&1; then
+if ! "$PY" -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps -e . >build/bootstrap.log 2>&1; then
   tail -n 60 build/bootstrap.log
   echo "epamx bootstrap: build failed; full log in build/bootstrap.log" >&2
   exit 1
 fi
-grep -E "epamx: " build/bootstrap.log | sed -E 's/^ *-- //' || true
+grep -E -- "-- epamx: " build/bootstrap.log | sed -E 's/^ *-- //' || true
 "$PY" -m epamx info | head -n 6
