@@ -42,3 +42,18 @@ def poisoned_allocations():
     finally:
         torch.use_deterministic_algorithms(previous[0])
         det.fill_uninitialized_memory = previous[1]
+
+
+def on_busy_side_stream(fn, *tensors):
+    """fn(*copies of tensors) on a CUDA side stream kept busy until the copies are written: a kernel launched on
+    any other stream than the current one would read the zeros the copies start as."""
+    copies = [torch.zeros_like(t) for t in tensors]
+    stream = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(50_000_000)
+        for copy, tensor in zip(copies, tensors):
+            copy.copy_(tensor)
+        out = fn(*copies)
+    stream.synchronize()
+    return out

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICES, poisoned_allocations
+from conftest import DEVICES, on_busy_side_stream, poisoned_allocations
 from epamx import _C
 from epamx.ops import (COCO17_LIMBS, NTU25_BONES, render_heatmaps, render_heatmaps_reference)
 
@@ -500,13 +500,5 @@ def test_cuda_matches_cpu_up_to_rounding():
 @cuda_only
 def test_cuda_uses_the_current_stream():
     kp, scores = make_inputs(n=8, m=2, t=48, size=(56, 56), seed=13)
-    src = kp.cuda()
-    x = torch.zeros_like(src)
-    stream = torch.cuda.Stream()
-    torch.cuda.synchronize()
-    with torch.cuda.stream(stream):
-        torch.cuda._sleep(50_000_000)  # keeps `stream` busy: a kernel on another stream would read zeros
-        x.copy_(src)
-        out = render_heatmaps(x, scores.cuda(), 56, limbs=COCO17_LIMBS)
-    stream.synchronize()
+    out = on_busy_side_stream(lambda x: render_heatmaps(x, scores.cuda(), 56, limbs=COCO17_LIMBS), kp.cuda())
     torch.testing.assert_close(out.cpu(), render_heatmaps(kp, scores, 56, limbs=COCO17_LIMBS), rtol=0, atol=ATOL)

@@ -3,7 +3,7 @@ definition in epamx.ops.temporal_shift), on every device present, every float dt
 import pytest
 import torch
 
-from conftest import DEVICES, poisoned_allocations
+from conftest import DEVICES, on_busy_side_stream, poisoned_allocations
 from epamx import _C
 from epamx.nn import TemporalShift
 from epamx.ops import temporal_shift, temporal_shift_, temporal_shift_reference, temporal_unshift_
@@ -439,16 +439,7 @@ cuda_only = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU")
 @cuda_only
 def test_cuda_uses_the_current_stream():
     src = torch.randn(4, 32, 16, 28, 28, device="cuda")
-    x = torch.zeros_like(src)
-    stream = torch.cuda.Stream()
-    torch.cuda.synchronize()
-    with torch.cuda.stream(stream):
-        torch.cuda._sleep(50_000_000)  # keeps `stream` busy: a kernel on another stream would read zeros
-        x.copy_(src)
-        out = temporal_shift(x, 8)
-        y = x.clone()
-        temporal_shift_(y, 8)
-    stream.synchronize()
+    out, y = on_busy_side_stream(lambda x: (temporal_shift(x, 8), temporal_shift_(x.clone(), 8)), src)
     expected = temporal_shift_reference(src, 8)
     assert_bitwise_equal(out, expected)
     assert_bitwise_equal(y, expected)
