@@ -54,8 +54,7 @@ at::Tensor attention_reweight_cuda(const at::Tensor& x_in, const at::Tensor& spa
   const at::Tensor x = x_in.contiguous(), s = spatial_in.contiguous(), a = temporal_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return out;
-  TORCH_CHECK(x.numel() < std::numeric_limits<int32_t>::max(), op, ": x has ", x.numel(),
-              " elements; at most 2^31 - 1 are supported");
+  check_int32_indexing(x, op, "x");
   const auto g = reweight_geometry<int32_t>(x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
@@ -86,9 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_cuda(
   if (x.numel() == 0) return {dx, ds.zero_(), da.zero_()};
   const int64_t positions = x.size(0) * x.size(2) * x.size(3) * x.size(4);
   const int64_t groups = std::clamp<int64_t>((kTargetThreads + positions - 1) / positions, 1, x.size(1));
-  TORCH_CHECK(x.numel() < std::numeric_limits<int32_t>::max() &&
-                  groups * positions < std::numeric_limits<int32_t>::max(),
-              op, ": x has ", x.numel(), " elements; at most 2^31 - 1 are supported");
+  check_int32_indexing(x, op, "x");  // groups * positions <= C * positions = x.numel()
   const auto g = reweight_geometry<int32_t>(x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {

@@ -5,8 +5,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <limits>
-
 #include "channel_pool/channel_pool.h"
 #include "common/cuda_utils.cuh"
 
@@ -28,11 +26,6 @@ __global__ void channel_pool_backward_kernel(PoolGeometry<index_t> g, const scal
   }
 }
 
-void check_int32(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.numel() < std::numeric_limits<int32_t>::max(), op, ": x has ", x.numel(),
-              " elements; at most 2^31 - 1 are supported");
-}
-
 at::Tensor channel_pool_cuda(const at::Tensor& x_in, int64_t t_stride) {
   constexpr const char* op = "channel_pool";
   check_pool_args(x_in, t_stride, op);
@@ -40,7 +33,7 @@ at::Tensor channel_pool_cuda(const at::Tensor& x_in, int64_t t_stride) {
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty(pool_output_shape(x, t_stride), x.options());
   if (out.numel() == 0) return out;
-  check_int32(x, op);
+  check_int32_indexing(x, op, "x");
   const auto g = pool_geometry<int32_t>(x, t_stride);
   const int32_t threads = g.N * g.T_out * g.P;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -62,7 +55,7 @@ at::Tensor channel_pool_backward_cuda(const at::Tensor& grad_in, const at::Tenso
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;
-  check_int32(x, op);
+  check_int32_indexing(x, op, "x");
   const auto g = pool_geometry<int32_t>(x, t_stride);
   const int32_t threads = g.N * g.T * g.P;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
+#include <limits>
 #include <string>
 
 namespace epamx {
@@ -33,6 +35,20 @@ inline bool dims_are_dense(const at::Tensor& t, int64_t first, int64_t count) {
     expected *= t.size(d);
   }
   return true;
+}
+
+// Whether every element offset of `x` (and a contiguous tensor of its size) fits in int32.
+inline bool fits_int32(const at::Tensor& x) {
+  int64_t max_offset = 0;
+  for (int64_t d = 0; d < x.dim(); ++d) max_offset += (x.size(d) - 1) * x.stride(d);
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  return x.numel() < kMax && max_offset < kMax;
+}
+
+// For kernels that index with int32 only.
+inline void check_int32_indexing(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK(fits_int32(t), op, ": ", arg, " has ", t.numel(),
+              " elements; this kernel indexes with int32 and supports at most 2^31 - 1");
 }
 
 }  // namespace epamx

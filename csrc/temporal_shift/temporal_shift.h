@@ -4,7 +4,6 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
-#include <limits>
 #include <optional>
 
 #include "common/checks.h"
@@ -126,14 +125,6 @@ ShiftGeometry<index_t> shift_geometry_strided(const at::Tensor& x, const ShiftLa
   g.stride_p = static_cast<index_t>(x.size(w) > 1 ? x.stride(w) : x.stride(h));
   g.channels_inner = x.stride(1) < g.stride_p;
   return g;
-}
-
-// Whether every element offset of `x` (and a contiguous tensor of its size) fits in int32.
-inline bool fits_int32(const at::Tensor& x) {
-  int64_t max_offset = 0;
-  for (int64_t d = 0; d < x.dim(); ++d) max_offset += (x.size(d) - 1) * x.stride(d);
-  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
-  return x.numel() < kMax && max_offset < kMax;
 }
 
 // Runs f.template operator()<bits_t>() with the type of a `unit_bytes`-byte copy unit.
