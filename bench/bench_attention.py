@@ -23,6 +23,13 @@ def _numel(shape):
     return out
 
 
+def _copy_of(nbytes, device):
+    """The roofline yardstick: a device copy that reads and writes `nbytes` in all (the bench table's vs-copy)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 def _fwd_bwd(fn, inputs, grad):
     def run():
         for v in inputs:
@@ -31,7 +38,7 @@ def _fwd_bwd(fn, inputs, grad):
     return run
 
 
-@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("impl", ["reference", "fused", "copy"])
 @pytest.mark.parametrize("case,dtype", [("epamnet", torch.float32), ("epamnet", torch.bfloat16),
                                         ("large", torch.float32)], ids=["epamnet-fp32", "epamnet-bf16", "large-fp32"])
 def test_attention_reweight(measure, device, case, dtype, impl):
@@ -42,11 +49,11 @@ def test_attention_reweight(measure, device, case, dtype, impl):
     a = torch.rand(n, 1, t, 1, 1, device=device, dtype=dtype, requires_grad=True)
     fn = attention_reweight if impl == "fused" else attention_reweight_reference
     nbytes = 5 * x.numel() * x.element_size()  # forward: read x, write out; backward: read g and x, write dx
-    measure("attention_reweight fwd+bwd", f"{case} {rgb_shape} {str(dtype)[6:]}", impl,
-            _fwd_bwd(fn, (x, s, a), torch.randn_like(x)), nbytes, device)
+    run = _copy_of(nbytes, device) if impl == "copy" else _fwd_bwd(fn, (x, s, a), torch.randn_like(x))
+    measure("attention_reweight fwd+bwd", f"{case} {rgb_shape} {str(dtype)[6:]}", impl, run, nbytes, device)
 
 
-@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("impl", ["reference", "fused", "copy"])
 @pytest.mark.parametrize("case,dtype", [("epamnet", torch.float32), ("epamnet", torch.bfloat16),
                                         ("large", torch.float32)], ids=["epamnet-fp32", "epamnet-bf16", "large-fp32"])
 def test_channel_pool(measure, device, case, dtype, impl):
@@ -56,8 +63,8 @@ def test_channel_pool(measure, device, case, dtype, impl):
     grad = torch.randn_like(channel_pool_reference(x.detach(), T_STRIDE))
     # forward reads the strided frames; backward reads them again (arg-max) and writes all of dx
     nbytes = (2 * _numel(pose_shape) // T_STRIDE + _numel(pose_shape)) * x.element_size()
-    measure("channel_pool fwd+bwd", f"{case} {pose_shape} {str(dtype)[6:]}", impl,
-            _fwd_bwd(lambda v: fn(v, T_STRIDE), (x,), grad), nbytes, device)
+    run = _copy_of(nbytes, device) if impl == "copy" else _fwd_bwd(lambda v: fn(v, T_STRIDE), (x,), grad)
+    measure("channel_pool fwd+bwd", f"{case} {pose_shape} {str(dtype)[6:]}", impl, run, nbytes, device)
 
 
 @pytest.mark.parametrize("impl", ["reference", "fused"])

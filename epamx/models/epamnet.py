@@ -41,8 +41,8 @@ class EPAMNet(nn.Module):
     ``forward_keypoints`` takes raw keypoints instead of heatmaps and renders them on the device
     (``pose_renderer``, an :class:`epamx.nn.PoseHeatmaps`: crop to the persons, resize, optional flip, render).
 
-    For CPU inference, channels-last memory lets oneDNN skip its layout conversions (0.47 -> 0.26 s per clip on
-    the 2-core machines): ``model.to(memory_format=torch.channels_last_3d)`` and inputs made
+    For CPU inference, channels-last memory lets oneDNN skip its layout conversions (0.42-0.47 -> 0.24-0.27 s per clip
+    on the 2-core machines): ``model.to(memory_format=torch.channels_last_3d)`` and inputs made
     ``.contiguous(memory_format=torch.channels_last_3d)``; the fused ops keep that format.
     """
 
