@@ -8,12 +8,11 @@
 #include <vector>
 
 #include "attention_reweight/attention_reweight.h"
+#include "common/cpu_parallel.h"
 #include "common/cpu_memory.h"
 
 namespace epamx {
 namespace {
-
-constexpr int64_t kGrainElements = 1 << 15;
 
 at::Tensor attention_reweight_cpu(const at::Tensor& x_in, const at::Tensor& spatial_in,
                                   const at::Tensor& temporal_in) {
@@ -28,7 +27,7 @@ at::Tensor attention_reweight_cpu(const at::Tensor& x_in, const at::Tensor& spat
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *sp = s.const_data_ptr<scalar_t>(),
                    *ap = a.const_data_ptr<scalar_t>();
     scalar_t* outp = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.C * g.T, std::max<int64_t>(1, kGrainElements / g.P), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.N * g.C * g.T, grain_for(g.P), [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         reweight_forward_run<scalar_t, acc_t, int64_t>(plane, 0, g.P, g, xp, sp, ap, outp);
       }
@@ -58,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_cpu(c
                    *sp = s.const_data_ptr<scalar_t>(), *ap = a.const_data_ptr<scalar_t>();
     scalar_t *dxp = dx.mutable_data_ptr<scalar_t>(), *dsp = ds.mutable_data_ptr<scalar_t>(),
              *dap = da.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.T, std::max<int64_t>(1, kGrainElements / (g.C * g.P)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.N * g.T, grain_for(g.C * g.P), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(g.P);
       for (int64_t frame = begin; frame < end; ++frame) {
         std::fill(acc.begin(), acc.end(), acc_t(0));

@@ -9,11 +9,10 @@
 
 #include "channel_pool/channel_pool.h"
 #include "common/cpu_memory.h"
+#include "common/cpu_parallel.h"
 
 namespace epamx {
 namespace {
-
-constexpr int64_t kGrainElements = 1 << 15;
 
 at::Tensor channel_pool_cpu(const at::Tensor& x_in, int64_t t_stride) {
   constexpr const char* op = "channel_pool";
@@ -26,7 +25,7 @@ at::Tensor channel_pool_cpu(const at::Tensor& x_in, int64_t t_stride) {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* outp = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.T_out, std::max<int64_t>(1, kGrainElements / (g.C * g.P)), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, g.N * g.T_out, grain_for(g.C * g.P), [&](int64_t b, int64_t e) {
       std::vector<acc_t> best(g.P), sum(g.P);
       for (int64_t f = b; f < e; ++f) {
         channel_pool_forward_run<scalar_t, acc_t, int64_t>(f, 0, g.P, g, xp, outp, best.data(), sum.data());
@@ -52,7 +51,7 @@ at::Tensor channel_pool_backward_cpu(const at::Tensor& grad_in, const at::Tensor
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.T_out, std::max<int64_t>(1, kGrainElements / (g.C * g.P)), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, g.N * g.T_out, grain_for(g.C * g.P), [&](int64_t b, int64_t e) {
       std::vector<acc_t> best(g.P), sum(g.P);
       for (int64_t f = b; f < e; ++f) {
         pool_scan_channels<scalar_t, acc_t, int64_t>(f / g.T_out, f % g.T_out * g.t_stride, 0, g.P, g, xp,
@@ -60,7 +59,7 @@ at::Tensor channel_pool_backward_cpu(const at::Tensor& grad_in, const at::Tensor
       }
     });
     const acc_t inv_c = acc_t(1) / static_cast<acc_t>(g.C);
-    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, kGrainElements / (g.T * g.P)), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, g.N * g.C, grain_for(g.T * g.P), [&](int64_t b, int64_t e) {
       for (int64_t nc = b; nc < e; ++nc) {
         const int64_t n = nc / g.C, c = nc % g.C;
         for (int64_t t = 0; t < g.T; ++t) {

@@ -10,13 +10,11 @@
 #include <vector>
 
 #include "common/cpu_memory.h"
+#include "common/cpu_parallel.h"
 #include "render_heatmaps/render_heatmaps.h"
 
 namespace epamx {
 namespace {
-
-// Output elements per parallel task: enough planes to amortise scheduling, few enough to split one clip.
-constexpr int64_t kGrainElements = 1 << 15;
 
 // Max-accumulates one stamp into its window of `acc`, an H*W float32 plane. Each row's loop is branch-free
 // (see stamp_value), so the compiler vectorises it.
@@ -52,8 +50,7 @@ template <typename out_t>
 void render_cpu(const RenderGeometry<int64_t>& g, const float* kp, const float* scores, const int32_t* limbs,
                 out_t* out) {
   const int64_t plane = g.H * g.W;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / plane);
-  at::parallel_for(0, g.N * g.C * g.T, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.N * g.C * g.T, grain_for(plane), [&](int64_t begin, int64_t end) {
     // float32 planes are drawn in the output itself; other dtypes through one float32 plane per task.
     std::vector<float> buffer(std::is_same_v<out_t, float> ? 0 : plane);
     for (int64_t q = begin; q < end; ++q) {

@@ -7,17 +7,11 @@
 #include <algorithm>
 
 #include "common/cpu_memory.h"
+#include "common/cpu_parallel.h"
 #include "temporal_shift/temporal_shift.h"
 
 namespace epamx {
 namespace {
-
-// Elements per parallel task: large enough to amortise scheduling, small enough to split EPAM-Net's tensors.
-constexpr int64_t kGrainElements = 1 << 15;
-
-int64_t grain_for(int64_t elements_per_item) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
-}
 
 at::Tensor shift_copy_cpu(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments, int sign,
                           const char* op) {
