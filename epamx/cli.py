@@ -68,22 +68,19 @@ def _model_summary(num_classes: int) -> dict:
 
     model = EPAMNet(num_classes=num_classes).eval()
     imgs, heatmaps = torch.zeros(1, 3, 16, 224, 224), torch.zeros(1, 17, 48, 56, 56)
-    parts = {"RGB backbone": model.rgb_backbone, "pose backbone": model.pose_backbone,
-             "attention": model.attention_module, "heads": [model.rgb_cls_head, model.pose_cls_head]}
-    summary = {}
-    with torch.no_grad():
-        for name, module in [("RGB backbone", (model.rgb_backbone, imgs)),
-                             ("pose backbone", (model.pose_backbone, heatmaps))]:
-            counter = FlopCounterMode(display=False)
-            with counter:
-                module[0](module[1])
-            summary[f"{name} GMACs"] = f"{counter.get_total_flops() / 2e9:.2f}"
+
+    def gmacs(fn, *inputs) -> float:
         counter = FlopCounterMode(display=False)
-        with counter:
-            model(imgs, heatmaps)
-        total_macs = counter.get_total_flops() / 2e9
-    for name, module in parts.items():
-        modules = module if isinstance(module, list) else [module]
+        with torch.no_grad(), counter:
+            fn(*inputs)
+        return counter.get_total_flops() / 2e9
+
+    summary = {"RGB backbone GMACs": f"{gmacs(model.rgb_backbone, imgs):.2f}",
+               "pose backbone GMACs": f"{gmacs(model.pose_backbone, heatmaps):.2f}"}
+    total_macs = gmacs(model, imgs, heatmaps)
+    parts = {"RGB backbone": [model.rgb_backbone], "pose backbone": [model.pose_backbone],
+             "attention": [model.attention_module], "heads": [model.rgb_cls_head, model.pose_cls_head]}
+    for name, modules in parts.items():
         summary[f"{name} parameters"] = f"{sum(p.numel() for m in modules for p in m.parameters()):,}"
     summary["total parameters"] = f"{sum(p.numel() for p in model.parameters()):,} ({num_classes} classes)"
     summary["total GMACs"] = f"{total_macs:.2f} (convolutions and matrix products; the paper's 8.1 GFLOPs also " \
