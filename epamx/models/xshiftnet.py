@@ -6,7 +6,6 @@ load with a few renames (epamx.models.load_authors_checkpoint).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -129,7 +128,6 @@ class XShiftNet(nn.Module):
         if se_style not in ("half", "all", "none"):
             raise ValueError(f"XShiftNet: se_style must be 'half', 'all' or 'none', got {se_style!r}")
         self.in_channels = in_channels
-        self.stride = stem_stride * math.prod(spatial_strides)
         self.conv1_s = ConvBNAct(in_channels, base_channels, (1, 3, 3), stride=(1, stem_stride, stem_stride),
                                  padding=(0, 1, 1))
         self.res_layers = []
