@@ -75,10 +75,11 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
+    python_requires=">=3.11"  # tomllib (training configs),
     packages=find_packages(include=["epamx", "epamx.*"]),
-    # Any torch the extension was compiled against; never upgraded by installing epamx. NumPy: epamx.data.
-    install_requires=["torch>=2.4", "numpy"],
+    # Any torch the extension was compiled against; never upgraded by installing epamx. The rest: epamx.data and
+    # training (PyAV decodes and writes videos, Pillow JPEG frames, tqdm progress, matplotlib PNG plots).
+    install_requires=["torch>=2.4", "numpy", "av>=12", "pillow", "tqdm", "matplotlib"],
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy"]},
     ext_modules=[CMakeExtension("epamx._C")],
     cmdclass={"build_ext": CMakeBuild},

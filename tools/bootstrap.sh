@@ -25,7 +25,9 @@ fi
 missing=$("$PY" - <<'PY'
 import importlib.util
 need = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "numpy": "numpy", "setuptools": "setuptools",
-        "wheel": "wheel", "cmake": "cmake>=3.24", "ninja": "ninja"}
+        "wheel": "wheel", "cmake": "cmake>=3.24", "ninja": "ninja",
+        # data and training: video decoding/encoding (FFmpeg inside), JPEG frames, progress bars, PNG plots
+        "av": "av>=12", "PIL": "pillow", "tqdm": "tqdm", "matplotlib": "matplotlib"}
 print(" ".join(spec for module, spec in need.items() if importlib.util.find_spec(module) is None))
 PY
 )
