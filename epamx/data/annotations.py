@@ -61,6 +61,9 @@ class _AnnotationUnpickler(pickle.Unpickler):
         super().__init__(file)
         self._source = source
         self._allowed = _numpy_globals()
+        # Protocol 2 pickles empty bytes (the data of an array without elements, e.g. a clip without persons) as a
+        # call to bytes().
+        self._allowed[("__builtin__", "bytes")] = self._allowed[("builtins", "bytes")] = self._empty_bytes
 
     def find_class(self, module: str, name: str):
         allowed = self._allowed.get((module, name))
@@ -73,6 +76,12 @@ class _AnnotationUnpickler(pickle.Unpickler):
                                     f"dicts, lists, tuples, strings, numbers and NumPy arrays (is this file what "
                                     f"you meant to load?)")
         return allowed
+
+    def _empty_bytes(self, *args) -> bytes:
+        if args:  # bytes(n) would allocate n bytes
+            raise UnsafePickleError(f"{self._source}: refused bytes{args!r}: an annotation pickle calls bytes() only "
+                                    f"for empty data")
+        return b""
 
     def persistent_load(self, pid):
         raise UnsafePickleError(f"{self._source}: refused a persistent reference ({pid!r}): not an annotation pickle")
