@@ -34,9 +34,11 @@ def compact_box(keypoint: np.ndarray, img_shape: Tuple[int, int], padding: float
     min_x, max_x, min_y, max_y = xs.min(), xs.max(), ys.min(), ys.max()
     if max_x - min_x < threshold or max_y - min_y < threshold:
         return 0, 0, w, h
-    center = ((max_x + min_x) / 2, (max_y + min_y) / 2)
-    half_w = (max_x - min_x) / 2 * (1 + padding)
-    half_h = (max_y - min_y) / 2 * (1 + padding)
+    # The authors ran NumPy 1.x: the extremes' sums and differences are float32 scalars, and dividing one by a
+    # Python int goes to float64 (NumPy 2 stays in float32, which now and then moves a corner by a pixel).
+    center = (float(max_x + min_x) / 2, float(max_y + min_y) / 2)
+    half_w = float(max_x - min_x) / 2 * (1 + padding)
+    half_h = float(max_y - min_y) / 2 * (1 + padding)
     if hw_ratio is not None:
         half_h = max(hw_ratio * half_w, half_h)
         half_w = max(1 / hw_ratio * half_h, half_w)
