@@ -51,10 +51,12 @@ def test_ties_go_to_the_first_channel_like_torch_max(device):
     x = torch.randint(0, 3, (2, 6, 4, 3, 3), generator=torch.Generator().manual_seed(1)).float().to(device)
     a = x.clone().requires_grad_(True)
     b = x.clone().requires_grad_(True)
-    grad = torch.randn(2, 2, 2, 3, 3, device=device)
+    grad = torch.randn(2, 2, 2, 3, 3, generator=torch.Generator().manual_seed(2)).to(device)
     (channel_pool(a, 2) * grad).sum().backward()
     (channel_pool_reference(b, 2) * grad).sum().backward()
-    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-7)
+    # max + mean / C rounds differently from the reference's sum of its two gradients: an ulp at most, where
+    # a gradient routed to the wrong channel would be off by a whole gradient value.
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=5e-7)
     first = (x[:, :, ::2] == x[:, :, ::2].max(dim=1, keepdim=True)[0]).float().argmax(dim=1)
     routed = (a.grad[:, :, ::2] - grad[:, 1:2] / 6).abs().argmax(dim=1)
     assert torch.equal(routed, first)
