@@ -65,9 +65,10 @@ def test_documentation_is_in_the_repository():
     for folder in ("epamx", "csrc", "tests", "bench", "tools", "docs"):
         sources += [p for p in (REPO / folder).rglob("*") if p.suffix in {".py", ".md", ".h", ".cpp", ".cu", ".cuh",
                                                                            ".sh", ".toml", ".txt"}]
+    # Spelled in pieces, so that this file does not point there itself.
+    needles = ("/".join(("..", "shared")), "REFERENCE" + ".md")
     outside = [str(p.relative_to(REPO)) for p in sources
-               if p.is_file() and p != pathlib.Path(__file__).resolve()  # this test names what it looks for
-               and any(s in p.read_text(encoding="utf-8") for s in ("../shared", "REFERENCE.md"))]
+               if p.is_file() and any(s in p.read_text(encoding="utf-8") for s in needles)]
     assert not outside, f"these files point outside the repository: {outside}"
     doc = (REPO / "docs" / "epamnet.md").read_text(encoding="utf-8")
     # The figures the model's tests check, as the reference states them.
