@@ -165,10 +165,11 @@ def init_from(model: nn.Module, checkpoints: Union[str, os.PathLike, Sequence[Un
     fused model), an epamx EPAM-Net checkpoint, or one saved by the authors' code.
 
     A part (``rgb_backbone``, ``rgb_cls_head``, ``pose_backbone``, ``pose_cls_head``, ``attention_module``) is
-    loaded only when the checkpoint holds all of it, and then strictly; later checkpoints override earlier ones.
-    Files are read with ``torch.load(weights_only=True)``. Raises ValueError naming the file when a part's shapes
-    differ (e.g. "checkpoint has 60 classes, model 120"), when a checkpoint holds only part of a part, or when a
-    checkpoint holds nothing this model has. Returns {checkpoint: [parts loaded]}.
+    loaded from a checkpoint holding any of it, strictly; later checkpoints override earlier ones, and a checkpoint
+    holding none of the model's parts is passed over (an RGB stream's, when training the pose stream), unless no
+    checkpoint holds any. Files are read with ``torch.load(weights_only=True)``. Raises ValueError naming the
+    file when a part's shapes differ (e.g. "checkpoint has 60 classes, model 120") or keys are missing or
+    unexpected. Returns {checkpoint: [parts loaded]}.
     """
     if isinstance(checkpoints, (str, os.PathLike, Mapping)):
         checkpoints = [checkpoints]
@@ -176,6 +177,7 @@ def init_from(model: nn.Module, checkpoints: Union[str, os.PathLike, Sequence[Un
     parts = _PARTS[model_mode(inner)]
     own = inner.state_dict()
     loaded: Dict[str, List[str]] = {}
+    found = set()
     for source in checkpoints:
         if isinstance(source, Mapping):
             name, checkpoint = "<state dict>", source
@@ -206,10 +208,10 @@ def init_from(model: nn.Module, checkpoints: Union[str, os.PathLike, Sequence[Un
                     raise ValueError(f"{name}: {_describe_mismatch(key, value.shape, want[key].shape)}")
             getattr(inner, part).load_state_dict({k[len(prefix):]: v for k, v in have.items()}, strict=True)
             taken.append(part)
-        if not taken:
-            found = sorted({k.split(".", 1)[0] for k in state})
-            raise ValueError(f"{name}: holds none of the parts of this {model_mode(inner)} model "
-                             f"({', '.join(parts)}); it has {', '.join(found) or 'no parameters'}")
         loaded[name] = taken
+        found.update(k.split(".", 1)[0] for k in state)
+    if loaded and not any(loaded.values()):
+        raise ValueError(f"{', '.join(loaded)}: {'holds' if len(loaded) == 1 else 'hold'} none of the parts of this "
+                         f"{model_mode(inner)} model ({', '.join(parts)}); found {', '.join(sorted(found)) or 'nothing'}")
     return loaded
 
