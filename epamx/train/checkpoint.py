@@ -76,7 +76,14 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
 def _save_atomic(obj: Any, path: Path) -> Path:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    data = buffer.getvalue()
+    # A checkpoint that cannot be read back weights-only could never be resumed from: refuse to write it.
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: the checkpoint holds an object torch.load(weights_only=True) refuses; store "
+                              f"only tensors, numbers, strings, lists and dicts ({exc})") from None
+    return atomic_write_bytes(path, data)
 
 
 # ---- RNG state as tensors (no pickled numpy or tuple objects) ------------------------------------------------------

@@ -356,17 +356,16 @@ def evaluate(model: nn.Module, loader, transform, *, mode: Optional[str] = None,
 def _epamx_version() -> str:
     import epamx
 
-    return getattr(epamx, "__version__", "?")
+    return str(getattr(epamx, "__version__", "?"))
 
 
 def environment_info() -> Dict[str, Any]:
     """Versions and the git commit (when epamx runs from a checkout) a run records in environment.json."""
     import epamx
 
-    info = {"epamx": _epamx_version(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.version.cuda, "gpus": [torch.cuda.get_device_name(i)
-                                                  for i in range(torch.cuda.device_count())],
+    info = {"epamx": _epamx_version(), "torch": str(torch.__version__), "python": platform.python_version(),
+            "platform": platform.platform(), "cuda": torch.version.cuda,
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
             "world_size": D.get_world_size(), "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     package = Path(epamx.__file__).resolve().parent
     try:
@@ -531,7 +530,7 @@ def run_stage(cfg: Config, mode: str, out_dir=None, init_from: Sequence = (), *,
 
     meta = {"mode": mode, "num_classes": num_classes, "pose_channels": cfg.model.pose_channels,
             "class_names": class_names, "world_size": world, "batch_size": batch, "iters_per_epoch": iters_per_epoch,
-            "epamx": _epamx_version(), "torch": torch.__version__}
+            "epamx": _epamx_version(), "torch": str(torch.__version__)}
     config_text = to_toml(cfg)
     start_epoch, start_iter, history = 0, 0, []
     if latest is not None:
@@ -606,8 +605,8 @@ def run_stage(cfg: Config, mode: str, out_dir=None, init_from: Sequence = (), *,
                     history.append(entry)
                     log.write(entry)
                     parts = ", ".join(f"{s} {100 * m['top1']:.2f}" for s, m in evaluation.metrics.items())
-                    _say(f"[{mode}] epoch {epoch + 1}/{cfg.train.epochs}: loss {result.mean_loss:.4f}, "
-                         f"held-out top-1 {parts}")
+                    loss = f"loss {result.mean_loss:.4f}, " if math.isfinite(result.mean_loss) else ""
+                    _say(f"[{mode}] epoch {epoch + 1}/{cfg.train.epochs}: {loss}held-out top-1 {parts}")
                 save(epoch + 1, 0, f"epoch_{epoch + 1:03d}.pt")
     finally:
         log.close()
