@@ -119,7 +119,7 @@ def wrap_model(model: nn.Module, info: DistInfo, sync_bn: bool = False) -> nn.Mo
     if sync_bn:
         if info.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
+        elif info.is_main:
             warnings.warn("model.sync_bn: SyncBatchNorm needs CUDA; on CPU each process normalises over its own "
                           "batch", stacklevel=2)
     device_ids = [info.device.index] if info.device.type == "cuda" else None

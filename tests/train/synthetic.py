@@ -132,21 +132,69 @@ def tiny_config(out_dir, mode: str = "fused", overrides=()):
     return config_from_dict(raw, overrides)
 
 
+def bn_free_stream(seed: int = 0) -> nn.Module:
+    """A PoseStream whose backbone is one 1x1x1 convolution: no batch norm, so N processes with batch B compute
+    exactly the gradients one process with batch N * B does (DDP averages them)."""
+    from epamx.models import ClassificationHead, PoseStream
+
+    torch.manual_seed(seed)
+    model = PoseStream(NUM_CLASSES, dropout=0.0)
+    model.pose_backbone = nn.Sequential(nn.Conv3d(17, 8, 1), nn.ReLU())
+    model.pose_cls_head = ClassificationHead(8, NUM_CLASSES, dropout=0.0, init_std=0.1)
+    return model
+
+
+def train_bn_free(batch_size: int, rank: int = 0, world_size: int = 1):
+    """One epoch of the BN-free stream on the stand-in data (CPU); returns the wrapped model."""
+    from epamx.train import distributed
+    from epamx.train.loop import cosine_schedule, train_one_epoch
+
+    cfg = tiny_config("unused", "pose").data
+    dataset = build_dataset(cfg, cfg.train_split, train=True, modalities=("pose",))
+    loader = build_loader(dataset, batch_size, train=True, seed=0, workers=0, rank=rank, world_size=world_size)
+    info = distributed.DistInfo(rank, world_size, rank, torch.device("cpu"))
+    model = distributed.wrap_model(bn_free_stream(), info)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=3e-4)
+    scheduler = cosine_schedule(optimizer, len(loader))
+    train_one_epoch(model, loader, BatchTransform(cfg, ("pose",)), optimizer, scheduler, mode="pose",
+                    device=torch.device("cpu"), epoch=0)
+    return model
+
+
 def main(argv) -> int:
+    """``stage OUT_DIR MODE [overrides]``: run_stage on the stand-in, final weights to OUT_DIR/weights.pt (with
+    SYNTHETIC_KILL_AT_STEP=k the process SIGKILLs itself after step k). ``bn-free OUT_DIR``: one DDP epoch of
+    the BN-free stream, weights to OUT_DIR/bn_free.pt."""
+    import os
+    import signal
     from pathlib import Path
 
     from epamx.train import distributed
     from epamx.train.loop import run_stage
 
     torch.set_num_threads(1)
-    out_dir, mode, overrides = Path(argv[0]), argv[1], argv[2:]
+    command, out_dir = argv[0], Path(argv[1])
     install()
-    cfg = tiny_config(out_dir, mode, overrides)
-    result = run_stage(cfg, mode, out_dir / mode)
-    if distributed.is_main() and not result.stopped:
-        from epamx.train.checkpoint import load_checkpoint
+    if command == "stage":
+        mode, overrides = argv[2], argv[3:]
+        kill_at = int(os.environ.get("SYNTHETIC_KILL_AT_STEP", "0"))
 
-        torch.save(load_checkpoint(result.final_checkpoint)["model"], out_dir / "weights.pt")
+        def on_iteration(record):
+            if record["step"] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        result = run_stage(tiny_config(out_dir, mode, overrides), mode, out_dir / mode, on_iteration=on_iteration)
+        if distributed.is_main() and not result.stopped:
+            from epamx.train.checkpoint import load_checkpoint
+
+            torch.save(load_checkpoint(result.final_checkpoint)["model"], out_dir / "weights.pt")
+    elif command == "bn-free":
+        info = distributed.init_distributed("cpu")
+        model = train_bn_free(2, info.rank, info.world_size)
+        if info.is_main:
+            torch.save(distributed.unwrap(model).state_dict(), out_dir / "bn_free.pt")
+    else:
+        raise SystemExit(f"unknown command {command!r}")
     distributed.teardown()
     return 0
 
