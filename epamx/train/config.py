@@ -141,6 +141,14 @@ def _convert(value: Any, tp) -> Any:
     raise TypeError
 
 
+def _suggest(key: str, names: Sequence[str]) -> str:
+    """"; did you mean 'x'?" for the closest valid key (one the typo begins is closest: lr -> lr_per_16), else the
+    list of valid keys."""
+    close = [n for n in names if n.startswith(key)] if len(key) >= 2 else []
+    close = close or difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+
+
 def _build(cls, table: Dict[str, Any], path: Tuple[str, ...], source: str):
     """An instance of dataclass ``cls`` from a TOML table, strictly."""
     where = f"[{'.'.join(path)}]" if path else "the top level"
@@ -151,9 +159,7 @@ def _build(cls, table: Dict[str, Any], path: Tuple[str, ...], source: str):
     kwargs = {}
     for key, value in table.items():
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"{source}: unknown key '{key}' in {where}{hint}")
+            raise ConfigError(f"{source}: unknown key '{key}' in {where}{_suggest(key, names)}")
         tp = hints[key]
         dotted = ".".join(path + (key,))
         if dataclasses.is_dataclass(tp):
@@ -197,9 +203,7 @@ def _apply_override(raw: Dict[str, Any], text: str) -> None:
         names = [f.name for f in dataclasses.fields(cls)]
         if part not in names:
             where = f"[{'.'.join(path[:i])}]" if i else "the top level"
-            close = difflib.get_close_matches(part, names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"override {text!r}: unknown key '{part}' in {where}{hint}")
+            raise ConfigError(f"override {text!r}: unknown key '{part}' in {where}{_suggest(part, names)}")
         tp = typing.get_type_hints(cls)[part]
         last = i == len(path) - 1
         if dataclasses.is_dataclass(tp):
