@@ -36,6 +36,7 @@ class DataConfig:
     video_suffix: str = ".mp4"
     frame_root: str = ""             # or as JPEG folders: <frame_root>/<frame_dir>/<frame_template % (i + 1)>
     frame_template: str = "img_{:05d}.jpg"
+    label_map: str = ""              # class names, one per line (else the pickle's 'classes', else class_<i>)
     rgb_precropped: bool = True      # videos already cropped to the persons (the authors' _rgb.mp4, `epamx prepare`)
     clip_len: int = 48               # pose frames sampled per clip
     rgb_every: int = 3               # RGB frames = every rgb_every-th pose frame (48 -> 16)

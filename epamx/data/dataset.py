@@ -1,0 +1,239 @@
+"""The Dataset, its collate function and the DataLoader set-up.
+
+A clip is a plain dict that workers produce from one annotation: uint8 RGB frames and float keypoints, never
+heatmaps or float frames (those are made batched on the training device by :class:`epamx.data.BatchTransform`)::
+
+    {'imgs': uint8 (T, H, W, 3)       # RGB frames: every rgb_every-th sampled frame, frame_size square
+     'keypoint': float32 (M, T_p, V, 2), 'keypoint_score': float32 (M, T_p, V)   # image pixels, M = max_persons
+     'img_shape': int64 (2,)          # (h, w) the keypoints refer to
+     'flip': bool, 'label': int, 'index': int, 'frame_dir': str}
+
+How the authors' pipeline's corner cases are handled:
+- fewer frames than clip_len: the sampler loops over the video (uniform_sample_frames);
+- no person at all: the clip's keypoints are all absent, its heatmaps are zero (as GeneratePoseTarget draws
+  nothing), the RGB frames are used as they are;
+- more persons than max_persons: the highest-scoring ones are kept; fewer: padded with absent persons;
+- keypoints outside the image: kept; the crop box is clipped to the image (MMCompact's allow_imgpad=False) and
+  heatmaps draw only what falls on the grid; NaN coordinates are treated as missing (0), as MMCompact does.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from epamx.data.annotations import class_names_of, load_annotations, read_label_map
+from epamx.data.config import DataConfig
+from epamx.data.decoding import read_frame_folder, read_video
+from epamx.data.sampler import ClipSampler, sample_seed
+from epamx.data.sampling import rgb_frame_indices, uniform_sample_frames
+from epamx.data.transforms import compact_box, crop_resize_frames, select_persons
+
+__all__ = ["ClipDataset", "SampleError", "build_dataset", "build_loader", "collate_clips"]
+
+log = logging.getLogger("epamx.data")
+MODALITIES = ("rgb", "pose")
+
+
+class SampleError(RuntimeError):
+    """A sample could not be read; the message names the sample and the file."""
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Clips of an annotation list (see the module docstring for what a clip holds).
+
+    Args:
+        annotations: validated annotation dicts (epamx.data.load_annotations).
+        class_names: one name per label.
+        train: random frame offsets and flips (seeded per clip by the sampler), or the fixed test-mode sampling.
+        modalities: ("rgb", "pose") or one of them; a pose-only dataset never opens a video.
+        video_root / video_suffix, or frame_root / frame_template: where the RGB frames are.
+        rgb_precropped: frames are already cropped to the persons (as the authors' prepared videos); otherwise
+            they are cropped to the persons' box over the whole video and resized here.
+        clip_len, rgb_every, frame_size, max_persons, flip_prob: as in DataConfig.
+        skip_bad: return None for an unreadable sample (collate drops it and counts it) instead of raising.
+    """
+
+    def __init__(self, annotations: List[Dict[str, Any]], class_names: Sequence[str], train: bool,
+                 modalities: Sequence[str] = MODALITIES, video_root: str = "", video_suffix: str = ".mp4",
+                 frame_root: str = "", frame_template: str = "img_{:05d}.jpg", rgb_precropped: bool = True,
+                 clip_len: int = 48, rgb_every: int = 3, frame_size: int = 224, max_persons: int = 2,
+                 flip_prob: float = 0.5, skip_bad: bool = False):
+        modalities = tuple(modalities)
+        if not modalities or any(m not in MODALITIES for m in modalities):
+            raise ValueError(f"ClipDataset: modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+        if "rgb" in modalities and not (video_root or frame_root):
+            raise ValueError("ClipDataset: the RGB stream needs video_root (videos) or frame_root (JPEG folders)")
+        for name, value in (("clip_len", clip_len), ("rgb_every", rgb_every), ("frame_size", frame_size),
+                            ("max_persons", max_persons)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ClipDataset: {name} must be an int >= 1, got {value!r}")
+        if clip_len % rgb_every:
+            raise ValueError(f"ClipDataset: clip_len ({clip_len}) must be a multiple of rgb_every ({rgb_every}) so "
+                             f"the pose frames are a multiple of the RGB frames")
+        self.annotations = annotations
+        self.class_names = list(class_names)
+        self.train = train
+        self.modalities = modalities
+        self.video_root, self.video_suffix = video_root, video_suffix
+        self.frame_root, self.frame_template = frame_root, frame_template
+        self.rgb_precropped = rgb_precropped
+        self.clip_len, self.rgb_every, self.frame_size = clip_len, rgb_every, frame_size
+        self.max_persons = max_persons
+        self.flip_prob = flip_prob
+        self.skip_bad = skip_bad
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.annotations)
+
+    def rgb_source(self, frame_dir: str) -> str:
+        if self.video_root:
+            return os.path.join(self.video_root, frame_dir + self.video_suffix)
+        return os.path.join(self.frame_root, frame_dir)
+
+    def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Optional[Dict[str, Any]]:
+        index, seed = key if isinstance(key, tuple) else (int(key), sample_seed(0, 0, int(key)))
+        ann = self.annotations[index]
+        try:
+            return self._load(index, ann, np.random.RandomState(seed))
+        except (OSError, RuntimeError, ValueError) as e:
+            message = f"sample {index} ({ann['frame_dir']!r}): {e}"
+            if self.skip_bad:
+                log.warning("skipped %s", message)
+                return None
+            raise SampleError(message) from None
+
+    def _load(self, index: int, ann: Dict[str, Any], rng: np.random.RandomState) -> Dict[str, Any]:
+        inds = uniform_sample_frames(ann["total_frames"], self.clip_len, test_mode=not self.train, rng=rng)
+        flip = bool(self.train and rng.rand() < self.flip_prob)
+        kp_all, score_all = ann["keypoint"], ann["keypoint_score"]
+        m, _, v, _ = kp_all.shape
+        if m:
+            kp, score = kp_all[:, inds], score_all[:, inds]
+        else:
+            kp = np.zeros((0, self.clip_len, v, 2), np.float32)
+            score = np.zeros((0, self.clip_len, v), np.float32)
+        kp, score = select_persons(np.nan_to_num(kp, nan=0.0), score, self.max_persons)
+        sample = {"keypoint": torch.from_numpy(np.ascontiguousarray(kp, dtype=np.float32)),
+                  "keypoint_score": torch.from_numpy(np.ascontiguousarray(score, dtype=np.float32)),
+                  "img_shape": torch.tensor(ann["img_shape"], dtype=torch.int64),
+                  "flip": flip, "label": ann["label"], "index": index, "frame_dir": ann["frame_dir"]}
+        if "rgb" in self.modalities:
+            sample["imgs"] = torch.from_numpy(self._frames(ann, rgb_frame_indices(inds, self.rgb_every)))
+        return sample
+
+    def _frames(self, ann: Dict[str, Any], inds: np.ndarray) -> np.ndarray:
+        source = self.rgb_source(ann["frame_dir"])
+        if self.video_root:
+            frames = read_video(source, inds)
+        else:
+            frames = read_frame_folder(source, inds, self.frame_template)
+        box = (0, 0, frames.shape[2], frames.shape[1])
+        if not self.rgb_precropped:
+            # the authors' offline crop: one box around every person over the whole video, in the keypoints'
+            # image; scaled to the decoded frames in case the video's resolution differs from img_shape.
+            h, w = ann["img_shape"]
+            x0, y0, x1, y1 = compact_box(ann["keypoint"], (h, w))
+            sx, sy = frames.shape[2] / w, frames.shape[1] / h
+            box = (int(x0 * sx), int(y0 * sy), int(x1 * sx), int(y1 * sy))
+        return crop_resize_frames(frames, box, self.frame_size)
+
+
+def collate_clips(samples: List[Optional[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
+    """Stack clips into a batch; samples that could not be read (None, with skip_bad) are dropped and counted in
+    'skipped'. Returns None if the whole batch was unreadable."""
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        return None
+    persons = max(s["keypoint"].shape[0] for s in kept)
+    shapes = {tuple(s["keypoint"].shape[1:]) for s in kept}
+    if len(shapes) != 1:
+        raise SampleError(f"clips of one batch have different (frames, joints, 2): {sorted(shapes)} (frame_dirs "
+                          f"{[s['frame_dir'] for s in kept]}); every annotation must use the same skeleton")
+    if any(s["keypoint"].shape[0] != persons for s in kept):
+        raise SampleError("clips of one batch have different person counts; build them with the same max_persons")
+    batch = {
+        "keypoint": torch.stack([s["keypoint"] for s in kept]),
+        "keypoint_score": torch.stack([s["keypoint_score"] for s in kept]),
+        "img_shape": torch.stack([s["img_shape"] for s in kept]),
+        "flip": torch.tensor([s["flip"] for s in kept], dtype=torch.bool),
+        "label": torch.tensor([s["label"] for s in kept], dtype=torch.int64),
+        "index": torch.tensor([s["index"] for s in kept], dtype=torch.int64),
+        "frame_dir": [s["frame_dir"] for s in kept],
+        "skipped": len(samples) - len(kept),
+    }
+    if "imgs" in kept[0]:
+        frame_shapes = {tuple(s["imgs"].shape) for s in kept}
+        if len(frame_shapes) != 1:
+            raise SampleError(f"clips of one batch have different frame shapes {sorted(frame_shapes)}")
+        batch["imgs"] = torch.stack([s["imgs"] for s in kept])
+    return batch
+
+
+def _class_names(cfg: DataConfig, ann_file: str, labels: Sequence[int]) -> List[str]:
+    if getattr(cfg, "label_map", ""):
+        return read_label_map(cfg.label_map)
+    names = class_names_of(ann_file)
+    if names is not None:
+        return names
+    return [f"class_{i}" for i in range(max(labels) + 1)] if labels else []
+
+
+def build_dataset(cfg: DataConfig, split: str, train: bool, modalities: Sequence[str] = MODALITIES,
+                  num_classes: Optional[int] = None, progress: bool = True) -> ClipDataset:
+    """The dataset ``cfg`` describes, for ``split`` ("train"/"val" or the pickle's own names; the config's
+    train_split / val_split are what the training command passes). The embedded dataset is generated (and cached)
+    on first use."""
+    video_root, frame_root, ann_file = cfg.video_root, cfg.frame_root, cfg.ann_file
+    if cfg.dataset == "embedded":
+        from epamx.data.embedded import build_embedded
+
+        paths = build_embedded(cfg, progress=progress)
+        ann_file = paths["ann_file"]
+        video_root, frame_root = paths.get("video_root", ""), paths.get("frame_root", "")
+    elif cfg.dataset != "posec3d":
+        raise ValueError(f"data.dataset must be 'embedded' or 'posec3d', got {cfg.dataset!r}")
+    if not ann_file:
+        raise ValueError("data.ann_file is empty: give the PoseC3D annotation pickle (e.g. data.ann_file=ntu60_2d.pkl)")
+    if not os.path.exists(ann_file):
+        raise FileNotFoundError(f"data.ann_file {ann_file} does not exist")
+    if "rgb" in modalities:
+        root = video_root or frame_root
+        if not root:
+            raise ValueError("the RGB stream needs data.video_root (videos) or data.frame_root (JPEG frame folders)")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data.{'video_root' if video_root else 'frame_root'} {root} is not a folder")
+    annotations = load_annotations(ann_file, split, num_classes=num_classes)
+    if not annotations:
+        raise ValueError(f"{ann_file}: split {split!r} is empty")
+    names = _class_names(cfg, ann_file, [a["label"] for a in annotations])
+    if num_classes is not None and len(names) < num_classes:
+        names += [f"class_{i}" for i in range(len(names), num_classes)]
+    return ClipDataset(annotations, names, train, modalities, video_root, cfg.video_suffix, frame_root,
+                       cfg.frame_template, cfg.rgb_precropped, cfg.clip_len, cfg.rgb_every, cfg.frame_size,
+                       cfg.max_persons, cfg.flip_prob, cfg.skip_bad)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode; the main process's threads run the model
+
+
+def build_loader(dataset: ClipDataset, batch_size: int, train: bool, seed: int = 0, workers: int = 0,
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``dataset`` for process ``rank`` of ``world_size``. Its sampler is a
+    :class:`ClipSampler`: call ``loader.sampler.set_epoch(epoch, skip)`` before each epoch. Training drops the
+    last incomplete batch; evaluation keeps every clip."""
+    if batch_size < 1:
+        raise ValueError(f"build_loader: batch_size must be >= 1, got {batch_size}")
+    sampler = ClipSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_clips,
+        pin_memory=pin_memory, drop_last=train and len(sampler) >= batch_size, persistent_workers=workers > 0,
+        worker_init_fn=_worker_init if workers > 0 else None, prefetch_factor=4 if workers > 0 else None)

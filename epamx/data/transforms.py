@@ -1,0 +1,81 @@
+"""The worker-side steps of the paper's pipeline, as small pure functions on NumPy arrays.
+
+What runs here is what must run per clip on the CPU: sampling frame indices, choosing persons, the persons' box
+for cropping raw RGB frames, and cropping/resizing those frames (uint8). Everything per-pixel on floats (the
+keypoint crop and rescale, flipping, heatmaps, normalisation) runs batched on the training device
+(epamx.data.BatchTransform).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+__all__ = ["compact_box", "select_persons", "crop_resize_frames"]
+
+
+def compact_box(keypoint: np.ndarray, img_shape: Tuple[int, int], padding: float = 0.25, threshold: float = 10,
+                hw_ratio: float = 1.0, allow_imgpad: bool = False) -> Tuple[int, int, int, int]:
+    """The persons' box (x0, y0, x1, y1) in pixels, as the authors' MMCompact / PoseCompact compute it.
+
+    keypoint: (M, T, V, 2) image pixels, over whichever frames the box should cover (the whole video for the
+    offline RGB crop; the sampled frames for the online keypoint crop). NaN counts as missing (set to 0 first);
+    zeros are missing. The box of the non-zero coordinates is grown by ``padding`` about its centre, made
+    ``hw_ratio`` (height / width) by growing the shorter side, clipped to the image unless ``allow_imgpad``, and
+    truncated to ints. A box narrower or shorter than ``threshold`` pixels (or no valid coordinate) means the
+    whole image.
+    """
+    h, w = img_shape
+    kp = np.nan_to_num(np.asarray(keypoint, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    x, y = kp[..., 0], kp[..., 1]
+    xs, ys = x[x != 0], y[y != 0]
+    if xs.size == 0 or ys.size == 0:
+        return 0, 0, w, h
+    min_x, max_x, min_y, max_y = xs.min(), xs.max(), ys.min(), ys.max()
+    if max_x - min_x < threshold or max_y - min_y < threshold:
+        return 0, 0, w, h
+    center = ((max_x + min_x) / 2, (max_y + min_y) / 2)
+    half_w = (max_x - min_x) / 2 * (1 + padding)
+    half_h = (max_y - min_y) / 2 * (1 + padding)
+    if hw_ratio is not None:
+        half_h = max(hw_ratio * half_w, half_h)
+        half_w = max(1 / hw_ratio * half_h, half_w)
+    x0, x1 = center[0] - half_w, center[0] + half_w
+    y0, y1 = center[1] - half_h, center[1] + half_h
+    if not allow_imgpad:
+        x0, y0 = max(0.0, x0), max(0.0, y0)
+        x1, y1 = min(float(w), x1), min(float(h), y1)
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+def select_persons(keypoint: np.ndarray, score: np.ndarray, max_persons: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Exactly ``max_persons`` persons: the highest total scores first when there are more (ties keep file order),
+    padded with absent persons (coordinates and scores 0, which draw nothing) when there are fewer, zero included."""
+    m = keypoint.shape[0]
+    if m > max_persons:
+        order = np.argsort(-np.nan_to_num(score, nan=0.0).reshape(m, -1).sum(1), kind="stable")[:max_persons]
+        order.sort()
+        keypoint, score = keypoint[order], score[order]
+    elif m < max_persons:
+        pad = max_persons - m
+        keypoint = np.concatenate([keypoint, np.zeros((pad,) + keypoint.shape[1:], keypoint.dtype)])
+        score = np.concatenate([score, np.zeros((pad,) + score.shape[1:], score.dtype)])
+    return keypoint, score
+
+
+def crop_resize_frames(frames: np.ndarray, box: Tuple[int, int, int, int], size: int) -> np.ndarray:
+    """uint8 (T, H, W, 3) frames -> the box (x0, y0, x1, y1) of each, resized to (size, size) (bilinear), uint8."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = box
+    h, w = frames.shape[1:3]
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    if x1 <= x0 or y1 <= y0:
+        x0, y0, x1, y1 = 0, 0, w, h
+    if (x0, y0, x1, y1) == (0, 0, w, h) and (h, w) == (size, size):
+        return frames
+    out = np.empty((len(frames), size, size, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        img = Image.fromarray(frame[y0:y1, x0:x1])
+        out[i] = np.asarray(img.resize((size, size), Image.BILINEAR))
+    return out
