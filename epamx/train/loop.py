@@ -205,6 +205,13 @@ def train_one_epoch(model: nn.Module, loader, transform, optimizer: torch.optim.
     try:
         for batch in batches:
             data_s = time.perf_counter() - tick
+            if batch is None:  # every clip of the batch was unreadable (data.skip_bad): consumed, no update
+                if world > 1:
+                    raise RuntimeError("a whole batch of clips was unreadable (data.skip_bad) on one rank; under DDP "
+                                       "every rank must take each step: fix or remove the unreadable clips")
+                iteration += 1
+                tick = time.perf_counter()
+                continue
             imgs, heatmaps, labels = transform(batch, device, channels_last)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = stream_logits(model, imgs, heatmaps)
@@ -234,6 +241,8 @@ def train_one_epoch(model: nn.Module, loader, transform, optimizer: torch.optim.
                       "loss": values[0], **{f"loss_{n}": v for n, v in zip(names, values[1:-1])}, "lr": lr,
                       "grad_norm": values[-1], "clips_per_s": labels.shape[0] * world / max(now - tick, 1e-9),
                       "data_s": data_s}
+            if batch.get("skipped"):
+                record["skipped"] = int(batch["skipped"])
             losses_seen.append(values[0])
             if bar is not None:
                 bar.set_postfix(loss=f"{values[0]:.3f}", lr=f"{lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}",
@@ -318,6 +327,8 @@ def evaluate(model: nn.Module, loader, transform, *, mode: Optional[str] = None,
         with _rng_untouched():
             batches = iter(loader)
         for batch in batches:
+            if batch is None:  # unreadable clips (data.skip_bad) are left out of the metrics
+                continue
             imgs, heatmaps, target = transform(batch, device, channels_last)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = stream_logits(inner, imgs, heatmaps)
@@ -447,6 +458,29 @@ def _data_api():
     return data
 
 
+def _build_datasets(data, cfg: Config, streams):
+    """The training and evaluation splits. Rank 0 builds first (the embedded dataset is generated on first use),
+    the other ranks once it is there; the evaluation split takes the training split's class count."""
+    if not D.is_main():
+        D.barrier()
+    train_set = data.build_dataset(cfg.data, cfg.data.train_split, train=True, modalities=streams,
+                                   num_classes=cfg.model.num_classes or None, progress=D.is_main())
+    val_set = data.build_dataset(cfg.data, cfg.data.val_split, train=False, modalities=streams,
+                                 num_classes=int(train_set.num_classes), progress=D.is_main())
+    if D.is_main():
+        D.barrier()
+    return train_set, val_set
+
+
+def _batch_transform(data, cfg: Config, streams, device: torch.device):
+    transform = data.BatchTransform(cfg.data, streams)
+    joints = getattr(transform, "num_joints", None)
+    if "pose" in streams and joints is not None and joints != cfg.model.pose_channels:
+        raise ValueError(f"model.pose_channels = {cfg.model.pose_channels}, but data.skeleton {cfg.data.skeleton!r} "
+                         f"renders {joints} heatmap channels")
+    return transform.to(device) if isinstance(transform, nn.Module) else transform
+
+
 def _num_classes(cfg: Config, train_set, val_set) -> int:
     found = int(train_set.num_classes)
     if int(val_set.num_classes) != found:
@@ -489,8 +523,7 @@ def run_stage(cfg: Config, mode: str, out_dir=None, init_from: Sequence = (), *,
 
     data = _data_api()
     streams = modalities(mode)
-    train_set = data.build_dataset(cfg.data, cfg.data.train_split, train=True, modalities=streams)
-    val_set = data.build_dataset(cfg.data, cfg.data.val_split, train=False, modalities=streams)
+    train_set, val_set = _build_datasets(data, cfg, streams)
     num_classes = _num_classes(cfg, train_set, val_set)
     class_names = [str(n) for n in getattr(train_set, "class_names", range(num_classes))]
     batch = cfg.train.batch_size
@@ -499,9 +532,7 @@ def run_stage(cfg: Config, mode: str, out_dir=None, init_from: Sequence = (), *,
                                      rank=rank, world_size=world, pin_memory=pin)
     val_loader = data.build_loader(val_set, batch, train=False, seed=cfg.train.seed, workers=cfg.train.workers,
                                    rank=rank, world_size=world, pin_memory=pin)
-    transform = data.BatchTransform(cfg.data, streams)
-    if isinstance(transform, nn.Module):
-        transform = transform.to(device)
+    transform = _batch_transform(data, cfg, streams, device)
     channels_last = _resolve_channels_last(cfg.model.channels_last, device)
     amp_dtype = resolve_amp(cfg.train.amp, device)
 
@@ -697,16 +728,15 @@ def evaluate_checkpoint(cfg: Config, path, split: Optional[str] = None, *, progr
     model, meta = load_model(path, info.device, cfg.model.fused)
     mode = meta["mode"]
     data = _data_api()
-    dataset = data.build_dataset(cfg.data, split or cfg.data.val_split, train=False, modalities=modalities(mode))
+    dataset = data.build_dataset(cfg.data, split or cfg.data.val_split, train=False, modalities=modalities(mode),
+                                 num_classes=meta["num_classes"], progress=progress and info.is_main)
     if int(dataset.num_classes) != meta["num_classes"]:
         raise CheckpointError(f"{path}: checkpoint has {meta['num_classes']} classes, the dataset "
                               f"{dataset.num_classes}")
     loader = data.build_loader(dataset, cfg.train.batch_size, train=False, seed=cfg.train.seed,
                                workers=cfg.train.workers, rank=info.rank, world_size=info.world_size,
                                pin_memory=info.device.type == "cuda")
-    transform = data.BatchTransform(cfg.data, modalities(mode))
-    if isinstance(transform, nn.Module):
-        transform = transform.to(info.device)
+    transform = _batch_transform(data, cfg, modalities(mode), info.device)
     channels_last = _resolve_channels_last(cfg.model.channels_last, info.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)

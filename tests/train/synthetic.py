@@ -66,8 +66,15 @@ class SyntheticClips(torch.utils.data.Dataset):
         return sample
 
 
-def build_dataset(cfg, split: str, train: bool, modalities=("rgb", "pose")) -> SyntheticClips:
-    return SyntheticClips(cfg, split, train, modalities)
+def build_dataset(cfg, split: str, train: bool, modalities=("rgb", "pose"), num_classes=None,
+                  progress=True) -> SyntheticClips:
+    if num_classes is not None and num_classes < NUM_CLASSES:
+        raise ValueError(f"synthetic: label {NUM_CLASSES - 1} >= num_classes = {num_classes}")
+    dataset = SyntheticClips(cfg, split, train, modalities)
+    if num_classes is not None:  # as the real one: more classes than the labels use (a split may lack some)
+        dataset.num_classes = num_classes
+        dataset.class_names += [f"class_{i}" for i in range(NUM_CLASSES, num_classes)]
+    return dataset
 
 
 def build_loader(dataset, batch_size: int, train: bool, seed: int, workers: int, rank: int = 0, world_size: int = 1,

@@ -174,7 +174,18 @@ def test_a_finished_run_is_not_overwritten_without_resume(tmp_path, synthetic_da
         run_stage(cfg, "pose")
 
 
-def test_num_classes_must_match_the_dataset(tmp_path, synthetic_data):
-    cfg = synthetic_data.tiny_config(tmp_path, "pose", ["model.num_classes=60"])
-    with pytest.raises(ValueError, match="model.num_classes = 60, but the dataset has 3 classes"):
+def test_model_num_classes_goes_to_the_dataset(tmp_path, synthetic_data):
+    cfg = synthetic_data.tiny_config(tmp_path, "pose", ["model.num_classes=2"])
+    with pytest.raises(ValueError, match="label 2 >= num_classes = 2"):
+        run_stage(cfg, "pose")
+    cfg = synthetic_data.tiny_config(tmp_path, "pose", ["model.num_classes=5", "train.epochs=1"])
+    stop = StopFlag()
+    result = run_stage(cfg, "pose", on_iteration=lambda record: stop.request(), stop=stop)
+    assert load_checkpoint(result.resume_from)["meta"]["num_classes"] == 5
+
+
+def test_pose_channels_must_match_the_skeleton(tmp_path, synthetic_data, monkeypatch):
+    monkeypatch.setattr(synthetic_data.BatchTransform, "num_joints", 25, raising=False)
+    cfg = synthetic_data.tiny_config(tmp_path, "pose")
+    with pytest.raises(ValueError, match="model.pose_channels = 17, but data.skeleton 'coco17' renders 25"):
         run_stage(cfg, "pose")
