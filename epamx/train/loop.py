@@ -236,6 +236,10 @@ def train_one_epoch(model: nn.Module, loader, transform, optimizer: torch.optim.
             names = list(losses)
             values, stop_now = _reduce([loss.item()] + [losses[n].item() for n in names] + [grad_norm.item()],
                                        bool(stop is not None and stop.requested))
+            if not math.isfinite(values[0]):
+                raise FloatingPointError(f"the training loss is {values[0]} at epoch {epoch + 1}, iteration "
+                                         f"{iteration} (step {scheduler.last_epoch}): training diverged; lower "
+                                         f"optim.lr_per_16 or resume from an earlier checkpoint")
             now = time.perf_counter()
             record = {"type": "train", "epoch": epoch, "iter": iteration, "step": scheduler.last_epoch,
                       "loss": values[0], **{f"loss_{n}": v for n, v in zip(names, values[1:-1])}, "lr": lr,

@@ -189,3 +189,14 @@ def test_pose_channels_must_match_the_skeleton(tmp_path, synthetic_data, monkeyp
     cfg = synthetic_data.tiny_config(tmp_path, "pose")
     with pytest.raises(ValueError, match="model.pose_channels = 17, but data.skeleton 'coco17' renders 25"):
         run_stage(cfg, "pose")
+
+
+def test_a_diverged_loss_stops_training_with_the_step(synthetic_data):
+    cfg, loader, transform = small_pose_setup(synthetic_data)
+    model = PoseStream(3)
+    with torch.no_grad():
+        model.pose_cls_head.fc_cls.bias.fill_(float("nan"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 1, iteration 1 \(step 1\)"):
+        train_one_epoch(model, loader, transform, optimizer, cosine_schedule(optimizer, 10), mode="pose",
+                        device=torch.device("cpu"), epoch=0)
