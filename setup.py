@@ -77,6 +77,7 @@ setup(
     license="MIT",
     python_requires=">=3.11",  # tomllib (training configs)
     packages=find_packages(include=["epamx", "epamx.*"]),
+    package_data={"epamx": ["configs/*.toml"]},
     # Any torch the extension was compiled against; never upgraded by installing epamx. The rest: epamx.data and
     # training (PyAV decodes and writes videos, Pillow JPEG frames, tqdm progress, matplotlib PNG plots).
     install_requires=["torch>=2.4", "numpy", "av>=12", "pillow", "tqdm", "matplotlib"],
