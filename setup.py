@@ -75,8 +75,9 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.11"  # tomllib (training configs),
+    python_requires=">=3.11",  # tomllib (training configs)
     packages=find_packages(include=["epamx", "epamx.*"]),
+    package_data={"epamx": ["configs/*.toml"]},
     # Any torch the extension was compiled against; never upgraded by installing epamx. The rest: epamx.data and
     # training (PyAV decodes and writes videos, Pillow JPEG frames, tqdm progress, matplotlib PNG plots).
     install_requires=["torch>=2.4", "numpy", "av>=12", "pillow", "tqdm", "matplotlib"],

@@ -33,7 +33,7 @@ TORCH_LIBRARY(epamx, m) {
   // Pose heatmaps (PoseC3D GeneratePoseTarget). keypoints: (N, M, T, V, 2), scores: (N, M, T, V),
   // limbs: joint pairs flattened; output (N, C, T, H, W), C = V (with_joints) + L.
   m.def("render_heatmaps(Tensor keypoints, Tensor? scores, int[2] size, float sigma=0.6, int[]? limbs=None, "
-        "bool with_joints=True, float eps=1e-3, ScalarType? dtype=None) -> Tensor");
+        "bool with_joints=True, float eps=1e-4, ScalarType? dtype=None) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,12 +1,16 @@
-"""Command line: ``python -m epamx info`` and ``python -m epamx demo``."""
+"""Command line: ``python -m epamx train | eval | predict | render | prepare | info | demo``.
+
+This module parses arguments and calls into epamx.train and epamx.data; it holds no logic of its own."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -166,9 +170,246 @@ def _demo_model(device: torch.device, repeats: int) -> bool:
     return same
 
 
+# ---- training and using models -------------------------------------------------------------------------------------
+
+def _user_errors():
+    """Exceptions that mean bad input (a path, a config, a file): printed as one line, not a traceback."""
+    from epamx.data import AnnotationError, DecodeError, SampleError
+    from epamx.train.checkpoint import CheckpointError
+    from epamx.train.config import ConfigError
+
+    return (ConfigError, CheckpointError, AnnotationError, DecodeError, SampleError, FileNotFoundError,
+            NotADirectoryError, ValueError)
+
+
+def _toml_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid TOML basic string
+
+
+def _train_overrides(args: argparse.Namespace) -> list:
+    overrides = []
+    if args.mode:
+        overrides.append(f"train.mode={args.mode}")
+    if args.init_from:
+        overrides.append(f"train.init_from=[{', '.join(_toml_string(p) for p in args.init_from)}]")
+    if args.out:
+        overrides.append(f"train.out_dir={_toml_string(args.out)}")
+    if args.device:
+        overrides.append(f"train.device={_toml_string(args.device)}")
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.no_resume:
+        overrides.append("train.resume=false")
+    return overrides + list(args.overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from epamx.train import load_config, run
+    from epamx.train import distributed
+
+    cfg = load_config(args.config, _train_overrides(args))
+    try:
+        result = run(cfg)
+    finally:
+        distributed.teardown()
+    return 3 if result.stopped else 0
+
+
+def _checkpoint_and_config(args: argparse.Namespace):
+    from epamx.train.inference import config_for_checkpoint, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"train.device={_toml_string(args.device)}")
+    return checkpoint, config_for_checkpoint(checkpoint, args.config, overrides)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from epamx.train import distributed, evaluate_checkpoint
+    from epamx.train.plots import plot_confusion_matrix
+
+    checkpoint, cfg = _checkpoint_and_config(args)
+    split = args.split or cfg.data.val_split
+    try:
+        result = evaluate_checkpoint(cfg, checkpoint, split, progress=not args.quiet)
+        if not distributed.is_main():
+            return 0
+    finally:
+        distributed.teardown()
+    out = Path(args.out) if args.out else checkpoint.parent / f"eval-{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint), "split": split,
+                                                  **result.summary()}, indent=2))
+    table = result.per_class_table()
+    (out / "per_class.txt").write_text(table + "\n")
+    plot_confusion_matrix(result.confusion(), out / "confusion.png", result.class_names,
+                          title=f"{checkpoint.name} on {split} ({result.primary})")
+    if args.json:
+        print(json.dumps({"checkpoint": str(checkpoint), "split": split, **result.summary()}, indent=2))
+        return 0
+    print(f"{checkpoint} on split {split!r}: {len(result.labels)} clips, one clip per video")
+    print(f"{'stream':<8} {'top-1':>7} {'top-5':>7} {'mean class':>11}")
+    for stream, m in result.metrics.items():
+        print(f"{stream:<8} {100 * m['top1']:6.2f}% {100 * m['top5']:6.2f}% {100 * m['mean_class_accuracy']:10.2f}%")
+    print(f"\nper class ({result.primary}):\n{table}")
+    print(f"\nwritten: {out}/metrics.json, per_class.txt, confusion.png")
+    return 0
+
+
+def _clips(args: argparse.Namespace, cfg, class_names, mode):
+    from epamx.train.inference import clip_from_video, clips_from_annotations
+
+    if args.video or args.keypoints:
+        if not (args.video and args.keypoints):
+            raise ValueError("--video and --keypoints go together (a video and its keypoints file)")
+        return clip_from_video(cfg, class_names, mode, args.video, args.keypoints, precropped=args.precropped)
+    ann_file = args.ann
+    if ann_file is None:
+        if cfg.data.dataset == "embedded":
+            from epamx.data.embedded import build_embedded
+
+            ann_file = build_embedded(cfg.data, progress=False)["ann_file"]
+        else:
+            ann_file = cfg.data.ann_file
+    split = args.split if args.split or args.sample else cfg.data.val_split
+    return clips_from_annotations(cfg, class_names, mode, ann_file, args.sample or (), split,
+                                  video_root=args.video_root or "", frame_root=args.frame_root or "")
+
+
+def _load_for_inference(args: argparse.Namespace):
+    from epamx.train import load_model
+    from epamx.train.distributed import resolve_device
+
+    checkpoint, cfg = _checkpoint_and_config(args)
+    device = resolve_device(cfg.train.device)
+    model, meta = load_model(checkpoint, device, cfg.model.fused)
+    class_names = meta.get("class_names") or [f"class_{i}" for i in range(meta["num_classes"])]
+    return checkpoint, cfg, device, model, meta, class_names
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from epamx.train.inference import predict
+
+    checkpoint, cfg, device, model, meta, class_names = _load_for_inference(args)
+    dataset = _clips(args, cfg, class_names, meta["mode"])
+    if args.limit:
+        dataset.annotations = dataset.annotations[:args.limit]
+    results = predict(model, cfg, dataset, top_k=args.top_k, device=device)
+    if args.json:
+        print(json.dumps({"checkpoint": str(checkpoint), "clips": results}, indent=2))
+        return 0
+    for r in results:
+        top = ", ".join(f"{name} {score:.3f}" for name, score in r["top"])
+        print(f"{r['frame_dir']}: {top}")
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from epamx.train.inference import render_attention
+
+    checkpoint, cfg, device, model, meta, class_names = _load_for_inference(args)
+    dataset = _clips(args, cfg, class_names, meta["mode"])
+    count = min(len(dataset), args.limit or len(dataset))
+    out = Path(args.out)
+    for i in range(count):
+        png = render_attention(model, cfg, dataset, i, out / f"{dataset.annotations[i]['frame_dir']}.png", device)
+        print(png)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from epamx.data.prepare import prepare_videos
+
+    report = prepare_videos(args.ann, args.video_root, args.out, video_suffix=args.suffix, out_suffix=args.out_suffix,
+                            size=args.size, split=args.split, workers=args.workers, progress=not args.quiet,
+                            skip_bad=args.skip_bad)
+    failed = report.get("failed") or []
+    print(f"prepared {report['done']} clips ({report['skipped_existing']} already done) in {report['seconds']:.1f} s, "
+          f"{report['clips_per_s']:.2f} clips/s; {len(failed)} failed" + (f": {failed[:5]}" if failed else ""))
+    return 1 if failed and not args.skip_bad else 0
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser, default: Optional[str] = "runs/embedded") -> None:
+    p.add_argument("--checkpoint", default=default,
+                   help="a checkpoint, or a run or stage folder (its final.pt; a run folder: the fused stage's); "
+                        f"default {default}")
+    p.add_argument("--config", default=None, help="config name or TOML file (default: the checkpoint's run config)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. data.ann_file=x")
+
+
+def _add_clip_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ann", default=None, help="annotation pickle (default: the config's dataset)")
+    p.add_argument("--sample", nargs="+", default=None, metavar="FRAME_DIR", help="annotation entries to use")
+    p.add_argument("--split", default=None, help="a split of the annotation pickle (default: the config's val split)")
+    p.add_argument("--video-root", default=None, help="folder of the annotation's videos (default: the config's)")
+    p.add_argument("--frame-root", default=None, help="folder of the annotation's frame folders")
+    p.add_argument("--video", default=None, help="one video file (with --keypoints)")
+    p.add_argument("--keypoints", default=None, help="its keypoints: .npz or .pkl with 'keypoint' (M, T, V, 2) and "
+                                                     "optionally 'keypoint_score', 'img_shape'")
+    p.add_argument("--precropped", action="store_true",
+                   help="the --video is already cropped to the persons (else it is cropped here)")
+    p.add_argument("--limit", type=int, default=0, help="at most this many clips")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m epamx", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m epamx", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train EPAM-Net (default: the embedded dataset, the authors' three "
+                                              "stages), then evaluate")
+    train.add_argument("--config", default="embedded", help="a shipped config name (embedded, ntu60_xsub, ...) or a "
+                                                            "TOML file")
+    train.add_argument("--mode", choices=["all", "pose", "rgb", "fused"], default=None,
+                       help="all: pose, then rgb, then fused from both (the authors' protocol)")
+    train.add_argument("--init-from", nargs="+", default=None, metavar="CHECKPOINT",
+                       help="start from these checkpoints (epamx stage checkpoints or the authors' files)")
+    train.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
+    train.add_argument("--epochs", type=int, default=None, help="epochs per stage")
+    train.add_argument("--no-resume", action="store_true", help="do not continue from the run folder's checkpoints")
+    train.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                       help="any config value, e.g. train.batch_size=16 optim.lr_per_16=0.002")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="top-1/top-5/mean class accuracy per stream and fused, confusion "
+                                                "matrix PNG, per-class table")
+    _add_checkpoint_args(evaluate)
+    evaluate.add_argument("--split", default=None, help="split to evaluate (default: the config's val split)")
+    evaluate.add_argument("--out", default=None, help="folder for metrics.json, per_class.txt, confusion.png")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(run=_eval)
+
+    pred = commands.add_parser("predict", help="top-k classes of clips (annotation entries, or a video + keypoints)")
+    _add_checkpoint_args(pred)
+    _add_clip_args(pred)
+    pred.add_argument("--top-k", type=int, default=5)
+    pred.add_argument("--json", action="store_true", help="print JSON")
+    pred.set_defaults(run=_predict)
+
+    render = commands.add_parser("render", help="PNGs of clips with their heatmaps and EPAM-Net's spatial and "
+                                                "temporal attention")
+    _add_checkpoint_args(render)
+    _add_clip_args(render)
+    render.add_argument("--out", default="renders", help="output folder (default renders/)")
+    render.set_defaults(run=_render, limit=4)
+
+    prepare = commands.add_parser("prepare", help="crop raw videos to the persons and resize them, as the authors "
+                                                  "prepared their RGB input")
+    prepare.add_argument("--ann", required=True, help="annotation pickle")
+    prepare.add_argument("--video-root", required=True, help="folder of the raw videos")
+    prepare.add_argument("--out", required=True, help="output folder (the only place written to)")
+    prepare.add_argument("--suffix", default=".mp4", help="raw video name suffix after frame_dir (default .mp4)")
+    prepare.add_argument("--out-suffix", default="_rgb.mp4", help="output name suffix (default _rgb.mp4)")
+    prepare.add_argument("--size", type=int, default=224, help="output frame side (default 224)")
+    prepare.add_argument("--split", default=None, help="only this split")
+    prepare.add_argument("--workers", type=int, default=max(1, min(8, len(os.sched_getaffinity(0)))))
+    prepare.add_argument("--skip-bad", action="store_true", help="skip unreadable videos (listed) instead of stopping")
+    prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    prepare.set_defaults(run=_prepare)
     info = commands.add_parser("info", help="versions, compiled backends (CPU, CUDA archs), threads, operators")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("--model", action="store_true", help="also EPAM-Net's parameters per part and multiply-adds")
@@ -181,4 +422,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--repeats", type=int, default=5)
     demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
+    if args.command in ("train", "eval", "predict", "render", "prepare") and not os.environ.get("EPAMX_DEBUG"):
+        try:
+            return args.run(args)
+        except _user_errors() as e:
+            print(f"epamx {args.command}: error: {e}", file=sys.stderr)
+            return 2
     return args.run(args)

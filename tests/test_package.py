@@ -1,11 +1,15 @@
-"""The package around the ops: build information, the command line, the README's main command."""
+"""The package around the ops: build information, the command line, the README's main command, the docs."""
 import json
+import pathlib
 import subprocess
 import sys
 
 import torch
 
 import epamx
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(*args):
@@ -53,3 +57,20 @@ def test_cli_rejects_unknown_command():
     result = _run("frobnicate")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_documentation_is_in_the_repository():
+    # A clone has docs/epamnet.md and nothing beside the repository: no file may send readers outside it.
+    sources = [REPO / name for name in ("README.md", "CMakeLists.txt", "setup.py", "pyproject.toml")]
+    for folder in ("epamx", "csrc", "tests", "bench", "tools", "docs"):
+        sources += [p for p in (REPO / folder).rglob("*") if p.suffix in {".py", ".md", ".h", ".cpp", ".cu", ".cuh",
+                                                                           ".sh", ".toml", ".txt"}]
+    # Spelled in pieces, so that this file does not point there itself.
+    needles = ("/".join(("..", "shared")), "REFERENCE" + ".md")
+    outside = [str(p.relative_to(REPO)) for p in sources
+               if p.is_file() and any(s in p.read_text(encoding="utf-8") for s in needles)]
+    assert not outside, f"these files point outside the repository: {outside}"
+    doc = (REPO / "docs" / "epamnet.md").read_text(encoding="utf-8")
+    # The figures the model's tests check, as the reference states them.
+    for figure in ("1,980,030", "519,580", "2,538,717 / 2,577,717", "| 107 |", "4.26 G", "3.36 G", "eps 1e-4"):
+        assert figure in doc, f"docs/epamnet.md does not state {figure!r}"

@@ -1,12 +1,16 @@
 #pragma once
 // Argument checks whose messages name the argument and what was expected.
 // Type problems raise TypeError, bad values/shapes ValueError, device problems RuntimeError.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace epamx {
 
@@ -35,6 +39,35 @@ inline bool dims_are_dense(const at::Tensor& t, int64_t first, int64_t count) {
     expected *= t.size(d);
   }
   return true;
+}
+
+// Whether no two elements of `t` can share memory, decided from its sizes and strides alone. at::has_internal_overlap
+// answers only for dense tensors (no) and stride-0 dims (yes), and "too hard" for everything else, such as an
+// as_strided view whose strides are all 1. Here the dims are sorted by stride, and each stride must exceed the
+// furthest offset the smaller-stride dims reach. That holds for every view torch's slicing, permuting and
+// transposing make; the few interleaved layouts it cannot prove (sizes (3, 2), strides (2, 3)) count as overlapping.
+inline bool provably_no_internal_overlap(const at::Tensor& t) {
+  const at::MemOverlap overlap = at::has_internal_overlap(t);
+  if (overlap != at::MemOverlap::TooHard) return overlap == at::MemOverlap::No;
+  if (t.numel() == 0) return true;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims that index more than one element
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;  // the largest offset reachable through the dims before this one
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return false;
+    reach += (size - 1) * stride;
+  }
+  return true;
+}
+
+// For in-place kernels, whose result would depend on the order elements are written if two of them aliased.
+inline void check_no_internal_overlap(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK_VALUE(provably_no_internal_overlap(t), op, ": ", arg,
+                    " must not have overlapping memory (two elements sharing an address, as after expand() or "
+                    "as_strided()); clone() it first. Sizes ", t.sizes(), ", strides ", t.strides());
 }
 
 // Whether every element offset of `x` (and a contiguous tensor of its size) fits in int32.

@@ -57,17 +57,23 @@ HOST_DEVICE_INLINE void axis_window(float lo, float hi, double three_sigma, int3
 
 HOST_DEVICE_INLINE bool finite_point(float x, float y) { return std::isfinite(x) && std::isfinite(y); }
 
+// Whether a score lets its person draw: finite and at least eps. A NaN or infinite score means "missing", like a
+// NaN coordinate: an infinite peak would draw infinite pixels (and NaN where the Gaussian underflows to 0).
+HOST_DEVICE_INLINE bool score_draws(float score, double eps) {
+  return std::isfinite(score) && static_cast<double>(score) >= eps;
+}
+
 HOST_DEVICE_INLINE Stamp empty_stamp() {
   Stamp s{};
   s.x0 = s.x1 = s.y0 = s.y1 = 0;
   return s;
 }
 
-// A joint's Gaussian at (x, y) with peak `score`. A missing joint (NaN or infinite coordinate) or a score below
-// eps (NaN included) draws nothing.
+// A joint's Gaussian at (x, y) with peak `score`. A missing joint (NaN or infinite coordinate), a missing score
+// (NaN or infinite) or a score below eps draws nothing.
 template <typename index_t>
 HOST_DEVICE_INLINE Stamp joint_stamp(float x, float y, float score, const RenderGeometry<index_t>& g) {
-  if (!(static_cast<double>(score) >= g.eps) || !finite_point(x, y)) return empty_stamp();
+  if (!score_draws(score, g.eps) || !finite_point(x, y)) return empty_stamp();
   Stamp s = empty_stamp();
   axis_window(x, x, g.three_sigma, static_cast<int32_t>(g.W), s.x0, s.x1);
   axis_window(y, y, g.three_sigma, static_cast<int32_t>(g.H), s.y0, s.y1);
@@ -80,14 +86,15 @@ HOST_DEVICE_INLINE Stamp joint_stamp(float x, float y, float score, const Render
 
 // A limb from joint a to joint b. Its window is the bounding box of both end points, widened by 3 sigma. A limb
 // shorter than 1 pixel (squared length < 1) is drawn as joint a's Gaussian with a's own score and window,
-// exactly as the original does; its score check still uses min(score_a, score_b), NaN if either score is. The
-// squared length is summed in double from the float32 differences, as NumPy 1.x evaluates the original's scalar
-// (dx**2 + dy**2), and rounded to float32 where the original mixes it into float32 arrays.
+// exactly as the original does; its score check still uses min(score_a, score_b). A missing score (NaN or
+// infinite) at either end means no limb. The squared length is summed in double from the float32 differences, as
+// NumPy 1.x evaluates the original's scalar (dx**2 + dy**2), and rounded to float32 where the original mixes it
+// into float32 arrays.
 template <typename index_t>
 HOST_DEVICE_INLINE Stamp limb_stamp(float ax, float ay, float sa, float bx, float by, float sb,
                                     const RenderGeometry<index_t>& g) {
-  const float peak = (sa < sb || std::isnan(sa)) ? sa : sb;
-  if (!(static_cast<double>(peak) >= g.eps) || !finite_point(ax, ay) || !finite_point(bx, by)) {
+  const float peak = sa < sb ? sa : sb;
+  if (!score_draws(sa, g.eps) || !score_draws(sb, g.eps) || !finite_point(ax, ay) || !finite_point(bx, by)) {
     return empty_stamp();
   }
   const auto dx = static_cast<double>(ax - bx);
@@ -230,7 +237,7 @@ HOST_DEVICE_INLINE void render_run_thread(index_t i, const RenderGeometry<index_
       if (x < s.x0 || x >= s.x1) continue;
       const float v =
           s.segment ? stamp_value<true>(s, g.two_sigma2, x, y) : stamp_value<false>(s, g.two_sigma2, x, y);
-      // A select, not fmaxf: a NaN value (an infinite score times 0) leaves best unchanged, as on the CPU.
+      // A select, as on the CPU (scores are finite here, so v is never NaN).
       best[k] = v > best[k] ? v : best[k];
     }
   }

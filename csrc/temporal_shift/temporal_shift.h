@@ -51,6 +51,9 @@ inline ShiftLayout check_shift_args(const at::Tensor& x, int64_t fold_div, std::
   L.fold = L.C / fold_div;
   TORCH_CHECK_VALUE(2 * L.fold <= L.C, op, ": fold = C // fold_div = ", L.C, " // ", fold_div, " = ", L.fold,
                     " must be at most C / 2 so that the two shifted groups fit; use fold_div >= 2");
+  // A fold of 0 would make the shift an identity that no one asked for (a typo in fold_div, or too few channels).
+  TORCH_CHECK_VALUE(L.fold >= 1 || L.C == 0, op, ": fold = C // fold_div = ", L.C, " // ", fold_div,
+                    " = 0 shifts no channel; use fold_div <= C (C = ", L.C, ")");
   return L;
 }
 

@@ -1,6 +1,5 @@
 // Temporal shift, CPU kernels: at::parallel_for over frame planes (out of place) or shifted channels (in place).
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -68,9 +67,8 @@ void shift_inplace_strided_cpu(const at::Tensor& x, const ShiftLayout& L, int si
 void shift_inplace_entry_cpu(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments, int sign,
                              const char* op) {
   const ShiftLayout L = check_shift_args(x, fold_div, num_segments, op);
-  TORCH_CHECK_VALUE(at::has_internal_overlap(x) != at::MemOverlap::Yes, op,
-                    ": input must not have overlapping memory (e.g. from expand()); clone() it first");
-  if (x.numel() == 0 || L.fold == 0) return;
+  check_no_internal_overlap(x, op, "input");
+  if (x.numel() == 0) return;
   if (shift_planes_dense(x, L)) {
     shift_inplace_cpu(x, L, sign, op);
   } else if (shift_pixels_uniform(x, L)) {

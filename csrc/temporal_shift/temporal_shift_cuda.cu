@@ -1,6 +1,5 @@
 // Temporal shift, CUDA kernels: thin __global__ launchers around the per-thread bodies of temporal_shift_math.h.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -80,9 +79,8 @@ at::Tensor temporal_shift_backward_cuda(const at::Tensor& grad, int64_t fold_div
 void shift_inplace_entry_cuda(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments, int sign,
                               const char* op) {
   const ShiftLayout L = check_shift_args(x, fold_div, num_segments, op);
-  TORCH_CHECK_VALUE(at::has_internal_overlap(x) != at::MemOverlap::Yes, op,
-                    ": input must not have overlapping memory (e.g. from expand()); clone() it first");
-  if (x.numel() == 0 || L.fold == 0) return;
+  check_no_internal_overlap(x, op, "input");
+  if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   // Pixels with two strides: shift a dense copy, then write it back into the caller's tensor.
   const at::Tensor work = shift_planes_dense(x, L) || shift_pixels_uniform(x, L) ? x : x.contiguous();

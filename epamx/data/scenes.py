@@ -127,7 +127,7 @@ def _colour(rng: np.random.RandomState, low: int = 0, high: int = 256) -> Tuple[
 
 
 def _draw_person(draw: ImageDraw.ImageDraw, kp: np.ndarray, size: float, clothes, skin, obj, hand: int) -> None:
-    width = max(1, int(round(size * 0.045)))
+    width = max(1, int(round(size * 0.06)))
     shoulders_hips = [tuple(kp[5]), tuple(kp[6]), tuple(kp[12]), tuple(kp[11])]
     draw.polygon(shoulders_hips, fill=clothes)
     for a, b in _BONES:
@@ -156,15 +156,16 @@ def render_clip(rng: np.random.RandomState, label: int, frames: int, image_size:
     float32, 'frames' (T, S, S, 3) uint8 RGB, with M = 1 or 2 persons (the actor first)."""
     action = CLASSES[label]
     s = float(image_size)
-    height = rng.uniform(0.55, 0.75) * s
-    centre = np.array([rng.uniform(0.38, 0.62) * s, rng.uniform(0.47, 0.53) * s])
+    # The camera frames the actor as the authors' person-cropped videos do: the figure fills most of the height.
+    height = rng.uniform(0.78, 0.92) * s
+    centre = np.array([rng.uniform(0.42, 0.58) * s, rng.uniform(0.48, 0.54) * s])
     pose, obj, hand = _pose_sequence(rng, action, frames)
     people: List[Tuple[np.ndarray, object]] = [(pose * height + centre, obj)]
     heights = [height]
     if rng.rand() < 0.2:  # an idle bystander at one side, smaller, partly outside the frame at times
-        h2 = height * rng.uniform(0.6, 0.8)
+        h2 = height * rng.uniform(0.5, 0.7)
         side = rng.choice([-1, 1])
-        c2 = np.array([centre[0] + side * rng.uniform(0.3, 0.4) * s, centre[1] + rng.uniform(-0.05, 0.05) * s])
+        c2 = np.array([centre[0] + side * rng.uniform(0.36, 0.44) * s, centre[1] + rng.uniform(-0.05, 0.05) * s])
         people.append((_idle_sequence(rng, frames) * h2 + c2, None))
         heights.append(h2)
 
@@ -180,7 +181,7 @@ def render_clip(rng: np.random.RandomState, label: int, frames: int, image_size:
     keypoint = np.stack(keypoints).astype(np.float32)
     keypoint_score = np.stack(scores).astype(np.float32)
 
-    background = np.array(_colour(rng, 40, 220), dtype=np.float32)
+    background = np.array(_colour(rng, 60, 200), dtype=np.float32)
     gradient = rng.uniform(-40, 40, size=3).astype(np.float32)
     ramp = np.linspace(0, 1, image_size, dtype=np.float32)[:, None, None]
     base = np.clip(background + gradient * ramp, 0, 255)
@@ -198,6 +199,6 @@ def render_clip(rng: np.random.RandomState, label: int, frames: int, image_size:
             _draw_person(draw, kp[t], h, c, sk, obj, hand)
         draw.rectangle([0, desk_top, image_size, image_size], fill=desk)
         frame = np.asarray(img, dtype=np.float32)
-        frame = (frame - 128) * contrast + 128 + rng.normal(0, 4, size=frame.shape)
+        frame = (frame - 128) * contrast + 128 + rng.normal(0, 3, size=frame.shape)
         out[t] = np.clip(frame, 0, 255).astype(np.uint8)
     return {"keypoint": keypoint, "keypoint_score": keypoint_score, "frames": out}

@@ -1,6 +1,8 @@
-"""EPAM-Net and its X-ShiftNet backbones, built on epamx.nn."""
+"""EPAM-Net, its X-ShiftNet backbones and its single-stream models, built on epamx.nn."""
 from epamx.models.checkpoint import load_authors_checkpoint
 from epamx.models.epamnet import ClassificationHead, EPAMNet
+from epamx.models.streams import PoseStream, RGBStream, build_model, init_from, stream_logits
 from epamx.models.xshiftnet import XShiftBlock, XShiftNet
 
-__all__ = ["ClassificationHead", "EPAMNet", "XShiftBlock", "XShiftNet", "load_authors_checkpoint"]
+__all__ = ["ClassificationHead", "EPAMNet", "PoseStream", "RGBStream", "XShiftBlock", "XShiftNet", "build_model",
+           "init_from", "load_authors_checkpoint", "stream_logits"]

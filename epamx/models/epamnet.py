@@ -1,5 +1,5 @@
 """EPAM-Net: RGB and pose X-ShiftNet streams, pose-driven spatial-temporal attention on the RGB features, two
-classification heads whose logits are summed (../shared/REFERENCE.md)."""
+classification heads whose logits are summed (docs/epamnet.md describes the model)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union

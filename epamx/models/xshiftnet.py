@@ -1,5 +1,5 @@
 """X-ShiftNet: X3D-style bottleneck blocks with 2D (1x3x3 depthwise) convolutions and a temporal shift in front of
-every block, the backbone of both EPAM-Net streams (../shared/REFERENCE.md; the authors' X3DTemporalShift).
+every block, the backbone of both EPAM-Net streams (docs/epamnet.md; the authors' X3DTemporalShift).
 
 Module and parameter names follow the authors' code (mmcv ConvModule: ``.conv`` + ``.bn``), so their checkpoints
 load with a few renames (epamx.models.load_authors_checkpoint).

@@ -37,7 +37,8 @@ class PoseHeatmaps(nn.Module):
     Args:
         size: output (H, W), or one int (56 in EPAM-Net).
         sigma, limbs, with_joints, eps, dtype: as in :func:`epamx.ops.render_heatmaps` (limbs: (start, end)
-            joint pairs, e.g. ``epamx.ops.COCO17_LIMBS``; None for joints only, the paper's default).
+            joint pairs, e.g. ``epamx.ops.COCO17_LIMBS``; None for joints only, the paper's default; eps 1e-4 as
+            the authors' mmaction2 pipeline, 1e-3 to match pyskl's).
         padding: the box grows by this fraction of its width and height (0.25).
         threshold: boxes narrower or shorter than this many pixels are not cropped (10, as pyskl).
         hw_ratio: the box's height/width ratio (1.0: square), or None to keep the persons' aspect ratio.
@@ -48,7 +49,7 @@ class PoseHeatmaps(nn.Module):
     """
 
     def __init__(self, size: Union[int, Tuple[int, int]] = 56, sigma: float = 0.6,
-                 limbs: Optional[Sequence[Tuple[int, int]]] = None, with_joints: bool = True, eps: float = 1e-3,
+                 limbs: Optional[Sequence[Tuple[int, int]]] = None, with_joints: bool = True, eps: float = 1e-4,
                  padding: float = 0.25, threshold: float = 10.0, hw_ratio: Optional[float] = 1.0,
                  allow_imgpad: bool = True, flip_pairs: Sequence[Tuple[int, int]] = COCO17_FLIP_PAIRS,
                  dtype: Optional[torch.dtype] = None):
@@ -155,7 +156,7 @@ class PoseHeatmaps(nn.Module):
         return torch.tensor(order, device=device)
 
     def extra_repr(self) -> str:
-        text = f"size={self.size}, sigma={self.sigma}, with_joints={self.with_joints}"
+        text = f"size={self.size}, sigma={self.sigma}, eps={self.eps}, with_joints={self.with_joints}"
         if self.limbs is not None:
             text += f", limbs={len(self.limbs)}"
         text += (f", padding={self.padding}, threshold={self.threshold}, hw_ratio={self.hw_ratio}, "

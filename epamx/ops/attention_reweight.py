@@ -5,7 +5,8 @@
 x is (N, C, T, H, W), the spatial map S (N, 1, T, H, W) broadcasts over channels, the temporal map A
 (N, 1, T, 1, 1) over channels and space. Computed in float32 for half and bfloat16 inputs (float64 for float64)
 and rounded once. The backward pass reads x and the incoming gradient once and saves nothing but the inputs:
-dx = g * (1 + S*A), dS = A * sum_c g*x, dA = sum_{c,h,w} g*x*S.
+dx = g * (1 + S*A), dS = A * sum_c g*x, dA = sum_{c,h,w} g*x*S. That backward op is differentiable in turn (in
+plain torch ops and itself), so gradients of any order are exact.
 """
 from __future__ import annotations
 
@@ -54,3 +55,25 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("epamx::attention_reweight", _backward, setup_context=_setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_backward(ctx, ggx, ggs, gga):
+    """The backward op's own backward, given the gradients (ggx, ggs, gga) flowing into its outputs (dx, dS, dA)."""
+    grad, x, spatial, temporal = ctx.saved_tensors
+    # dx = g * (1 + S*A) is the forward op's output with g in place of x: its vector-Jacobian product is the
+    # backward op itself, applied to ggx.
+    d_grad, d_spatial, d_temporal = torch.ops.epamx._attention_reweight_backward(ggx, grad, spatial, temporal)
+    # dS = A * sum_c g*x and dA = sum_{c,h,w} g*x*S are bilinear in g and x.
+    weight = ggs * temporal + gga * spatial  # (N, 1, T, H, W): what each g*x product feeds
+    gx = (grad * x).sum(dim=1, keepdim=True)
+    grads = (d_grad + x * weight, grad * weight, d_spatial + gga * gx,
+             d_temporal + (ggs * gx).sum(dim=(3, 4), keepdim=True))
+    return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
+
+
+torch.library.register_autograd("epamx::_attention_reweight_backward", _backward_backward,
+                                setup_context=_setup_backward_context)

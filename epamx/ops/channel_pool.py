@@ -7,7 +7,8 @@ x (N, C, T, H, W) -> (N, 2, ceil(T / t_stride), H, W). The mean accumulates in f
 The maximum follows torch.max: NaN propagates, and among equal maxima (ties) the first channel is the arg-max;
 the backward pass sends the max gradient to that channel only (as torch.max's gradient does) and the mean
 gradient, divided by C, to every channel. Frames the pooling skips get zero gradient. The backward pass
-recomputes the arg-max from x, so only the input is saved.
+recomputes the arg-max from x, so only the input is saved. It is differentiable in turn: linear in the incoming
+gradient, and constant in x wherever the arg-max is unique (the second derivative in x is 0, as torch.max's is).
 """
 from __future__ import annotations
 
@@ -50,3 +51,29 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("epamx::channel_pool", _backward, setup_context=_setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    _, x, ctx.t_stride = inputs
+    ctx.save_for_backward(x)
+
+
+def _backward_backward(ctx, ggx):
+    """The backward op's own backward: for the gradient ggx flowing into dx (N, C, T, H, W), the gradient of the
+    pooled gradient (N, 2, T', H, W) is ggx pooled the same way: read at the arg-max channel, averaged over C."""
+    (x,) = ctx.saved_tensors
+    t_stride = ctx.t_stride
+    n, _, t, h, w = x.shape
+    t_out = (t + t_stride - 1) // t_stride
+    # The backward op with a gradient of 1 on the max and 0 on the mean marks the arg-max channels (with the
+    # kernel's own tie and NaN rules) at the pooled frames, and nothing elsewhere.
+    route_max = torch.cat((x.new_ones((n, 1, t_out, h, w)), x.new_zeros((n, 1, t_out, h, w))), dim=1)
+    is_max = torch.ops.epamx._channel_pool_backward(route_max, x, t_stride)
+    frames = ggx[:, :, ::t_stride]
+    at_max = frames.where(is_max[:, :, ::t_stride] != 0, 0)  # a select, so inf elsewhere cannot make 0 * inf
+    d_grad = torch.cat((at_max.sum(dim=1, keepdim=True), frames.mean(dim=1, keepdim=True)), dim=1)
+    return d_grad if ctx.needs_input_grad[0] else None, None, None
+
+
+torch.library.register_autograd("epamx::_channel_pool_backward", _backward_backward,
+                                setup_context=_setup_backward_context)

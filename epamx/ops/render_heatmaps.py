@@ -15,15 +15,19 @@ with lo = hi = the joint's x, or the smaller and larger x of a limb's end points
 truncates toward zero, so a joint slightly left of the image still reaches column 0. Persons whose score is
 below ``eps`` (for a limb: min(score_a, score_b) < eps) draw nothing.
 
+``eps`` defaults to 1e-4, the value of mmaction2's ``GeneratePoseTarget``, which EPAM-Net's authors render with
+(so a checkpoint of theirs sees the heatmaps it was trained on). pyskl's copy of the transform uses 1e-3: pass
+``eps=1e-3`` to reproduce pyskl's heatmaps (joints scored in [1e-4, 1e-3) then draw nothing).
+
 Where epamx deliberately differs from the NumPy original (pyskl / mmaction2 ``GeneratePoseTarget``), and why:
 
 - NaN or infinite coordinates mean "missing": that joint (and every limb using it) draws nothing. The original
   raises in ``int(nan)``, so data loaders must clean keypoints first; a fused op on the device cannot raise per
   element, and missing joints are common in detector output.
-- A NaN score draws nothing, and neither does a limb with a NaN end score (the original's ``score < eps`` is
-  False for NaN: it writes NaN into the window, or for a limb ignores a NaN end score in ``min``).
-- The max over persons ignores NaN values instead of spreading them (``np.maximum`` spreads them); with finite
-  inputs no value is NaN, so this only matters for infinite scores.
+- Any non-finite score (NaN, inf or -inf) means "missing" too: that joint draws nothing, and neither does a limb
+  with a non-finite score at either end. The original's ``score < eps`` is False for NaN, so it writes NaN into
+  the window (or for a limb ignores a NaN end score in ``min``), and an infinite score draws infinite pixels,
+  with NaN where the Gaussian underflows to 0.
 - Joints and limbs can be rendered together (channels V..V+L-1 after the V joint channels); pyskl allows only
   one of the two, and mmaction2's version concatenates them in this same order.
 - Scalar arithmetic follows NumPy 1.x (the authors' environment), which promoted a float32 scalar combined
@@ -89,20 +93,22 @@ def _size(size: Union[int, Sequence[int]]) -> list[int]:
 
 
 def render_heatmaps(keypoints: Tensor, scores: Optional[Tensor] = None, size: Union[int, Sequence[int]] = (56, 56),
-                    sigma: float = 0.6, limbs: Limbs = None, with_joints: bool = True, eps: float = 1e-3,
+                    sigma: float = 0.6, limbs: Limbs = None, with_joints: bool = True, eps: float = 1e-4,
                     dtype: Optional[torch.dtype] = None) -> Tensor:
     """Render PoseC3D pseudo-heatmaps for a batch of clips in one kernel (see the module docstring).
 
     Args:
         keypoints: (N, M, T, V, 2) (x, y) in heatmap pixels, N clips of M persons, T frames, V joints; any
             floating dtype (computed in float32). NaN or infinite coordinates mark missing joints.
-        scores: (N, M, T, V) keypoint confidences, the Gaussians' peaks; None means all ones.
+        scores: (N, M, T, V) keypoint confidences, the Gaussians' peaks; None means all ones. NaN and infinite
+            scores mark missing joints.
         size: (H, W) of the heatmaps, or one int for square ones.
         sigma: the Gaussian's standard deviation in pixels (> 0).
         limbs: (start, end) joint pairs, a sequence or an (L, 2) integer tensor (a CUDA tensor is read back to the
             host), rendered as channels after the joints; None for none. COCO-17's are ``COCO17_LIMBS``.
         with_joints: render the V joint channels.
-        eps: persons (limbs) with a score (min of both end scores) below eps draw nothing.
+        eps: persons (limbs) with a score (min of both end scores) below eps draw nothing. 1e-4 as in mmaction2,
+            which EPAM-Net's authors use; pyskl uses 1e-3.
         dtype: float32 (default), float64, float16 or bfloat16 output; values are computed in float32.
 
     Returns:
@@ -121,10 +127,15 @@ def _window(lo: float, hi: float, sigma: float, size: int) -> tuple[int, int]:
     return max(int(lo - 3 * sigma), 0), min(int(hi + 3 * sigma) + 1, size)
 
 
+def _score_draws(score, eps: float) -> bool:
+    # Compared as a Python float, as NumPy 1.x compared a float32 scalar with the Python float eps.
+    return math.isfinite(score) and float(score) >= eps
+
+
 def _draw_joint(arr, x, y, score, sigma, eps):
     import numpy as np
 
-    if not float(score) >= eps or not (math.isfinite(x) and math.isfinite(y)):
+    if not _score_draws(score, eps) or not (math.isfinite(x) and math.isfinite(y)):
         return
     h, w = arr.shape
     x0, x1 = _window(float(x), float(x), sigma, w)
@@ -140,9 +151,11 @@ def _draw_joint(arr, x, y, score, sigma, eps):
 def _draw_limb(arr, a, b, score_a, score_b, sigma, eps):
     import numpy as np
 
-    peak = np.minimum(score_a, score_b)  # NaN if either is, unlike min()
-    if not float(peak) >= eps or not all(math.isfinite(v) for v in (a[0], a[1], b[0], b[1])):
+    if not (_score_draws(score_a, eps) and _score_draws(score_b, eps)):
         return
+    if not all(math.isfinite(v) for v in (a[0], a[1], b[0], b[1])):
+        return
+    peak = np.minimum(score_a, score_b)
     # A Python float from the float32 differences, as NumPy 1.x promoted the original's scalar arithmetic.
     d2_ab = float(a[0] - b[0]) ** 2 + float(a[1] - b[1]) ** 2
     if d2_ab < 1:
@@ -185,12 +198,12 @@ def _render_clip_numpy(kps, scores, h, w, sigma, limbs, with_joints, eps):
 
 def render_heatmaps_reference(keypoints: Tensor, scores: Optional[Tensor] = None,
                               size: Union[int, Sequence[int]] = (56, 56), sigma: float = 0.6, limbs: Limbs = None,
-                              with_joints: bool = True, eps: float = 1e-3,
+                              with_joints: bool = True, eps: float = 1e-4,
                               dtype: Optional[torch.dtype] = None) -> Tensor:
     """:func:`render_heatmaps` the way PoseC3D's data pipeline does it: NumPy, one clip, frame, person and
     channel at a time, drawing each Gaussian into its window with ``np.maximum``; the clips' (T, C, H, W)
     arrays are then stacked and transposed to (N, C, T, H, W). Follows epamx's documented choices where they
-    differ from the original (missing joints, NaN scores), so it is comparable on every input.
+    differ from the original (missing joints, non-finite scores), so it is comparable on every input.
 
     The baseline the benchmarks measure, and a reference the tests check the op against.
     """
@@ -215,7 +228,7 @@ def render_heatmaps_reference(keypoints: Tensor, scores: Optional[Tensor] = None
 # ---- registrations: fake kernel (shapes for torch.compile / meta tensors) and autograd --------------------------
 
 @torch.library.register_fake("epamx::render_heatmaps")
-def _render_heatmaps_fake(keypoints, scores, size, sigma=0.6, limbs=None, with_joints=True, eps=1e-3, dtype=None):
+def _render_heatmaps_fake(keypoints, scores, size, sigma=0.6, limbs=None, with_joints=True, eps=1e-4, dtype=None):
     torch._check(keypoints.dim() == 5 and keypoints.shape[4] == 2,
                  lambda: f"render_heatmaps: keypoints must be 5-D (N, M, T, V, 2), got {tuple(keypoints.shape)}")
     torch._check(scores is None or scores.device == keypoints.device,

@@ -8,9 +8,10 @@ Layouts: a 5-D input is (N, C, T, H, W), as in EPAM-Net; a 4-D input is (N*T, C,
 and a tensor whose (H, W) frames are not dense (a spatial slice, channels_last_3d) is first copied to a
 contiguous one. The out-of-place result is always contiguous.
 
-Edge cases: fold_div must be >= 1 and fold <= C / 2 (so fold_div >= 2 unless C = 0). When C < fold_div the fold
-is 0 and the shift is the identity. With T = 1 the shifted channels become zero. Empty tensors are returned
-as they are.
+Edge cases: fold_div must be an int with 1 <= fold <= C / 2, so 2 <= fold_div <= C (a fold of 0 would silently
+make the shift the identity, so it raises; only an input with C = 0 channels takes any fold_div >= 1). With T = 1
+the shifted channels become zero. Empty tensors are returned as they are. The in-place ops refuse inputs whose
+elements share memory (expand()ed or as_strided views), whose result would depend on the kernel's write order.
 """
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 __all__ = ["temporal_shift", "temporal_shift_", "temporal_shift_reference", "temporal_unshift_"]
+
+
+def _check_int_args(op: str, fold_div, num_segments) -> None:
+    # The dispatcher would say "Unable to cast Python instance ..." without naming the argument. Anything with
+    # __index__ (NumPy integers, one-element integer tensors) is an int to it, so those still pass.
+    for name, value in (("fold_div", fold_div), ("num_segments", num_segments)):
+        if (value is None and name == "num_segments") or isinstance(value, (int, torch.SymInt)):
+            continue
+        if not hasattr(type(value), "__index__"):
+            raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
 
 
 def temporal_shift(input: Tensor, fold_div: int = 8, num_segments: Optional[int] = None) -> Tensor:
@@ -35,6 +46,7 @@ def temporal_shift(input: Tensor, fold_div: int = 8, num_segments: Optional[int]
         A new tensor of the input's shape, contiguous (channels-last for a channels-last input). Differentiable
         (the gradient is the opposite shift).
     """
+    _check_int_args("temporal_shift", fold_div, num_segments)
     return torch.ops.epamx.temporal_shift(input, fold_div, num_segments)
 
 
@@ -44,6 +56,7 @@ def temporal_shift_(input: Tensor, fold_div: int = 8, num_segments: Optional[int
     Differentiable like any in-place torch op (the input must not be a leaf that requires grad); the backward
     pass saves no tensors.
     """
+    _check_int_args("temporal_shift_", fold_div, num_segments)
     if torch.is_grad_enabled() and input.requires_grad:
         return _TemporalShiftInplace.apply(input, fold_div, num_segments)
     torch.ops.epamx.temporal_shift_(input, fold_div, num_segments)
@@ -56,6 +69,7 @@ def temporal_unshift_(input: Tensor, fold_div: int = 8, num_segments: Optional[i
     After ``temporal_shift_(x)`` it restores every frame of ``x`` except the two the shift dropped: frame 0 of
     channels [0, fold) and frame T - 1 of channels [fold, 2 * fold), which come back as zeros. Not differentiable.
     """
+    _check_int_args("temporal_unshift_", fold_div, num_segments)
     torch.ops.epamx._temporal_shift_backward_(input, fold_div, num_segments)
     return input
 

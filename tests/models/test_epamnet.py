@@ -1,5 +1,8 @@
 """X-ShiftNet and EPAM-Net: the published shapes and parameter counts, fused == reference path, exact in-place
 inference, the authors' checkpoint names, compile, bad input."""
+import io
+import re
+
 import pytest
 import torch
 
@@ -244,16 +247,103 @@ def test_load_authors_checkpoint(wrapping, tmp_path):
     assert len(ours) == len(theirs)
 
 
-def test_authors_checkpoint_with_other_classes_is_refused():
-    with pytest.raises(RuntimeError, match="size mismatch for rgb_cls_head.fc_cls.weight"):
-        load_authors_checkpoint(EPAMNet(num_classes=120), authors_state_dict(num_classes=60))
+def _assert_loaded(model, theirs):
+    ours = model.state_dict()
+    for key in ("rgb_cls_head.fc_cls.weight", "pose_backbone.conv5.bn.running_var"):
+        assert torch.equal(ours[key], theirs[key])
 
 
-def test_authors_checkpoint_missing_keys_are_listed():
+def test_authors_checkpoint_from_file_objects(tmp_path):
+    theirs = authors_state_dict(num_classes=60)
+    buffer = io.BytesIO()
+    torch.save({"epoch": 9, "model_state_dict": theirs}, buffer)
+    buffer.seek(0)
+    _assert_loaded(load_authors_checkpoint(EPAMNet(num_classes=60), buffer), theirs)
+    path = tmp_path / "epam.pth"
+    path.write_bytes(buffer.getvalue())
+    with open(path, "rb") as f:
+        _assert_loaded(load_authors_checkpoint(EPAMNet(num_classes=60), f), theirs)
+    _assert_loaded(load_authors_checkpoint(EPAMNet(num_classes=60), str(path)), theirs)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_unreadable_checkpoint_names_the_file(damage, tmp_path):
+    buffer = io.BytesIO()
+    torch.save(authors_state_dict(num_classes=60), buffer)
+    data = {"garbage": b"this is not a checkpoint" * 40, "truncated": buffer.getvalue()[:5000], "empty": b""}[damage]
+    path = tmp_path / f"{damage}.pth"
+    path.write_bytes(data)
+    with pytest.raises(RuntimeError, match=f"could not read checkpoint '{re.escape(str(path))}'"):
+        load_authors_checkpoint(EPAMNet(num_classes=60), path)
+    with pytest.raises(RuntimeError, match="could not read the checkpoint in the BytesIO passed in"):
+        load_authors_checkpoint(EPAMNet(num_classes=60), io.BytesIO(data))
+
+
+def test_missing_checkpoint_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        load_authors_checkpoint(EPAMNet(num_classes=60), tmp_path / "nowhere.pth")
+
+
+def test_checkpoint_of_another_type_is_explained():
+    with pytest.raises(TypeError, match="expected a path, a binary file object or a state dict, got list"):
+        load_authors_checkpoint(EPAMNet(num_classes=60), [1, 2])
+    buffer = io.BytesIO()
+    torch.save([torch.zeros(1)], buffer)
+    buffer.seek(0)
+    with pytest.raises(TypeError, match="holds a list, expected a state dict"):
+        load_authors_checkpoint(EPAMNet(num_classes=60), buffer)
+
+
+class _CreatesAFile:
+    """Unpickling this runs open(marker, "w"): what a malicious checkpoint could do with any callable."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_pickled_code_in_a_checkpoint_never_runs(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": authors_state_dict(num_classes=60), "hook": _CreatesAFile(marker)}, path)
+    with pytest.raises(RuntimeError, match=f"could not read checkpoint '{re.escape(str(path))}'"):
+        load_authors_checkpoint(EPAMNet(num_classes=60), path)
+    with pytest.raises(RuntimeError, match="could not read the checkpoint in the BytesIO"):
+        load_authors_checkpoint(EPAMNet(num_classes=60), io.BytesIO(path.read_bytes()))
+    assert not marker.exists()
+    # The payload is live: an unrestricted unpickler does create the file.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_authors_checkpoint_with_other_classes_is_refused(tmp_path):
+    path = tmp_path / "ntu60.pth"
+    torch.save(authors_state_dict(num_classes=60), path)
+    with pytest.raises(RuntimeError, match=f"checkpoint '{re.escape(str(path))}' has 60 classes, the model 120"):
+        load_authors_checkpoint(EPAMNet(num_classes=120), path)
+    with pytest.raises(RuntimeError, match="the state dict passed in has 120 classes, the model 60"):
+        load_authors_checkpoint(EPAMNet(num_classes=60), authors_state_dict(num_classes=120))
+
+
+def test_authors_checkpoint_with_other_shapes_lists_them():
+    state = authors_state_dict(num_classes=60)
+    state["pose_backbone.conv1_s.conv.weight"] = torch.randn(24, 25, 1, 3, 3)  # NTU's 25 joints, not COCO's 17
+    with pytest.raises(RuntimeError, match=re.escape("pose_backbone.conv1_s.conv.weight: (24, 25, 1, 3, 3) in the "
+                                                     "checkpoint, (24, 17, 1, 3, 3) in the model")):
+        load_authors_checkpoint(EPAMNet(num_classes=60), state)
+
+
+def test_authors_checkpoint_missing_keys_are_listed(tmp_path):
     state = authors_state_dict(num_classes=60)
     del state["attention_module.spatial.bn.weight"]
     with pytest.raises(RuntimeError, match="Missing key.*attention_module.spatial_bn.weight"):
         load_authors_checkpoint(EPAMNet(num_classes=60), state)
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    with pytest.raises(RuntimeError, match=f"checkpoint '{re.escape(str(path))}' does not fit the model"):
+        load_authors_checkpoint(EPAMNet(num_classes=60), path)
 
 
 def test_conversion_round_trip():

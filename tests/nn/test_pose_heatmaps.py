@@ -122,6 +122,15 @@ def test_forward_renders_the_coordinates(device):
     assert out[:3].amax(dim=(1, 2, 3, 4)).min() > 0.5, "every cropped clip lands inside the heatmap"
 
 
+def test_default_eps_is_the_authors_mmaction2_value(device):
+    # A joint scored between mmaction2's eps (1e-4, the authors' pipeline) and pyskl's (1e-3) is drawn by default.
+    kp, scores, shapes = make_clips(n=1)
+    scores = torch.full_like(scores, 5e-4)
+    out = PoseHeatmaps()(kp.to(device), scores.to(device), shapes[:1].to(device))
+    assert 0 < out.max() <= scores.max()
+    assert PoseHeatmaps(eps=1e-3)(kp.to(device), scores.to(device), shapes[:1].to(device)).max() == 0
+
+
 def test_ntu25(device):
     kp, scores, shapes = make_clips(n=2, v=25)
     module = PoseHeatmaps(size=(48, 64), limbs=NTU25_BONES, flip_pairs=NTU25_FLIP_PAIRS, dtype=torch.bfloat16)
@@ -141,8 +150,8 @@ def test_compile_fullgraph():
 
 def test_repr_and_state():
     module = PoseHeatmaps(limbs=COCO17_LIMBS)
-    assert repr(module) == ("PoseHeatmaps(size=(56, 56), sigma=0.6, with_joints=True, limbs=17, padding=0.25, "
-                            "threshold=10.0, hw_ratio=1.0, allow_imgpad=True)")
+    assert repr(module) == ("PoseHeatmaps(size=(56, 56), sigma=0.6, eps=0.0001, with_joints=True, limbs=17, "
+                            "padding=0.25, threshold=10.0, hw_ratio=1.0, allow_imgpad=True)")
     assert module.state_dict() == {}
 
 

@@ -1,5 +1,5 @@
 """SpatialTemporalAttention: the published block (107 parameters), fused path == reference path, and both equal
-to the formulas of ../shared/REFERENCE.md written out here with torch.nn.functional."""
+to the formulas of docs/epamnet.md written out here with torch.nn.functional."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -74,6 +74,29 @@ def test_gradcheck_fp64(device):
     assert torch.autograd.gradcheck(attention_reweight, (x, s, a))
 
 
+def test_gradgradcheck_fp64(device):
+    x, s, a = [v.requires_grad_(True) for v in make_inputs((2, 5, 3, 4, 3), torch.float64, device)]
+    assert torch.autograd.gradgradcheck(attention_reweight, (x, s, a))
+    # The backward op on its own, through all four of its inputs, and its backward in turn (third order).
+    grad = torch.randn_like(x).requires_grad_(True)
+    backward = torch.ops.epamx._attention_reweight_backward
+    assert torch.autograd.gradcheck(backward, (grad, x, s, a))
+    assert torch.autograd.gradgradcheck(backward, (grad, x, s, a))
+
+
+def test_second_derivatives_match_the_reference(device):
+    # The Hessian-vector products of a scalar loss, against the same composition in plain torch ops.
+    def hvp(fn, inputs, vectors):
+        inputs = [v.detach().clone().requires_grad_(True) for v in inputs]
+        grads = torch.autograd.grad((fn(*inputs) ** 2).sum(), inputs, create_graph=True)
+        return torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vectors)), inputs)
+
+    inputs = make_inputs((2, 6, 4, 3, 5), torch.float64, device)
+    vectors = [torch.randn_like(v) for v in inputs]
+    for act, exp in zip(hvp(attention_reweight, inputs, vectors), hvp(attention_reweight_reference, inputs, vectors)):
+        close(act, exp, torch.float64)
+
+
 @pytest.mark.parametrize("groups", [1, 2, 5, 17])
 def test_gpu_thread_bodies_are_order_independent(groups):
     x, s, a = make_inputs((2, 17, 3, 5, 3))
@@ -119,6 +142,8 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.epamx.attention_reweight.default,
                           tuple(v.clone().requires_grad_(True) for v in (x, s, a)))
     torch.library.opcheck(torch.ops.epamx._attention_reweight_backward.default, (torch.randn_like(x), x, s, a))
+    torch.library.opcheck(torch.ops.epamx._attention_reweight_backward.default,
+                          tuple(v.clone().requires_grad_(True) for v in (torch.randn_like(x), x, s, a)))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

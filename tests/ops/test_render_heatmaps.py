@@ -16,8 +16,9 @@ from epamx.ops import (COCO17_LIMBS, NTU25_BONES, render_heatmaps, render_heatma
 ATOL = 1e-5
 
 
-def dense_reference(keypoints, scores, size, sigma, limbs=(), with_joints=True, eps=1e-3):
-    """(N, M, T, V, 2), (N, M, T, V) -> (N, C, T, H, W) float32, every pixel of every stamp evaluated."""
+def dense_reference(keypoints, scores, size, sigma, limbs=(), with_joints=True, eps=1e-4):
+    """(N, M, T, V, 2), (N, M, T, V) -> (N, C, T, H, W) float32, every pixel of every stamp evaluated. eps defaults
+    to mmaction2's GeneratePoseTarget's; NaN and infinite scores are missing, like NaN and infinite coordinates."""
     kp = keypoints.detach().cpu().float().numpy()
     sc = (torch.ones(kp.shape[:-1]) if scores is None else scores.detach().cpu().float()).numpy()
     h, w = size
@@ -44,7 +45,7 @@ def dense_reference(keypoints, scores, size, sigma, limbs=(), with_joints=True, 
     channels = []
     if with_joints:
         with np.errstate(invalid="ignore"):
-            active = sc.astype(np.float64) >= eps
+            active = np.isfinite(sc) & (sc.astype(np.float64) >= eps)
         channels.append(point(kp[..., 0], kp[..., 1], sc, active))  # (N, M, T, V, H, W)
     if len(limbs):
         a_idx = np.array([a for a, _ in limbs])
@@ -53,7 +54,7 @@ def dense_reference(keypoints, scores, size, sigma, limbs=(), with_joints=True, 
         sa, sb = sc[..., a_idx], sc[..., b_idx]
         peak = np.minimum(sa, sb)
         with np.errstate(invalid="ignore"):
-            active = peak.astype(np.float64) >= eps
+            active = np.isfinite(sa) & np.isfinite(sb) & (peak.astype(np.float64) >= eps)
         active &= np.isfinite(a).all(-1) & np.isfinite(b).all(-1)
         with np.errstate(invalid="ignore", over="ignore"):
             # float64 sums of the float32 differences (NumPy 1.x scalar promotion), used as float32 below.
@@ -81,8 +82,9 @@ def dense_reference(keypoints, scores, size, sigma, limbs=(), with_joints=True, 
 
 
 def make_inputs(n=2, m=3, t=4, v=17, size=(23, 31), seed=0, device="cpu", special=True):
-    """Keypoints spread from well outside to well inside the image, scores in [0, 1) with zeros, tiny scores,
-    NaN coordinates and zero-length limbs mixed in (when `special`)."""
+    """Keypoints spread from well outside to well inside the image, scores in [0, 1) with zeros, tiny scores (on
+    both sides of mmaction2's eps 1e-4 and pyskl's 1e-3), NaN and infinite coordinates and scores, and zero-length
+    limbs mixed in (when `special`)."""
     g = torch.Generator().manual_seed(seed)
     h, w = size
     kp = torch.rand(n, m, t, v, 2, generator=g) * torch.tensor([w + 16.0, h + 16.0]) - 8
@@ -91,10 +93,14 @@ def make_inputs(n=2, m=3, t=4, v=17, size=(23, 31), seed=0, device="cpu", specia
         flat_kp = kp.view(-1, v, 2)
         flat_sc = scores.view(-1, v)
         frames = flat_kp.shape[0]
-        pick = torch.randint(0, frames, (7,), generator=g)
+        pick = torch.randint(0, frames, (11,), generator=g)
         flat_sc[pick[0], 1] = 0.0
-        flat_sc[pick[1], 2] = 5e-4  # below eps
-        flat_sc[pick[2], 3] = 1.5e-3  # just above eps
+        flat_sc[pick[1], 2] = 5e-5  # below eps
+        flat_sc[pick[2], 3] = 1.5e-4  # just above eps
+        flat_sc[pick[7], 3] = 5e-4  # drawn with mmaction2's eps, not with pyskl's
+        flat_sc[pick[8], 8] = float("inf")  # the end of limb (6, 8), the start of (8, 10)
+        flat_sc[pick[9], 11] = -float("inf")
+        flat_sc[pick[10], 13] = float("inf")
         flat_kp[pick[3], 4, 0] = float("nan")
         flat_kp[pick[4], 5, 1] = float("inf")
         flat_kp[pick[5], 6] = flat_kp[pick[5], 5]  # a zero-length limb (5, 6) and two coinciding joints
@@ -204,11 +210,11 @@ def test_input_dtypes_are_computed_in_float32(in_dtype, device):
 
 # ---- GeneratePoseTarget's rules, one at a time, against closed forms ------------------------------------------------
 
-def _one(kp_xy, score=1.0, size=(16, 16), sigma=0.6, limbs=None, eps=1e-3, device="cpu", v=None):
+def _one(kp_xy, score=1.0, size=(16, 16), sigma=0.6, limbs=None, device="cpu", **kwargs):
     """Render one frame of one person whose joints are `kp_xy` (V, 2)."""
     kp = torch.tensor(kp_xy, dtype=torch.float32, device=device).view(1, 1, 1, -1, 2)
     scores = torch.as_tensor(score, dtype=torch.float32, device=device).expand(kp.shape[:-1]).contiguous()
-    return render_heatmaps(kp, scores, size, sigma, limbs, eps=eps)[0, :, 0].cpu()
+    return render_heatmaps(kp, scores, size, sigma, limbs, **kwargs)[0, :, 0].cpu()
 
 
 def _gauss(d2, sigma=0.6):
@@ -236,10 +242,24 @@ def test_int_truncates_toward_zero_outside_the_image(device):
 
 def test_score_is_the_peak_and_eps_skips(device):
     assert _one([[4.0, 4.0]], score=0.37, device=device)[0, 4, 4] == pytest.approx(0.37)
-    assert _one([[4.0, 4.0]], score=9.9e-4, device=device).max() == 0
-    # float32(1e-3) is just above 1e-3: drawn, as the original compares it with the Python float.
-    assert _one([[4.0, 4.0]], score=1e-3, device=device)[0, 4, 4] == pytest.approx(1e-3)
+    assert _one([[4.0, 4.0]], score=9.9e-5, device=device).max() == 0
+    # float32(1e-4) is just below 1e-4 and float32(1e-3) just above 1e-3: the original compares them with the
+    # Python float eps, so the first is skipped and the second drawn.
+    assert _one([[4.0, 4.0]], score=1e-4, device=device).max() == 0
+    assert _one([[4.0, 4.0]], score=1e-3, eps=1e-3, device=device)[0, 4, 4] == pytest.approx(1e-3)
     assert _one([[4.0, 4.0]], score=0.5, eps=0.6, device=device).max() == 0
+
+
+def test_default_eps_is_the_authors_mmaction2_value(device):
+    # EPAM-Net's authors render with mmaction2's GeneratePoseTarget (eps 1e-4), pyskl's copy uses 1e-3: a joint
+    # scored 5e-4 is drawn by default, and only with eps=1e-3 skipped. Every entry point has the same default.
+    kp = torch.tensor([[4.0, 4.0]], device=device).view(1, 1, 1, 1, 2)
+    scores = torch.full((1, 1, 1, 1), 5e-4, device=device)
+    for render in (render_heatmaps, render_heatmaps_reference,
+                   lambda k, s, size: torch.ops.epamx.render_heatmaps(k, s, [size, size])):
+        assert render(kp, scores, 9)[0, 0, 0, 4, 4].item() == pytest.approx(5e-4), render
+    assert render_heatmaps(kp, scores, 9, eps=1e-3).max() == 0
+    assert render_heatmaps_reference(kp, scores, 9, eps=1e-3).max() == 0
 
 
 def test_max_over_persons(device):
@@ -272,7 +292,7 @@ def test_limb_shorter_than_a_pixel_is_its_start_joint(device):
     hm = render_heatmaps(kp, scores, (12, 12), limbs=[(0, 1)])[0, :, 0].cpu()
     torch.testing.assert_close(hm[2], hm[0], rtol=0, atol=0)
     # ... but the min of both scores still decides whether it is drawn.
-    scores[..., 1] = 1e-4
+    scores[..., 1] = 5e-5
     assert render_heatmaps(kp, scores, (12, 12), limbs=[(0, 1)])[0, 2, 0].max() == 0
 
 
@@ -296,14 +316,42 @@ def test_missing_joints_and_nan_scores_draw_nothing(device):
         assert render_heatmaps(kp, sc, (9, 9), limbs=[(0, 1)], with_joints=False).max() == 0
 
 
-def test_infinite_scores_do_not_spread_nan(device):
-    # inf * exp(-d2) is inf near the segment and inf * 0 = NaN far from it: NaN is dropped by the max (0 remains),
-    # where np.maximum would write NaN.
+NON_FINITE = [float("inf"), -float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("bad", NON_FINITE, ids=["inf", "-inf", "nan"])
+def test_non_finite_scores_are_missing_joints(bad, device):
+    # An infinite peak would draw inf pixels (and NaN where the Gaussian underflows, inf * 0). Every non-finite
+    # score means "missing", whichever entry point renders: the same heatmaps as a score of 0 (below eps) there.
+    kp = torch.tensor([[2.0, 5.0], [7.0, 5.0], [4.0, 1.5]], device=device).view(1, 1, 1, 3, 2)
+    limbs = [(0, 1), (1, 2), (2, 0)]
+    flat = [j for pair in limbs for j in pair]
+    for joint in range(3):
+        scores = torch.tensor([0.9, 0.6, 0.8], device=device)
+        scores[joint] = bad
+        missing = scores.clone()
+        missing[joint] = 0
+        scores, missing = scores.view(1, 1, 1, 3), missing.view(1, 1, 1, 3)
+        expected = render_heatmaps(kp, missing, (9, 9), 0.6, limbs)
+        assert expected.max() > 0.5  # the other joints, and the limb between them, are drawn
+        threads = torch.arange(_count_threads(expected.shape))
+        renders = {  # name: (heatmaps, tolerance); the NumPy renderers use np.exp, the kernels their polynomial
+            "op": (render_heatmaps(kp, scores, (9, 9), 0.6, limbs), 0),
+            "gpu thread bodies": (_C._testing.render_heatmaps_run_thread_bodies(
+                kp.cpu(), scores.cpu(), [9, 9], 0.6, flat, True, 1e-4, None, threads), 0),
+            "numpy reference": (render_heatmaps_reference(kp, scores, (9, 9), 0.6, limbs), ATOL),
+            "dense reference": (dense_reference(kp, scores, (9, 9), 0.6, limbs), ATOL),
+        }
+        for name, (out, atol) in renders.items():
+            assert out.isfinite().all(), name
+            torch.testing.assert_close(out.cpu(), expected.cpu(), rtol=0, atol=atol, msg=name)
+
+
+def test_infinite_scores_on_a_long_limb_draw_nothing(device):
+    # inf * exp(-d2) is inf near the segment and inf * 0 = NaN far from it; neither may appear.
     kp = torch.tensor([[0.0, 0.0], [30.0, 30.0]], device=device).view(1, 1, 1, 2, 2)
     scores = torch.full((1, 1, 1, 2), float("inf"), device=device)
-    hm = render_heatmaps(kp, scores, (32, 32), 0.3, limbs=[(0, 1)], with_joints=False)[0, 0, 0].cpu()
-    assert not hm.isnan().any()
-    assert hm[5, 5] == float("inf") and hm[30, 0] == 0
+    assert render_heatmaps(kp, scores, (32, 32), 0.3, limbs=[(0, 1)]).max() == 0
 
 
 def test_far_away_coordinates_do_not_overflow(device):
@@ -326,10 +374,10 @@ def test_gpu_thread_bodies_match_the_cpu_kernel(v, with_joints, out_dtype):
     g = torch.Generator().manual_seed(1)
     for order in [torch.arange(threads), torch.randperm(threads, generator=g)]:
         with poisoned_allocations():
-            out = _C._testing.render_heatmaps_run_thread_bodies(kp, scores, [13, 19], 0.9, flat, with_joints, 1e-3,
+            out = _C._testing.render_heatmaps_run_thread_bodies(kp, scores, [13, 19], 0.9, flat, with_joints, 1e-4,
                                                                 out_dtype, order)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    out = _C._testing.render_heatmaps_run_thread_bodies(kp, None, [13, 19], 0.9, None, True, 1e-3, None,
+    out = _C._testing.render_heatmaps_run_thread_bodies(kp, None, [13, 19], 0.9, None, True, 1e-4, None,
                                                         torch.arange(_count_threads((2, v, 2, 13, 19))))
     torch.testing.assert_close(out, render_heatmaps(kp, None, (13, 19), 0.9), rtol=0, atol=0)
 
@@ -346,7 +394,7 @@ def test_gpu_thread_bodies_cover_every_row_length(width):
     expected = render_heatmaps(kp, scores, (6, width), 0.6, COCO17_LIMBS)
     with poisoned_allocations():
         out = _C._testing.render_heatmaps_run_thread_bodies(
-            kp, scores, [6, width], 0.6, [j for pair in COCO17_LIMBS for j in pair], True, 1e-3, None,
+            kp, scores, [6, width], 0.6, [j for pair in COCO17_LIMBS for j in pair], True, 1e-4, None,
             torch.randperm(_count_threads(expected.shape)))
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
@@ -354,7 +402,7 @@ def test_gpu_thread_bodies_cover_every_row_length(width):
 def test_thread_body_hook_checks_its_order():
     kp, scores = make_inputs(n=1, m=1, t=1, v=2, size=(3, 3), special=False)
     with pytest.raises(ValueError, match="thread_order must list all 6"):
-        _C._testing.render_heatmaps_run_thread_bodies(kp, scores, [3, 3], 0.6, None, True, 1e-3, None,
+        _C._testing.render_heatmaps_run_thread_bodies(kp, scores, [3, 3], 0.6, None, True, 1e-4, None,
                                                       torch.arange(5))
 
 
@@ -378,7 +426,7 @@ def test_requesting_a_gradient_is_an_error(device):
 def test_opcheck(limbs, dtype, device):
     kp, scores = make_inputs(n=2, m=2, t=3, device=device, seed=9)
     flat = [j for pair in limbs for j in pair] if limbs else None
-    torch.library.opcheck(torch.ops.epamx.render_heatmaps.default, (kp, scores, [23, 31], 0.6, flat, True, 1e-3,
+    torch.library.opcheck(torch.ops.epamx.render_heatmaps.default, (kp, scores, [23, 31], 0.6, flat, True, 1e-4,
                                                                     dtype))
     torch.library.opcheck(torch.ops.epamx.render_heatmaps.default, (kp, None, [9, 7], 1.5, flat, flat is None,
                                                                     1e-3, dtype))
@@ -443,7 +491,7 @@ BAD_INPUTS = [
     ("scores 5-D", lambda d: render_heatmaps(_kp(d), torch.rand(1, 2, 3, 17, 1, device=d)), ValueError,
      "scores must have shape"),
     ("scores on meta", lambda d: torch.ops.epamx.render_heatmaps(_kp(d), torch.rand(1, 2, 3, 17, device="meta"),
-                                                                [5, 5], 0.6, None, True, 1e-3, None),
+                                                                [5, 5], 0.6, None, True, 1e-4, None),
      RuntimeError, "keypoints and scores must be on the same device"),
     ("size 0", lambda d: render_heatmaps(_kp(d), None, (0, 56)), ValueError,
      r"size must be \(H, W\) with H >= 1 and W >= 1, got \[0, 56\]"),

@@ -10,7 +10,7 @@ from epamx.ops import temporal_shift, temporal_shift_, temporal_shift_reference,
 
 LAYOUTS = ["NCTHW", "(NT)CHW"]
 
-# (N, C, T, H, W, fold_div): EPAM-Net-like, odd C and T in {1, 2, 3, 16, 48}, C < fold_div (fold 0),
+# (N, C, T, H, W, fold_div): EPAM-Net-like, odd C and T in {1, 2, 3, 16, 48}, C = fold_div and
 # fold_div <= C < 2 * fold_div (fold 1), H != W.
 SHAPES = [
     (2, 16, 16, 7, 7, 8),
@@ -18,7 +18,7 @@ SHAPES = [
     (3, 9, 1, 2, 5, 2),
     (1, 24, 48, 4, 4, 4),
     (2, 7, 2, 3, 1, 3),
-    (2, 5, 3, 2, 2, 8),
+    (2, 5, 3, 2, 2, 5),
     (1, 3, 5, 2, 3, 2),
 ]
 
@@ -30,7 +30,8 @@ def _random_shapes(count, seed=1234):
         def r(lo, hi):
             return int(torch.randint(lo, hi + 1, (1,), generator=g))
         t = [1, 2, 3, 16, 48][r(0, 4)]
-        shapes.append((r(1, 3), r(2, 41), t, r(1, 9), r(1, 9), r(2, 8)))
+        n, c, h, w, fold_div = r(1, 3), r(2, 41), r(1, 9), r(1, 9), r(2, 8)
+        shapes.append((n, max(c, fold_div), t, h, w, fold_div))  # a fold of at least 1
     return shapes
 
 
@@ -167,6 +168,25 @@ def test_inplace_rejects_overlapping_memory(device):
     x = torch.randn(1, 8, 4, 1, 3, device=device).expand(2, 8, 4, 3, 3)
     with pytest.raises(ValueError, match="overlapping memory"):
         temporal_shift_(x, 4)
+    # Views torch's own overlap check calls "too hard": every stride 1, or a channel stride inside a frame.
+    base = torch.randn(200, device=device)
+    for size, stride in [((1, 8, 3, 2, 2), (1, 1, 1, 1, 1)), ((2, 8, 3, 2, 2), (96, 3, 24, 2, 1))]:
+        view = base.as_strided(size, stride)
+        before = base.clone()
+        for op in (temporal_shift_, temporal_unshift_):
+            with pytest.raises(ValueError, match="overlapping memory"):
+                op(view, 4)
+        assert_bitwise_equal(base, before)
+
+
+def test_inplace_accepts_strided_views_that_do_not_overlap(device):
+    # Gaps between elements, dims in any stride order: no element shares an address, so these are shifted.
+    base = torch.randn(600, device=device)
+    for size, stride in [((2, 8, 3, 2, 2), (200, 20, 6, 3, 1)), ((2, 8, 3, 2, 2), (3, 6, 48, 144, 289))]:
+        view = base.clone().as_strided(size, stride)
+        expected = temporal_shift_reference(view, 4)
+        temporal_shift_(view, 4)
+        assert_bitwise_equal(view, expected)
 
 
 # ---- the CUDA kernels' thread bodies, run on the CPU in any order ----------------------------------------------
@@ -251,6 +271,9 @@ def test_gradcheck_fp64(layout, device):
     assert torch.autograd.gradcheck(lambda v: temporal_shift_(v.clone(), fold_div, num_segments), (x,))
     assert torch.autograd.gradcheck(lambda v: torch.ops.epamx._temporal_shift_backward(v, fold_div, num_segments),
                                     (x,))
+    assert torch.autograd.gradgradcheck(lambda v: temporal_shift_(v.clone(), fold_div, num_segments), (x,))
+    assert torch.autograd.gradgradcheck(
+        lambda v: torch.ops.epamx._temporal_shift_backward(v, fold_div, num_segments), (x,))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -340,12 +363,16 @@ def test_single_frame_zeroes_the_shifted_channels(device):
     assert_bitwise_equal(out[:, 8:], x[:, 8:])
 
 
-def test_fewer_channels_than_fold_div_is_identity(device):
-    x, _, _ = make_input((2, 3, 5, 3, 3, 4), "NCTHW", torch.float32, device)
-    assert_bitwise_equal(temporal_shift(x, 4), x)
-    y = x.clone()
-    temporal_shift_(y, 4)
-    assert_bitwise_equal(y, x)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_fold_of_zero_is_refused(layout, device):
+    # fold = C // fold_div = 0 would leave the input as it is, which nobody asks a shift for.
+    x, _, num_segments = make_input((2, 8, 5, 3, 3, 9), layout, torch.float32, device)
+    ops = [temporal_shift, lambda v, f, s: temporal_shift_(v.clone(), f, s), temporal_unshift_,
+           torch.ops.epamx._temporal_shift_backward]
+    for op in ops:
+        with pytest.raises(ValueError, match="fold = C // fold_div = 8 // 9 = 0 shifts no channel"):
+            op(x, 9, num_segments)
+    assert_bitwise_equal(temporal_shift(x, 8, num_segments), temporal_shift_reference(x, 8, num_segments))
 
 
 @pytest.mark.parametrize("shape,num_segments", [((0, 16, 4, 3, 3), None), ((2, 16, 4, 0, 3), None),
@@ -383,6 +410,14 @@ BAD_INPUTS = [
      ValueError, "num_segments must be None"),
     ("in place, int dtype", lambda d: temporal_shift_(torch.ones(1, 8, 3, 2, 2, dtype=torch.int64, device=d)),
      TypeError, "temporal_shift_: input must be a floating tensor"),
+    ("fold_div a float", lambda d: temporal_shift(torch.randn(1, 8, 3, 2, 2, device=d), 2.5), TypeError,
+     "temporal_shift: fold_div must be an int, got float 2.5"),
+    ("in place, fold_div a float", lambda d: temporal_shift_(torch.randn(1, 8, 3, 2, 2, device=d), 4.0), TypeError,
+     "temporal_shift_: fold_div must be an int, got float 4.0"),
+    ("num_segments a float", lambda d: temporal_shift(torch.randn(6, 8, 2, 2, device=d), 4, 3.0), TypeError,
+     "temporal_shift: num_segments must be an int, got float 3.0"),
+    ("unshift, fold_div a string", lambda d: temporal_unshift_(torch.randn(1, 8, 3, 2, 2, device=d), "4"), TypeError,
+     "temporal_unshift_: fold_div must be an int, got str '4'"),
     ("backward, fold_div 0", lambda d: torch.ops.epamx._temporal_shift_backward(torch.randn(1, 8, 3, 2, 2, device=d),
                                                                                 0, None), ValueError, "fold_div"),
 ]

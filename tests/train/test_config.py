@@ -1,0 +1,152 @@
+"""The training config: shipped configs, strict keys with suggestions, typed values, overrides, TOML round trip."""
+import dataclasses
+import tomllib
+
+import pytest
+
+from epamx.train.config import (Config, ConfigError, ModelConfig, TrainConfig, available_configs, config_from_dict,
+                                load_config, parse_override, to_toml)
+
+AUTHORS = ["ntu60_xsub", "ntu60_xview", "ntu120_xsub", "ntu120_xset", "pku_mmd", "toyota_cs"]
+
+
+def write(tmp_path, text, name="run.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["embedded"] + AUTHORS)
+def test_every_shipped_config_loads_and_round_trips(name):
+    assert name in available_configs()
+    config = load_config(name)
+    assert config.train.out_dir == f"runs/{name}"
+    assert config_from_dict(tomllib.loads(to_toml(config))) == config
+
+
+def test_embedded_is_the_default_and_runs_the_whole_protocol():
+    config = load_config()
+    assert config.data.dataset == "embedded"
+    assert config.train.mode == "all"
+    assert config.data.frame_size == 4 * config.data.heatmap_size
+
+
+@pytest.mark.parametrize("name", AUTHORS)
+def test_shipped_configs_follow_the_authors_recipe(name):
+    config = load_config(name)
+    optim, train, model = config.optim, config.train, config.model
+    assert (optim.lr_per_16, optim.momentum, optim.weight_decay, optim.clip_grad) == (0.001, 0.9, 3e-4, 40.0)
+    assert (train.epochs, train.batch_size, train.mode) == (10, 12, "all")
+    assert model.sync_bn and model.pose_channels == 17 and model.dropout == 0.5
+    assert (config.data.clip_len, config.data.rgb_every, config.data.frame_size, config.data.heatmap_size) == (
+        48, 3, 224, 56)
+    assert config.data.sigma == 0.6 and config.data.flip_prob == 0.5
+    assert model.num_classes == {"ntu60": 60, "ntu120": 120, "pku": 51, "toyota": 31}[name.split("_")[0]]
+    assert train.metric == ("mean_class_accuracy" if name.startswith("toyota") else "top1")
+
+
+def test_load_by_path_names_the_out_dir_after_the_file(tmp_path):
+    path = write(tmp_path, "[train]\nepochs = 3\n", "my_run.toml")
+    config = load_config(path)
+    assert config.train.epochs == 3 and config.train.out_dir == "runs/my_run"
+    assert config.optim == Config().optim  # everything else at its default
+
+
+def test_unknown_key_names_key_table_file_and_suggestion(tmp_path):
+    path = write(tmp_path, "[optim]\nlr = 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "'lr'" in message and "[optim]" in message and str(path) in message and "'lr_per_16'" in message
+
+
+def test_unknown_table_and_nested_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'trian' in the top level; did you mean 'train'"):
+        load_config(write(tmp_path, "[trian]\nepochs = 1\n"))
+    with pytest.raises(ConfigError, match=r"unknown key 'sed' in \[data.embedded\]; did you mean 'seed'"):
+        load_config(write(tmp_path, "[data.embedded]\nsed = 1\n"))
+
+
+def test_unknown_key_without_close_match_lists_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'zzzz' in \[model\]; valid keys: num_classes"):
+        load_config(write(tmp_path, "[model]\nzzzz = 1\n"))
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[train]\nepochs = "ten"\n', "train.epochs must be an integer"),
+    ("[train]\nepochs = 2.5\n", "train.epochs must be an integer"),
+    ("[model]\nfused = 1\n", "model.fused must be true or false"),
+    ("[train]\nbatch_size = true\n", "train.batch_size must be an integer"),
+    ('[train]\ninit_from = "a.pt"\n', "train.init_from must be a list of a string"),
+    ("[data]\nsigma = \"wide\"\n", "data.sigma must be a number"),
+    ("[model]\nchannels_last = 3\n", "model.channels_last must be true or false or a string"),
+    ('[train]\nmode = "both"\n', "train.mode must be one of"),
+    ('[train]\namp = "fp8"\n', "train.amp must be one of"),
+    ("[train]\nepochs = 0\n", "train.epochs must be > 0"),
+    ("[optim]\nweight_decay = -1.0\n", "optim.weight_decay must be >= 0"),
+    ("[optim]\nmin_lr = nan\n", "optim.min_lr must be finite"),
+    ("data = 3\n", "[data] must be a table"),
+])
+def test_wrong_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert key in str(err.value)
+
+
+def test_int_is_accepted_for_a_float():
+    config = config_from_dict({"optim": {"clip_grad": 20}})
+    assert config.optim.clip_grad == 20.0 and isinstance(config.optim.clip_grad, float)
+
+
+def test_overrides_are_applied_before_validation(tmp_path):
+    path = write(tmp_path, "[train]\nepochs = 3\n")
+    config = load_config(path, ["train.epochs=5", "optim.lr_per_16=2e-3", "train.init_from=['a.pt', 'b.pt']",
+                                "train.out_dir=runs/with space", "data.embedded.seed=7", "model.fused=false",
+                                'data.ann_file="x=y.pkl"'])
+    assert config.train.epochs == 5 and config.optim.lr_per_16 == 0.002
+    assert config.train.init_from == ["a.pt", "b.pt"]
+    assert config.train.out_dir == "runs/with space"  # a bare string
+    assert config.data.embedded.seed == 7 and config.model.fused is False
+    assert config.data.ann_file == "x=y.pkl"
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match=r"unknown key 'epoch' in \[train\]; did you mean 'epochs'"):
+        load_config("embedded", ["train.epoch=3"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config("embedded", ["train.epochs"])
+    with pytest.raises(ConfigError, match="is a table"):
+        load_config("embedded", ["data.embedded=3"])
+    with pytest.raises(ConfigError, match="is a value, not a table"):
+        load_config("embedded", ["train.epochs.x=3"])
+    with pytest.raises(ConfigError, match=r"with overrides train.epochs=many\): train.epochs must be an integer"):
+        load_config("embedded", ["train.epochs=many"])
+
+
+def test_parse_override_values():
+    assert parse_override("a.b=3") == (("a", "b"), 3)
+    assert parse_override("a.b = true") == (("a", "b"), True)
+    assert parse_override("a.b=hello") == (("a", "b"), "hello")
+    assert parse_override("a.b=[1, 2]") == (("a", "b"), [1, 2])
+
+
+def test_unknown_config_name():
+    with pytest.raises(ConfigError, match="neither a file nor one of the shipped configs"):
+        load_config("ntu61_xsub")
+
+
+def test_round_trip_of_unusual_values(tmp_path):
+    config = Config(model=ModelConfig(num_classes=7, channels_last=False, dropout=0.25),
+                    train=TrainConfig(out_dir='runs/"quoted"\\back\tslash', init_from=["ä.pt", "b c.pt"],
+                                      mode="rgb"))
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, eps=1e-12, sigma=0.7))
+    text = to_toml(config)
+    assert config_from_dict(tomllib.loads(text)) == config
+    path = write(tmp_path, text)
+    assert load_config(path) == config
+
+
+def test_configs_are_frozen():
+    config = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.epochs = 3
