@@ -34,6 +34,19 @@ def frame_numbers(frames: np.ndarray) -> List[int]:
             for lo, hi in zip(low, high)]
 
 
+def smooth_frames(count, height, width, seed=0):
+    """Random but smooth pictures (what a codec keeps well): a few random low-frequency waves per colour channel,
+    drifting from frame to frame."""
+    rng = np.random.RandomState(seed)
+    t, y, x = np.meshgrid(np.arange(count), np.arange(height) / height, np.arange(width) / width, indexing="ij")
+    frames = np.full((count, height, width, 3), 128.0)
+    for c in range(3):
+        for _ in range(3):
+            fy, fx = rng.uniform(-1.5, 1.5, size=2)
+            frames[..., c] += rng.uniform(10, 35) * np.sin(2 * np.pi * (fy * y + fx * x + 0.05 * t) + rng.uniform(0, 7))
+    return np.clip(frames, 0, 255).astype(np.uint8)
+
+
 def make_annotation(rng: np.random.RandomState, frame_dir: str, label: int, persons: int = 2, frames: int = 12,
                     img_shape=(48, 64), joints: int = 17, missing: float = 0.05) -> Dict:
     """One PoseC3D annotation: persons standing somewhere in the image, a few joints missing (0, score 0)."""

@@ -7,7 +7,7 @@ import torch
 
 from epamx.data import BatchTransform, DataConfig
 from epamx.ops import COCO17_FLIP_PAIRS, render_heatmaps_reference
-from test_transforms import mmcompact_box
+from references import mmcompact_box
 
 LEFT_WRIST, RIGHT_WRIST = 9, 10
 

@@ -12,9 +12,9 @@ import torch
 from epamx.data import (BatchTransform, ClipDataset, DataConfig, SampleError, build_dataset, build_loader,
                         collate_clips, load_annotations, read_video, uniform_sample_frames, write_video)
 from epamx.data.sampler import sample_seed
-from epamx.data.transforms import compact_box, crop_resize_frames
-from fakes import frame_numbers, make_annotation, numbered_frames, write_numbered_dataset, write_pickle
-from test_transforms import mmcompact_box, pil_crop_resize
+from epamx.data.transforms import crop_resize_frames
+from fakes import frame_numbers, make_annotation, write_numbered_dataset, write_pickle
+from references import mmcompact_box, pil_crop_resize
 
 LENGTHS = [30, 12, 45, 7, 20, 26]
 CLIP_LEN = 12

@@ -11,20 +11,7 @@ import pytest
 
 from epamx.data import DecodeError, read_frame_folder, read_video, write_frame_folder, write_video
 from epamx.data.decoding import video_frame_count
-from fakes import frame_numbers, numbered_frames
-
-
-def smooth_frames(count, height, width, seed=0):
-    """Random but smooth pictures (what a codec keeps well): a few random low-frequency waves per colour channel,
-    drifting from frame to frame."""
-    rng = np.random.RandomState(seed)
-    t, y, x = np.meshgrid(np.arange(count), np.arange(height) / height, np.arange(width) / width, indexing="ij")
-    frames = np.full((count, height, width, 3), 128.0)
-    for c in range(3):
-        for _ in range(3):
-            fy, fx = rng.uniform(-1.5, 1.5, size=2)
-            frames[..., c] += rng.uniform(10, 35) * np.sin(2 * np.pi * (fy * y + fx * x + 0.05 * t) + rng.uniform(0, 7))
-    return np.clip(frames, 0, 255).astype(np.uint8)
+from fakes import frame_numbers, numbered_frames, smooth_frames
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv"])

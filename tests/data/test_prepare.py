@@ -5,7 +5,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,9 +12,8 @@ import pytest
 from epamx.data import ClipDataset, SampleError, load_annotations, read_video, write_frame_folder, write_video
 from epamx.data.decoding import video_frame_count
 from epamx.data.prepare import prepare_videos
-from fakes import make_annotation, write_pickle
-from test_decoding import smooth_frames
-from test_transforms import mmcompact_box, pil_crop_resize
+from fakes import make_annotation, smooth_frames, write_pickle
+from references import mmcompact_box, pil_crop_resize
 
 LENGTHS = [9, 14, 11]
 
