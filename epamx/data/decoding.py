@@ -138,7 +138,9 @@ def write_video(path: PathLike, frames: np.ndarray, fps: int = 30, crf: int = 18
             stream = container.add_stream("libx264", rate=fps)
             stream.width, stream.height = w, h
             stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf), "preset": preset, "threads": str(threads)}
+            # mbtree off: with it, x264's output varies from run to run (its lookahead reads memory it did not
+            # write), and the embedded dataset must be the same on every machine.
+            stream.options = {"crf": str(crf), "preset": preset, "threads": str(threads), "x264-params": "mbtree=0"}
             for frame in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                     container.mux(packet)

@@ -6,16 +6,21 @@ are complementary, as in real data:
 - both streams see them: ``wave``, ``raise_arms``, ``clap``, ``squat``;
 - only RGB tells the pairs apart (same motion, a different held object that keypoints do not carry):
   ``drink`` (red cup) / ``phone_call`` (blue phone), ``read`` (yellow book) / ``hold_tablet`` (green tablet);
-- only the pose stream tells the pairs apart (same upper body, different legs, and the RGB camera sees the
-  person from behind a desk that hides everything below the hips): ``hands_on_hips`` / ``march``,
+- only the pose stream tells the pairs apart (same upper body, different legs, and the RGB camera frames the
+  upper body of a person standing behind a desk, so the legs are never in view): ``hands_on_hips`` / ``march``,
   ``arms_out`` / ``side_kicks``.
+
+Two views of one scene, as in real data where keypoints refer to the original video and the RGB clip is a
+person-centred crop of it: the keypoints are in the coordinates of a wide view that holds the whole body
+(``image_size`` square, the annotation's img_shape), the RGB frames show a closer view of the upper body (about
+1.5x), centred on the actor.
 
 A perfect pose-only model therefore reaches 10/12 (83%) top-1, as does a perfect RGB-only model; only the two
 together can reach 100%. No class depends on left versus right, so a horizontal flip keeps every label.
 
 Nuisances: position, size, speed and phase of the motion, which arm acts, keypoint noise and scores, missed
 detections (coordinates and score 0, as PoseC3D writes them), sometimes a second, idle person, and random
-background, clothing, skin, desk and lighting colours.
+background, clothing, skin, desk and lighting colours (muted, so that the held objects are the only vivid colours).
 """
 from __future__ import annotations
 
@@ -61,8 +66,8 @@ _ACTIONS = {
     "arms_out": ("out", "still", None), "side_kicks": ("out", "kicks", None),
 }
 _OBJECTS = {  # colour, (half width, half height) in body units
-    "cup": ((220, 30, 30), (0.05, 0.05)), "phone": ((30, 60, 230), (0.035, 0.07)),
-    "book": ((240, 220, 40), (0.13, 0.09)), "tablet": ((40, 190, 60), (0.09, 0.09)),
+    "cup": ((230, 20, 20), (0.07, 0.07)), "phone": ((20, 50, 240), (0.05, 0.09)),
+    "book": ((250, 225, 20), (0.13, 0.09)), "tablet": ((20, 200, 50), (0.10, 0.10)),
 }
 _BONES = ((5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16))
 
@@ -122,8 +127,10 @@ def _idle_sequence(rng: np.random.RandomState, frames: int) -> np.ndarray:
     return pose
 
 
-def _colour(rng: np.random.RandomState, low: int = 0, high: int = 256) -> Tuple[int, int, int]:
-    return tuple(int(c) for c in rng.randint(low, high, size=3))
+def _muted(rng: np.random.RandomState, low: int, high: int, tint: int = 30) -> Tuple[int, int, int]:
+    """A desaturated colour: a grey level plus a small tint, so that only the held objects are vivid."""
+    grey = rng.randint(low, high)
+    return tuple(int(np.clip(grey + t, 0, 255)) for t in rng.randint(-tint, tint + 1, size=3))
 
 
 def _draw_person(draw: ImageDraw.ImageDraw, kp: np.ndarray, size: float, clothes, skin, obj, hand: int) -> None:
@@ -181,22 +188,26 @@ def render_clip(rng: np.random.RandomState, label: int, frames: int, image_size:
     keypoint = np.stack(keypoints).astype(np.float32)
     keypoint_score = np.stack(scores).astype(np.float32)
 
-    background = np.array(_colour(rng, 60, 200), dtype=np.float32)
+    background = np.array(_muted(rng, 60, 200), dtype=np.float32)
     gradient = rng.uniform(-40, 40, size=3).astype(np.float32)
     ramp = np.linspace(0, 1, image_size, dtype=np.float32)[:, None, None]
     base = np.clip(background + gradient * ramp, 0, 255)
     base = np.broadcast_to(base, (image_size, image_size, 3)).astype(np.uint8)
-    clothes = [_colour(rng, 20, 236) for _ in people]
+    clothes = [_muted(rng, 20, 236) for _ in people]
     skin = [tuple(int(c) for c in np.array([224, 172, 130]) * rng.uniform(0.45, 1.1)) for _ in people]
     desk = tuple(int(c) for c in np.array([140, 90, 50]) * rng.uniform(0.5, 1.4))
-    desk_top = centre[1] + 0.06 * height
+    # The RGB camera: centred on the actor's upper body, zoomed in; everything below the desk's top is hidden.
+    zoom = rng.uniform(1.45, 1.6)
+    camera = np.array([centre[0], centre[1] - 0.24 * height]) + rng.normal(0, 0.02 * height, size=2)
+    view = [((kp - camera) * zoom + s / 2, obj) for kp, obj in people]
+    desk_top = (centre[1] + 0.05 * height - camera[1]) * zoom + s / 2
     contrast = rng.uniform(0.7, 1.0)
     out = np.empty((frames, image_size, image_size, 3), dtype=np.uint8)
     for t in range(frames):
         img = Image.fromarray(base)
         draw = ImageDraw.Draw(img)
-        for (kp, obj), h, c, sk in zip(people, heights, clothes, skin):
-            _draw_person(draw, kp[t], h, c, sk, obj, hand)
+        for (kp, obj), h, c, sk in zip(view, heights, clothes, skin):
+            _draw_person(draw, kp[t], h * zoom, c, sk, obj, hand)
         draw.rectangle([0, desk_top, image_size, image_size], fill=desk)
         frame = np.asarray(img, dtype=np.float32)
         frame = (frame - 128) * contrast + 128 + rng.normal(0, 3, size=frame.shape)

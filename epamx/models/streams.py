@@ -1,7 +1,7 @@
 """The single-stream models of the authors' two-stage protocol, and one way to build and call any of the three.
 
 Each stream is first trained alone (``RGBStream``, ``PoseStream``), then EPAM-Net is initialised from both and
-fine-tuned (../shared/REFERENCE.md, "Training protocol"). The streams name their submodules exactly as
+fine-tuned (docs/epamnet.md, "Training protocol"). The streams name their submodules exactly as
 :class:`EPAMNet` does (``rgb_backbone``, ``rgb_cls_head``, ``pose_backbone``, ``pose_cls_head``), so their state
 dicts are subsets of EPAM-Net's and :func:`init_from` can move weights between all three.
 """
