@@ -53,6 +53,13 @@ class OptimConfig:
     warmup_iters: int = 0            # linear warm-up from 0, within the cosine's iterations
     clip_grad: float = 40.0          # max L2 norm of all gradients; 0 disables clipping
     min_lr: float = 0.0              # the cosine's floor
+    pose_lr_per_16: float = 0.0      # per-stage lr_per_16 for mode "all" and single stages (0: lr_per_16)
+    rgb_lr_per_16: float = 0.0
+    fused_lr_per_16: float = 0.0
+
+    def stage_lr_per_16(self, mode: str) -> float:
+        """lr_per_16 of a stage ("pose", "rgb", "fused"): its own value where set, else lr_per_16."""
+        return getattr(self, f"{mode}_lr_per_16") or self.lr_per_16
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,9 @@ class TrainConfig:
     """The protocol and the run's mechanics."""
     mode: str = "all"                # "rgb", "pose" or "fused" alone; "all": pose, then rgb, then fused from both
     epochs: int = 10                 # per stage
+    pose_epochs: int = 0             # per-stage epochs (0: epochs)
+    rgb_epochs: int = 0
+    fused_epochs: int = 0
     batch_size: int = 12             # per process (the authors: 12 per GPU)
     workers: int = 4                 # DataLoader worker processes per training process
     seed: int = 0
@@ -74,6 +84,10 @@ class TrainConfig:
     resume: bool = True              # continue from out_dir's latest checkpoints when there are any
     deterministic: bool = False      # torch.use_deterministic_algorithms, no cuDNN autotuning
     progress: bool = True            # a tqdm progress bar (rank 0)
+
+    def stage_epochs(self, mode: str) -> int:
+        """Epochs of a stage ("pose", "rgb", "fused"): its own value where set, else epochs."""
+        return getattr(self, f"{mode}_epochs") or self.epochs
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,8 @@ _CHOICES = {
 }
 _POSITIVE = {("model", "pose_channels"), ("train", "epochs"), ("train", "batch_size"), ("optim", "lr_per_16")}
 _NON_NEGATIVE = {("model", "num_classes"), ("train", "workers"), ("train", "eval_every_epochs"),
+                 ("train", "pose_epochs"), ("train", "rgb_epochs"), ("train", "fused_epochs"),
+                 ("optim", "pose_lr_per_16"), ("optim", "rgb_lr_per_16"), ("optim", "fused_lr_per_16"),
                  ("train", "checkpoint_every_iters"), ("train", "keep_checkpoints"), ("optim", "weight_decay"),
                  ("optim", "momentum"), ("optim", "warmup_iters"), ("optim", "clip_grad"), ("optim", "min_lr")}
 

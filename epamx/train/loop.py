@@ -552,14 +552,15 @@ def run_stage(cfg: Config, mode: str, out_dir=None, init_from: Sequence = (), *,
     _seed_everything(cfg.train.seed + rank)
     model = D.wrap_model(model, info, cfg.model.sync_bn)
 
-    lr = cfg.optim.lr_per_16 * batch * world / 16
+    lr = cfg.optim.stage_lr_per_16(mode) * batch * world / 16
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     train_loader.sampler.set_epoch(0, 0)
     iters_per_epoch = len(train_loader)
     if iters_per_epoch == 0:
         raise ValueError(f"[{mode}] the training split yields no full batch of {batch} clips per process")
-    total_iters = cfg.train.epochs * iters_per_epoch
+    epochs = cfg.train.stage_epochs(mode)
+    total_iters = epochs * iters_per_epoch
     scheduler = cosine_schedule(optimizer, total_iters, cfg.optim.warmup_iters, cfg.optim.min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -616,20 +617,20 @@ def run_stage(cfg: Config, mode: str, out_dir=None, init_from: Sequence = (), *,
     evaluation: Optional[Evaluation] = None
     try:
         with stop_on_signals(stop):
-            for epoch in range(start_epoch, cfg.train.epochs):
+            for epoch in range(start_epoch, epochs):
                 result = train_one_epoch(
                     model, train_loader, transform, optimizer, scheduler, mode=mode, device=device, epoch=epoch,
                     start_iter=start_iter if epoch == start_epoch else 0, scaler=scaler, amp_dtype=amp_dtype,
                     clip_grad=cfg.optim.clip_grad, channels_last=channels_last, stop=stop,
                     on_iteration=iteration_done, progress=cfg.train.progress,
-                    desc=f"[{mode}] epoch {epoch + 1}/{cfg.train.epochs}")
+                    desc=f"[{mode}] epoch {epoch + 1}/{epochs}")
                 if result.stopped:
                     path = save(epoch, result.iterations, f"step_{scheduler.last_epoch:08d}.pt")
                     _say(f"[{mode}] stopped ({stop.reason}) at epoch {epoch + 1}, iteration {result.iterations}/"
                          f"{iters_per_epoch}; checkpoint {path}. Run the same command again to resume "
                          f"(train.resume = true).")
                     return StageResult(mode, stage_dir, None, stopped=True, resume_from=path)
-                last = epoch + 1 == cfg.train.epochs
+                last = epoch + 1 == epochs
                 every = cfg.train.eval_every_epochs
                 if last or (every and (epoch + 1) % every == 0):
                     evaluation = evaluate(model, val_loader, transform, mode=mode, device=device,
@@ -641,7 +642,7 @@ def run_stage(cfg: Config, mode: str, out_dir=None, init_from: Sequence = (), *,
                     log.write(entry)
                     parts = ", ".join(f"{s} {100 * m['top1']:.2f}" for s, m in evaluation.metrics.items())
                     loss = f"loss {result.mean_loss:.4f}, " if math.isfinite(result.mean_loss) else ""
-                    _say(f"[{mode}] epoch {epoch + 1}/{cfg.train.epochs}: {loss}held-out top-1 {parts}")
+                    _say(f"[{mode}] epoch {epoch + 1}/{epochs}: {loss}held-out top-1 {parts}")
                 save(epoch + 1, 0, f"epoch_{epoch + 1:03d}.pt")
     finally:
         log.close()
