@@ -20,7 +20,8 @@ __all__ = ["BatchTransform", "IMAGENET_MEAN", "IMAGENET_STD", "SKELETONS"]
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
-SKELETONS = {"coco17": (17, COCO17_FLIP_PAIRS), "ntu25": (25, NTU25_FLIP_PAIRS)}
+# joint count (None: any) and the left/right pairs a flip swaps
+SKELETONS = {"coco17": (17, COCO17_FLIP_PAIRS), "ntu25": (25, NTU25_FLIP_PAIRS), "any": (None, ())}
 
 
 class BatchTransform(nn.Module):
@@ -29,6 +30,9 @@ class BatchTransform(nn.Module):
     imgs: float32 (N, 3, T, H, W) normalised RGB, flipped where ``batch['flip']`` (None without 'imgs');
     heatmaps: float32 (N, K, T_p, h, w) rendered from the keypoints (None if ``"pose"`` is not in modalities);
     labels: int64 (N,). With ``channels_last`` both come in channels_last_3d memory (what oneDNN runs fastest).
+
+    ``cfg.skeleton`` names the joint layout: "coco17", "ntu25", or "any" (any joint count; a flip then mirrors the
+    coordinates without swapping left and right joints, so set ``flip_prob = 0`` unless the skeleton is symmetric).
     """
 
     def __init__(self, cfg: DataConfig, modalities: Sequence[str] = ("rgb", "pose")):
@@ -56,7 +60,7 @@ class BatchTransform(nn.Module):
             imgs = imgs.contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
         if "pose" in self.modalities:
             kp = batch["keypoint"].to(device, non_blocking=True)
-            if kp.shape[-2] != self.num_joints:
+            if self.num_joints is not None and kp.shape[-2] != self.num_joints:
                 raise ValueError(f"BatchTransform: the keypoints have {kp.shape[-2]} joints but data.skeleton is "
                                  f"{self.num_joints}-joint; set data.skeleton to match the annotations")
             scores = batch["keypoint_score"].to(device, non_blocking=True)

@@ -45,7 +45,7 @@ class DataConfig:
     sigma: float = 0.6
     eps: float = 1e-4                # mmaction2's GeneratePoseTarget (pyskl: 1e-3)
     max_persons: int = 2             # persons per clip kept (the highest-scoring ones)
-    skeleton: str = "coco17"         # joint layout: "coco17" or "ntu25" (left/right pairs for flipping)
+    skeleton: str = "coco17"         # joint layout: "coco17", "ntu25" (left/right pairs for flipping) or "any"
     flip_prob: float = 0.5           # horizontal flip when training
     skip_bad: bool = False           # skip unreadable samples (counted and logged) instead of stopping
     cache_dir: str = ""              # where the embedded dataset is cached ("" = $EPAMX_CACHE or ~/.cache/epamx)

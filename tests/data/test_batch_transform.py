@@ -152,3 +152,24 @@ def test_the_skeleton_must_match():
         BatchTransform(DataConfig(skeleton="h36m"))
     _, heatmaps, _ = BatchTransform(DataConfig(skeleton="ntu25"), modalities=("pose",))(batch, torch.device("cpu"))
     assert heatmaps.shape == (2, 25, 7, 56, 56)
+
+
+def test_any_skeleton_renders_its_joints_and_flips_without_swapping():
+    """skeleton = "any": a 5-joint layout renders 5 channels; a flip mirrors each joint's heatmap in place (no
+    left/right swap), i.e. equals rendering the mirrored coordinates of the same joints."""
+    rng = np.random.RandomState(3)
+    kp = torch.from_numpy(rng.uniform(8, 56, size=(2, 1, 4, 5, 2)).astype(np.float32))
+    batch = {"keypoint": kp, "keypoint_score": torch.ones(2, 1, 4, 5), "img_shape": torch.tensor([[64, 64]] * 2),
+             "flip": torch.tensor([False, True]), "label": torch.tensor([0, 1])}
+    cfg = DataConfig(skeleton="any", heatmap_size=16)
+    _, heatmaps, _ = BatchTransform(cfg, ("pose",))(batch, torch.device("cpu"))
+    assert heatmaps.shape == (2, 5, 4, 16, 16)
+    unflipped = BatchTransform(cfg, ("pose",))({**batch, "flip": torch.tensor([False, False])}, torch.device("cpu"))[1]
+    coords, _ = BatchTransform(cfg, ("pose",)).heatmaps.to_heatmap_coordinates(kp, None, (64, 64), None)
+    mirrored = coords.clone()
+    mirrored[..., 0] = 15 - mirrored[..., 0]
+    expected = render_heatmaps_reference(mirrored[1:], torch.ones(1, 1, 4, 5), (16, 16), 0.6)
+    torch.testing.assert_close(heatmaps[1:], expected.to(heatmaps.dtype), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(heatmaps[:1], unflipped[:1])
+    with pytest.raises(ValueError, match="skeleton"):
+        BatchTransform(DataConfig(skeleton="coco17"), ("pose",))(batch, torch.device("cpu"))
