@@ -115,7 +115,7 @@ def test_the_pose_stream_cannot_tell_the_rgb_pairs_apart(pair, colours):
         frames_a, frames_b = a["frames"].astype(np.int64), b["frames"].astype(np.int64)
         differ = np.abs(frames_a - frames_b).max(-1) > 30
         assert differ.any(axis=(1, 2)).all(), "the object is in every frame"
-        assert differ.mean() < 0.1, "and nothing else changes"
+        assert differ.mean() < 0.15, "and nothing else changes (the book covers up to ~12% of the close-up view)"
         for colour, own, other in ((colours[0], frames_a, frames_b), (colours[1], frames_b, frames_a)):
             extra = hue[colour](own).sum(axis=(1, 2)) - hue[colour](other).sum(axis=(1, 2))
             assert (extra >= 2).all(), f"every {pair[0]} / {pair[1]} frame shows its {colour} object"
