@@ -142,7 +142,7 @@ def render_attention(model: torch.nn.Module, cfg: Config, dataset: ClipDataset, 
     """A PNG of one clip: its RGB frames; the pose heatmaps (max over joints) at the same frames; the frames with
     EPAM-Net's pose-driven spatial attention S overlaid; the temporal attention A as a bar per frame; and the
     top-3 prediction. Needs a fused (EPAM-Net) checkpoint."""
-    from epamx.train.plots import _pyplot
+    from epamx.train.plots import _pyplot, save_figure
 
     if model_mode(model) != "fused":
         raise ValueError("render needs an EPAM-Net (fused) checkpoint: the single-stream models have no attention")
@@ -192,12 +192,7 @@ def render_attention(model: torch.nn.Module, cfg: Config, dataset: ClipDataset, 
     truth = f"  (annotated: {names[label]})" if label < len(names) else ""
     guesses = ", ".join(f"{names[c]} {p:.2f}" for p, c in zip(top.values.tolist(), top.indices.tolist()))
     fig.suptitle(f"{batch['frame_dir'][0]}: {guesses}{truth}", fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=110)
 
 
 def config_for_checkpoint(checkpoint: os.PathLike, config: Optional[str], overrides: Sequence[str]) -> Config:

@@ -22,6 +22,16 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, out_path: PathLike, dpi: int = 100) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=dpi)
+    _pyplot().close(fig)
+    return out_path
+
+
 def read_log(path: PathLike) -> List[Dict]:
     """The records of a JSON-lines log (a torn last line, from a killed run, is skipped)."""
     records = []
@@ -77,12 +87,7 @@ def plot_training_curves(log_path: PathLike, out_path: PathLike, title: Optional
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, out_path: PathLike, class_names: Optional[Sequence[str]] = None,
@@ -110,9 +115,4 @@ def plot_confusion_matrix(matrix: np.ndarray, out_path: PathLike, class_names: O
                     ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
                             color="white" if shown[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
