@@ -162,12 +162,12 @@ def render_attention(model: torch.nn.Module, cfg: Config, dataset: ClipDataset, 
     frames = frames.numpy()                                                         # (T, H, W, 3)
     t, h, w = frames.shape[:3]
     hm = heatmaps[0].amax(0)[::stride].cpu().numpy()                                # (T, h, w)
-    s_up = torch.nn.functional.interpolate(spatial[0].float(), size=(t, h, w), mode="trilinear",
+    s_up = torch.nn.functional.interpolate(spatial[:1].float(), size=(t, h, w), mode="trilinear",
                                            align_corners=False)[0, 0].cpu().numpy()
     a = temporal[0, 0, :, 0, 0].float().cpu().numpy()
 
     plt = _pyplot()
-    fig, axes = plt.subplots(4, t, figsize=(1.2 * t, 5.6), squeeze=False,
+    fig, axes = plt.subplots(4, t, figsize=(max(7.0, 1.2 * t), 5.6), squeeze=False,
                              gridspec_kw={"height_ratios": [1, 1, 1, 0.8]})
     for i in range(t):
         axes[0, i].imshow(frames[i])
