@@ -39,7 +39,8 @@ class EPAMNet(nn.Module):
     T_p must be a multiple of T (48 pose frames for 16 RGB frames) and both streams must end at the same
     spatial size (224x224 RGB and 56x56 heatmaps both give 7x7). ``predict`` sums the logits.
     ``forward_keypoints`` takes raw keypoints instead of heatmaps and renders them on the device
-    (``pose_renderer``, an :class:`epamx.nn.PoseHeatmaps`: crop to the persons, resize, optional flip, render).
+    (``pose_renderer``, an :class:`epamx.nn.PoseHeatmaps` set as the authors' pipeline: crop to the persons' box
+    clipped to the image, resize, optional flip, render with eps 1e-4), as epamx.data.BatchTransform does.
 
     For CPU inference, channels-last memory lets oneDNN skip its layout conversions (0.42-0.47 -> 0.24-0.27 s per clip
     on the 2-core machines): ``model.to(memory_format=torch.channels_last_3d)`` and inputs made
@@ -57,7 +58,8 @@ class EPAMNet(nn.Module):
         self.attention_module = SpatialTemporalAttention(kernel_size=7, t_stride=3)
         self.rgb_cls_head = ClassificationHead(self.rgb_backbone.feat_dim, num_classes, dropout)
         self.pose_cls_head = ClassificationHead(self.pose_backbone.feat_dim, num_classes, dropout)
-        self.pose_renderer = PoseHeatmaps(size=heatmap_size)
+        # the authors' MMCompact: the persons' box is clipped to the image (allow_imgpad=False)
+        self.pose_renderer = PoseHeatmaps(size=heatmap_size, allow_imgpad=False)
         self.fused = fused
 
     @property

@@ -389,3 +389,19 @@ def test_bad_input_is_explained(imgs, heatmaps, message):
 def test_bad_num_classes():
     with pytest.raises(ValueError, match="num_classes must be an int >= 1, got 0"):
         EPAMNet(num_classes=0)
+
+
+def test_forward_keypoints_renders_as_the_data_pipeline():
+    """EPAMNet.forward_keypoints renders raw keypoints exactly as epamx.data.BatchTransform does for training (the
+    authors' MMCompact clips the persons' box to the image), so a model sees the same heatmaps either way."""
+    from epamx.data import BatchTransform, DataConfig
+
+    torch.manual_seed(5)
+    model = EPAMNet(num_classes=4, heatmap_size=16)
+    kp = torch.rand(2, 1, 6, 17, 2) * torch.tensor([90.0, 70.0]) - 10  # some joints outside the 80 x 60 image
+    scores = torch.rand(2, 1, 6, 17)
+    batch = {"keypoint": kp, "keypoint_score": scores, "img_shape": torch.tensor([[60, 80]] * 2),
+             "flip": torch.tensor([False, True]), "label": torch.zeros(2, dtype=torch.long)}
+    _, expected, _ = BatchTransform(DataConfig(heatmap_size=16), ("pose",))(batch, torch.device("cpu"))
+    got = model.pose_renderer(kp, scores, (60, 80), torch.tensor([False, True]))
+    torch.testing.assert_close(got, expected)
