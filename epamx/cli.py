@@ -182,6 +182,12 @@ def _user_errors():
             NotADirectoryError, ValueError)
 
 
+def _one_line(error: Exception) -> str:
+    """An error's message as one line: some wrap a library's message of several lines (torch.load's advice)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[0] + (" [...] (EPAMX_DEBUG=1 for the whole message)" if len(lines) > 1 else "")
+
+
 def _toml_string(text: str) -> str:
     return json.dumps(text)  # a JSON string is a valid TOML basic string
 
@@ -426,6 +432,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             return args.run(args)
         except _user_errors() as e:
-            print(f"epamx {args.command}: error: {e}", file=sys.stderr)
+            print(f"epamx {args.command}: error: {_one_line(e)}", file=sys.stderr)
             return 2
     return args.run(args)

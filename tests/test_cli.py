@@ -291,6 +291,9 @@ ERRORS = {
     "a folder without checkpoints": (
         lambda run, tmp: ["predict", "--checkpoint", tmp],
         ["holds no final.pt"]),
+    "not a checkpoint": (
+        lambda run, tmp: ["eval", "--checkpoint", tmp / "bad.toml"],
+        ["bad.toml: cannot be loaded as a weights-only checkpoint", "EPAMX_DEBUG=1"]),
     "render a single-stream checkpoint": (
         lambda run, tmp: ["render", "--checkpoint", run / "pose", "--out", tmp / "r"],
         ["render needs an EPAM-Net (fused) checkpoint"]),
