@@ -209,11 +209,26 @@ def _train_overrides(args: argparse.Namespace) -> list:
     return overrides + list(args.overrides)
 
 
+def _check_device(cfg) -> None:
+    """train.device is a device torch has here: asked for where there is none, it is bad input, not a crash."""
+    from epamx.train.config import ConfigError
+
+    device = cfg.train.device
+    try:
+        resolved = torch.device("cpu" if device == "auto" else device)
+    except RuntimeError:
+        raise ConfigError(f"train.device = {device!r} is not a device torch knows (auto, cpu, cuda, cuda:1, ...)") \
+            from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {device!r}, but torch sees no CUDA GPU here (--device cpu)")
+
+
 def _train(args: argparse.Namespace) -> int:
     from epamx.train import load_config, run
     from epamx.train import distributed
 
     cfg = load_config(args.config, _train_overrides(args))
+    _check_device(cfg)
     try:
         result = run(cfg)
     finally:
@@ -228,7 +243,9 @@ def _checkpoint_and_config(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"train.device={_toml_string(args.device)}")
-    return checkpoint, config_for_checkpoint(checkpoint, args.config, overrides)
+    cfg = config_for_checkpoint(checkpoint, args.config, overrides)
+    _check_device(cfg)
+    return checkpoint, cfg
 
 
 def _eval(args: argparse.Namespace) -> int:

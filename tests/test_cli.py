@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.embedded.train_per_class=2", "data.embedded.val_per_class=1", "data.embedded.frames=12",
         "data.embedded.image_size=32", "data.frame_size=32", "data.heatmap_size=8", "data.clip_len=6",
         "train.batch_size=4", "train.workers=0", "train.pose_epochs=1", "train.rgb_epochs=1",
-        "train.fused_epochs=1", "train.epochs=1", "train.progress=false", "train.device=cpu"]
+        "train.fused_epochs=1", "train.epochs=1", "train.progress=false"]
 
 
 def tiny(tmp: Path, out: str = "run"):
-    return [*TINY, f"data.cache_dir={tmp / 'cache'}", f"train.out_dir={tmp / out}"]
+    return [f"data.cache_dir={tmp / 'cache'}", f"train.out_dir={tmp / out}", *TINY]
 
 
 @contextlib.contextmanager
@@ -315,6 +315,12 @@ ERRORS = {
     "a nonexistent config name for eval": (
         lambda run, tmp: ["eval", "--checkpoint", run, "--config", "nope"],
         ["no config 'nope'"]),
+    "a device torch does not know": (
+        lambda run, tmp: ["predict", "--checkpoint", run, "--device", "gpu"],
+        ["train.device = 'gpu' is not a device"]),
+    "a malformed device for train": (
+        lambda run, tmp: ["train", *tiny(tmp), "--device", "cuda:x"],
+        ["train.device = 'cuda:x' is not a device"]),
     "an unknown split": (
         lambda run, tmp: ["eval", "--checkpoint", run, "--split", "test", "--quiet"],
         ["no split 'test'"]),
@@ -330,6 +336,15 @@ def test_bad_input_is_one_line_and_exit_status_2(case, trained, tmp_path, capsys
     rc, out, err = cli(capsys, *argv)
     assert_one_line_error(rc, out, err, argv[0], *needles)
     assert not (tmp_path / "run" / "pose").exists()  # nothing was trained
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "render"])
+def test_cuda_asked_for_without_a_gpu(command, trained, tmp_path, capsys):
+    _, run, _, _ = trained
+    argv = [command, *tiny(tmp_path)] if command == "train" else [command, "--checkpoint", run]
+    rc, out, err = cli(capsys, *argv, "--device", "cuda")
+    assert_one_line_error(rc, out, err, command, "train.device = 'cuda', but torch sees no CUDA GPU here")
 
 
 def test_in_a_subprocess(trained, tmp_path):
