@@ -202,8 +202,9 @@ def _train_overrides(args: argparse.Namespace) -> list:
         overrides.append(f"train.out_dir={_toml_string(args.out)}")
     if args.device:
         overrides.append(f"train.device={_toml_string(args.device)}")
-    if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
+    if args.epochs is not None:  # every stage's: a config's per-stage epochs would otherwise take precedence
+        overrides += [f"train.epochs={args.epochs}", "train.pose_epochs=0", "train.rgb_epochs=0",
+                      "train.fused_epochs=0"]
     if args.no_resume:
         overrides.append("train.resume=false")
     return overrides + list(args.overrides)
@@ -391,7 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="start from these checkpoints (epamx stage checkpoints or the authors' files)")
     train.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
-    train.add_argument("--epochs", type=int, default=None, help="epochs per stage")
+    train.add_argument("--epochs", type=int, default=None,
+                       help="epochs of every stage (over the config's train.<stage>_epochs)")
     train.add_argument("--no-resume", action="store_true", help="do not continue from the run folder's checkpoints")
     train.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
                        help="any config value, e.g. train.batch_size=16 optim.lr_per_16=0.002")

@@ -99,6 +99,26 @@ def test_train_runs_the_three_stages_and_says_where(trained):
     assert load_config(run / "config.toml").data.cache_dir == str(root / "cache")
 
 
+def test_epochs_sets_every_stage(tmp_path, capsys, monkeypatch):
+    """--epochs N: N epochs a stage, over the config's per-stage epochs (embedded.toml: 6, 6, 2); an override
+    after it still sets one stage."""
+    import epamx.train
+    from epamx.train.loop import RunResult
+
+    configs = []
+
+    def run(cfg):
+        configs.append(cfg)
+        return RunResult(tmp_path, {})
+
+    monkeypatch.setattr(epamx.train, "run", run)
+    assert cli(capsys, "train", "--epochs", 3, f"train.out_dir={tmp_path}")[0] == 0
+    assert cli(capsys, "train", "--epochs", 3, "train.fused_epochs=1", f"train.out_dir={tmp_path}")[0] == 0
+    assert cli(capsys, "train", f"train.out_dir={tmp_path}")[0] == 0
+    stages = [[cfg.train.stage_epochs(m) for m in ("pose", "rgb", "fused")] for cfg in configs]
+    assert stages == [[3, 3, 3], [3, 3, 1], [6, 6, 2]]
+
+
 # ---- eval --------------------------------------------------------------------------------------------------------
 
 def test_eval_writes_metrics_table_and_confusion(trained, tmp_path, capsys):
