@@ -371,7 +371,7 @@ def _add_clip_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frame-root", default=None, help="folder of the annotation's frame folders")
     p.add_argument("--video", default=None, help="one video file (with --keypoints)")
     p.add_argument("--keypoints", default=None, help="its keypoints: .npz or .pkl with 'keypoint' (M, T, V, 2) and "
-                                                     "optionally 'keypoint_score', 'img_shape'")
+                                                     "optionally 'keypoint_score', 'img_shape', 'label'")
     p.add_argument("--precropped", action="store_true",
                    help="the --video is already cropped to the persons (else it is cropped here)")
     p.add_argument("--limit", type=int, default=0, help="at most this many clips")

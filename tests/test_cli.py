@@ -222,6 +222,30 @@ def test_render_writes_a_picture(trained, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "renders")) == ["val_00000_wave.png"]
 
 
+def test_render_titles_name_the_annotated_class_only_where_there_is_one(trained, tmp_path, capsys, monkeypatch):
+    import epamx.train.plots as plots
+
+    root, run, _, _ = trained
+    titles = []
+    save_figure = plots.save_figure
+
+    def saving(fig, out_png, **kwargs):
+        titles.append(fig._suptitle.get_text())
+        return save_figure(fig, out_png, **kwargs)
+
+    monkeypatch.setattr(plots, "save_figure", saving)
+    video, keypoints = embedded_clip(root, tmp_path)
+    labelled = tmp_path / "labelled.npz"
+    np.savez(labelled, **dict(np.load(keypoints)), label=np.int64(CLASSES.index("wave")))
+    for args in (["--sample", "val_00000_wave"], ["--video", video, "--keypoints", keypoints],
+                 ["--video", video, "--keypoints", labelled]):
+        rc, _, err = cli(capsys, "render", "--checkpoint", run, "--out", tmp_path / "renders", *args)
+        assert rc == 0, err
+    assert titles[0].startswith("val_00000_wave: ") and titles[0].endswith("(annotated: wave)")
+    assert titles[1].startswith("clip: ") and "annotated" not in titles[1]  # a video alone has no annotation
+    assert titles[2].endswith("(annotated: wave)")
+
+
 # ---- prepare -----------------------------------------------------------------------------------------------------
 
 def raw_dataset(root: Path, lengths=(9, 12)):

@@ -3,7 +3,8 @@ model attends to (``python -m epamx render``).
 
 Clips are read through the same pipeline as training (epamx.data, test-mode sampling): either entries of an
 annotation pickle with their videos or frame folders, or one video plus a keypoints file (.npz or .pkl holding
-'keypoint' (M, T, V, 2) in the video's pixels, optionally 'keypoint_score' (M, T, V) and 'img_shape' (h, w)).
+'keypoint' (M, T, V, 2) in the video's pixels, optionally 'keypoint_score' (M, T, V), 'img_shape' (h, w) and
+the annotated 'label').
 """
 from __future__ import annotations
 
@@ -100,7 +101,9 @@ def clip_from_video(cfg: Config, class_names: Sequence[str], mode: str, video: s
     entry.setdefault("total_frames", int(np.asarray(entry["keypoint"]).shape[1]))
     name = video_path.name
     stem = name.split(".")[0]
-    entry.update(frame_dir=stem, label=0)
+    # a label past the class names is none: render_attention then claims no annotated class for the clip
+    entry.setdefault("label", len(class_names))
+    entry["frame_dir"] = stem
     ann = validate_annotation(entry, keypoints, 0)
     return _dataset(cfg, [ann], class_names, mode, str(video_path.parent), name[len(stem):], precropped=precropped)
 
