@@ -354,6 +354,20 @@ def _prepare(args: argparse.Namespace) -> int:
     return 1 if failed and not args.skip_bad else 0
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum (a count of 0 or less would quietly print nothing)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _add_checkpoint_args(p: argparse.ArgumentParser, default: Optional[str] = "runs/embedded") -> None:
     p.add_argument("--checkpoint", default=default,
                    help="a checkpoint, or a run or stage folder (its final.pt; a run folder: the fused stage's); "
@@ -374,7 +388,7 @@ def _add_clip_args(p: argparse.ArgumentParser) -> None:
                                                      "optionally 'keypoint_score', 'img_shape', 'label'")
     p.add_argument("--precropped", action="store_true",
                    help="the --video is already cropped to the persons (else it is cropped here)")
-    p.add_argument("--limit", type=int, default=0, help="at most this many clips")
+    p.add_argument("--limit", type=_at_least(0), default=0, help="at most this many clips (0: all)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -411,7 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pred = commands.add_parser("predict", help="top-k classes of clips (annotation entries, or a video + keypoints)")
     _add_checkpoint_args(pred)
     _add_clip_args(pred)
-    pred.add_argument("--top-k", type=int, default=5)
+    pred.add_argument("--top-k", type=_at_least(1), default=5)
     pred.add_argument("--json", action="store_true", help="print JSON")
     pred.set_defaults(run=_predict)
 
@@ -431,7 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prepare.add_argument("--out-suffix", default="_rgb.mp4", help="output name suffix (default _rgb.mp4)")
     prepare.add_argument("--size", type=int, default=224, help="output frame side (default 224)")
     prepare.add_argument("--split", default=None, help="only this split")
-    prepare.add_argument("--workers", type=int, default=max(1, min(8, len(os.sched_getaffinity(0)))))
+    prepare.add_argument("--workers", type=_at_least(0), default=max(1, min(8, len(os.sched_getaffinity(0)))))
     prepare.add_argument("--skip-bad", action="store_true", help="skip unreadable videos (listed) instead of stopping")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     prepare.set_defaults(run=_prepare)

@@ -382,6 +382,20 @@ def test_bad_input_is_one_line_and_exit_status_2(case, trained, tmp_path, capsys
     assert not (tmp_path / "run" / "pose").exists()  # nothing was trained
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["predict", "--top-k", "0"], "argument --top-k: expected an integer >= 1, got '0'"),
+    (["predict", "--limit", "-1"], "argument --limit: expected an integer >= 0, got '-1'"),
+    (["render", "--limit", "-2"], "argument --limit: expected an integer >= 0, got '-2'"),
+    (["prepare", "--ann", "a.pkl", "--video-root", ".", "--out", "o", "--workers", "-1"],
+     "argument --workers: expected an integer >= 0, got '-1'"),
+])
+def test_counts_are_checked_by_the_parser(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and err.strip().splitlines()[-1].endswith(needle), err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("command", ["train", "eval", "predict", "render"])
 def test_cuda_asked_for_without_a_gpu(command, trained, tmp_path, capsys):
