@@ -150,3 +150,56 @@ def test_configs_are_frozen():
     config = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.train.epochs = 3
+
+
+# ---- per-stage epochs and learning rates (0: the shared value) ---------------------------------------------------
+
+STAGES = ("pose", "rgb", "fused")
+
+
+def test_stage_settings_inherit_the_shared_ones_by_default():
+    config = config_from_dict({"train": {"epochs": 4}, "optim": {"lr_per_16": 0.01}})
+    assert [config.train.stage_epochs(s) for s in STAGES] == [4, 4, 4]
+    assert [config.optim.stage_lr_per_16(s) for s in STAGES] == [0.01, 0.01, 0.01]
+
+
+def test_a_stage_setting_overrides_only_its_stage():
+    config = config_from_dict({"train": {"epochs": 4, "rgb_epochs": 7}, "optim": {"lr_per_16": 0.01}},
+                              ["optim.fused_lr_per_16=0.002", "train.pose_epochs=1", "optim.pose_lr_per_16=3"])
+    assert [config.train.stage_epochs(s) for s in STAGES] == [1, 7, 4]
+    assert [config.optim.stage_lr_per_16(s) for s in STAGES] == [3.0, 0.01, 0.002]
+    # 0 sets a stage back to the shared value
+    config = load_config("embedded", ["train.fused_epochs=0", "optim.rgb_lr_per_16=0", "train.epochs=9"])
+    assert [config.train.stage_epochs(s) for s in STAGES] == [6, 6, 9]
+    assert [config.optim.stage_lr_per_16(s) for s in STAGES] == [0.1, 0.05, 0.02]
+
+
+def test_the_shipped_stage_settings():
+    embedded = load_config("embedded")
+    assert [embedded.train.stage_epochs(s) for s in STAGES] == [6, 6, 2]
+    assert [embedded.optim.stage_lr_per_16(s) for s in STAGES] == [0.1, 0.05, 0.02]
+    for name in AUTHORS:  # the authors' recipe: the same for every stage
+        config = load_config(name)
+        assert [config.train.stage_epochs(s) for s in STAGES] == [10, 10, 10]
+        assert [config.optim.stage_lr_per_16(s) for s in STAGES] == [0.001, 0.001, 0.001]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.pose_epochs=-1", "train.pose_epochs must be >= 0"),
+    ("train.fused_epochs=1.5", "train.fused_epochs must be an integer"),
+    ("optim.rgb_lr_per_16=-0.1", "optim.rgb_lr_per_16 must be >= 0"),
+    ("optim.fused_lr_per_16=inf", "optim.fused_lr_per_16 must be finite"),
+    ("train.rgb_epoch=2", "unknown key 'rgb_epoch' in [train]; did you mean 'rgb_epochs'"),
+    ("optim.pose_lr=0.1", "unknown key 'pose_lr' in [optim]; did you mean 'pose_lr_per_16'"),
+])
+def test_bad_stage_settings(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("embedded", [override])
+    assert message in str(err.value)
+
+
+def test_stage_settings_round_trip(tmp_path):
+    config = load_config("embedded", ["train.rgb_epochs=3", "optim.pose_lr_per_16=0.125"])
+    text = to_toml(config)
+    assert "rgb_epochs = 3" in text and "pose_lr_per_16 = 0.125" in text
+    assert load_config(write(tmp_path, text)) == config
