@@ -27,7 +27,7 @@ from epamx.data.scenes import CLASSES, render_clip
 
 __all__ = ["build_embedded", "embedded_dir", "CLASSES"]
 
-_VERSION = 5  # bump when the generator's output changes, so old caches are not reused
+_VERSION = 6  # bump when the generator's output changes, so old caches are not reused
 
 
 def _cache_root(cfg: DataConfig) -> Path:

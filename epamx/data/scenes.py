@@ -66,7 +66,7 @@ _ACTIONS = {
     "arms_out": ("out", "still", None), "side_kicks": ("out", "kicks", None),
 }
 _OBJECTS = {  # colour, (half width, half height) in body units
-    "cup": ((230, 20, 20), (0.07, 0.07)), "phone": ((20, 60, 250), (0.06, 0.10)),
+    "cup": ((230, 20, 20), (0.09, 0.09)), "phone": ((20, 60, 250), (0.07, 0.12)),
     "book": ((250, 225, 20), (0.13, 0.09)), "tablet": ((20, 200, 50), (0.10, 0.10)),
 }
 _BONES = ((5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16))
@@ -112,9 +112,10 @@ def _pose_sequence(rng: np.random.RandomState, action: str, frames: int):
                 pose[:, knee, 1] -= 0.18 * lift
                 pose[:, ankle, 1] -= 0.32 * lift
             else:
-                pose[:, knee, 0] += side * 0.14 * lift
-                pose[:, ankle, 0] += side * 0.32 * lift
-                pose[:, ankle, 1] -= 0.10 * lift
+                lift = np.sqrt(lift)  # the leg stays out longer than a sine would keep it
+                pose[:, knee, 0] += side * 0.16 * lift
+                pose[:, ankle, 0] += side * 0.36 * lift
+                pose[:, ankle, 1] -= 0.14 * lift
     sway = rng.uniform(0, 0.02) * np.sin(2 * np.pi * (rng.uniform(0.5, 1.5) * t + rng.uniform(0, 1)))
     pose[..., 0] += sway[:, None]
     return pose, obj, _SIDE[sides[0]][1]
