@@ -279,7 +279,12 @@ done
   echo "# epamx GPU check$([ "$DRY" = 1 ] && echo ' (dry run: no GPU used)')"
   echo
   py -c "import torch, platform; print(f\"{platform.node()}: torch {torch.__version__}, GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}\")" 2>/dev/null
-  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (with local changes)'), $(date -u +%Y-%m-%dT%H:%MZ)"
+  if commit=$(git rev-parse --short HEAD 2>/dev/null); then
+    git diff --quiet HEAD 2>/dev/null || commit="$commit with local changes"
+  else
+    commit="not a git checkout"
+  fi
+  echo "epamx at $commit, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   echo "| stage | result | time | notes |"
   echo "|---|---|---:|---|"
