@@ -206,7 +206,8 @@ stage_bench() {
 
 stage_model() {
   if [ "$DRY" = 1 ]; then
-    run "$PYTHON" tools/gpu_model.py --device cpu --small --precisions fp32 --iters 1 --infer-batch 1 --train-batch 1 \
+    run "$PYTHON" tools/gpu_model.py --device cpu --small --precisions fp32 --ops fused --iters 1 --infer-batch 1 \
+      --train-batch 1 \
       --out "$OUT/model.md" \
       || { NOTE="the model script fails on the CPU"; return 1; }
     NOTE="small clips on the CPU (dry run): model.md"; return 0

@@ -2,7 +2,7 @@
 and bfloat16 autocast; clips/s and peak GPU memory, written as a markdown table. Part of tools/gpu_check.sh.
 
     python tools/gpu_model.py --out model.md                       # EPAM-Net's shapes (16 x 224^2 RGB, 48 x 56^2 pose)
-    python tools/gpu_model.py --device cpu --small --precisions fp32 --iters 1    # the dry run's plumbing check
+    python tools/gpu_model.py --device cpu --small --precisions fp32 --ops fused --iters 1   # the dry run's
 """
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-batch", type=int, default=12, help="the authors' clips per GPU")
     parser.add_argument("--small", action="store_true", help="the embedded config's clip sizes (4 x 64^2, 12 x 16^2)")
     parser.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (autocast), comma-separated")
+    parser.add_argument("--ops", default="reference,fused", help="reference and/or fused, comma-separated")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -98,10 +99,10 @@ def main(argv=None) -> int:
             if amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
                 continue
             results = {}
-            for fused in (False, True):
+            for fused in [ops == "fused" for ops in args.ops.split(",")]:
                 results[fused] = measure(mode, fused, amp, batch, args.iters, args.small, device)
                 rate, peak, loss = results[fused]
-                ratio = f"{rate / results[False][0]:.2f}x" if fused else ""
+                ratio = f"{rate / results[False][0]:.2f}x" if fused and False in results else ""
                 lines.append(f"| {mode} | {batch} | {'bf16 autocast' if amp else 'fp32'} | "
                              f"{'fused' if fused else 'reference'} | {rate:.1f} | {ratio} | "
                              f"{f'{peak:.0f} MiB' if peak is not None else ''} | "
