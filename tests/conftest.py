@@ -1,5 +1,8 @@
-"""Shared fixtures: the devices to test on, dtypes with their tolerances, and poisoned allocations."""
+"""Shared fixtures: the devices to test on, dtypes with their tolerances, and poisoned allocations; tests that need
+an optional package that is not installed are reported as skipped, with the package named."""
 import contextlib
+import importlib.util
+import re
 
 import pytest
 import torch
@@ -57,3 +60,36 @@ def on_busy_side_stream(fn, *tensors):
         out = fn(*copies)
     stream.synchronize()
     return out
+
+
+# Packages only the data and training layers import, where they are used. A machine may lack one (the GPU machines
+# have no PyAV): a test that fails only because such a package is missing is reported as skipped, naming it.
+OPTIONAL_PACKAGES = {"av": "PyAV", "PIL": "Pillow", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+
+
+def _missing_optional_package(exc):
+    """The optional package whose absence raised `exc` (or an exception it was raised from), else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        names = [exc.name] if isinstance(exc, ImportError) and exc.name else []
+        # A DataLoader worker's error is re-raised in the main process with its message only.
+        names += re.findall(r"No module named '([\w.]+)'|import of ([\w.]+) halted", str(exc))
+        for name in names:
+            name = (name if isinstance(name, str) else next(n for n in name if n)).split(".")[0]
+            if name in OPTIONAL_PACKAGES and importlib.util.find_spec(name) is None:
+                return name
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.excinfo is not None:
+        name = _missing_optional_package(call.excinfo.value)
+        if name is not None:
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), item.location[1] or 0,
+                               f"needs {OPTIONAL_PACKAGES[name]} ({name}), which is not installed")

@@ -78,37 +78,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_run_t
   check_reweight_args(x_in, spatial_in, temporal_in, op);
   check_reweight_grad(grad_in, x_in, op);
   check_device_type(x_in, c10::DeviceType::CPU, op, "x");
+  check_device_type(order1, c10::DeviceType::CPU, op, "order1");
+  check_device_type(order2, c10::DeviceType::CPU, op, "order2");
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous(), s = spatial_in.contiguous(),
                    a = temporal_in.contiguous();
-  const auto g = reweight_geometry<int64_t>(x);
-  TORCH_CHECK_VALUE(groups >= 1 && groups <= std::max<int64_t>(g.C, 1), op, ": groups must be in [1, C], got ", groups);
-  const int64_t positions = g.N * g.T * g.P;
-  TORCH_CHECK_VALUE(order1.numel() == groups * positions && order2.numel() == g.N * g.T, op,
-                    ": order1 must list ", groups * positions, " threads and order2 ", g.N * g.T);
+  const int64_t C = x.size(1), frames = x.size(0) * x.size(2), P = x.size(3) * x.size(4);
+  TORCH_CHECK_VALUE(groups >= 1 && groups <= std::max<int64_t>(C, 1), op, ": groups must be in [1, C], got ", groups);
+  const int64_t positions = frames * P;
+  TORCH_CHECK_VALUE(order1.numel() == groups * positions && order2.numel() == frames, op,
+                    ": order1 must list ", groups * positions, " threads and order2 ", frames);
   at::Tensor dx = at::empty(x.sizes(), x.options());
   at::Tensor ds = at::empty(s.sizes(), s.options());
   at::Tensor da = at::empty(a.sizes(), a.options());
   const at::Tensor o1 = order1.to(at::kLong).contiguous(), o2 = order2.to(at::kLong).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> partial(groups * positions);
-    const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>(),
-                   *sp = s.const_data_ptr<scalar_t>(), *ap = a.const_data_ptr<scalar_t>();
-    for (int64_t k = 0; k < o1.numel(); ++k) {
-      const int64_t i = o1.const_data_ptr<int64_t>()[k];
-      TORCH_CHECK_VALUE(i >= 0 && i < groups * positions, op, ": order1 index ", i, " out of range");
-      reweight_backward_thread<scalar_t, acc_t, int64_t>(i, groups, g, gp, xp, sp, ap,
-                                                         dx.mutable_data_ptr<scalar_t>(), partial.data());
-    }
-    for (int64_t k = 0; k < o2.numel(); ++k) {
-      const int64_t frame = o2.const_data_ptr<int64_t>()[k];
-      TORCH_CHECK_VALUE(frame >= 0 && frame < g.N * g.T, op, ": order2 index ", frame, " out of range");
-      reweight_backward_finish_frame<scalar_t, acc_t, int64_t>(frame, groups, positions, g,
-                                                               partial.data() + frame * g.P, sp, ap,
-                                                               ds.mutable_data_ptr<scalar_t>(),
-                                                               da.mutable_data_ptr<scalar_t>());
-    }
-  });
+  // The CUDA launcher indexes with int32 (and refuses larger x): so do its bodies here, where x allows.
+  const auto run = [&]<typename index_t>() {
+    const auto g = reweight_geometry<index_t>(x);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      std::vector<acc_t> partial(groups * positions);
+      const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>(),
+                     *sp = s.const_data_ptr<scalar_t>(), *ap = a.const_data_ptr<scalar_t>();
+      for (int64_t k = 0; k < o1.numel(); ++k) {
+        const int64_t i = o1.const_data_ptr<int64_t>()[k];
+        TORCH_CHECK_VALUE(i >= 0 && i < groups * positions, op, ": order1 index ", i, " out of range");
+        reweight_backward_thread<scalar_t, acc_t, index_t>(static_cast<index_t>(i), static_cast<index_t>(groups), g,
+                                                           gp, xp, sp, ap, dx.mutable_data_ptr<scalar_t>(),
+                                                           partial.data());
+      }
+      for (int64_t k = 0; k < o2.numel(); ++k) {
+        const int64_t frame = o2.const_data_ptr<int64_t>()[k];
+        TORCH_CHECK_VALUE(frame >= 0 && frame < frames, op, ": order2 index ", frame, " out of range");
+        reweight_backward_finish_frame<scalar_t, acc_t, index_t>(
+            static_cast<index_t>(frame), static_cast<index_t>(groups), static_cast<index_t>(positions), g,
+            partial.data() + frame * P, sp, ap, ds.mutable_data_ptr<scalar_t>(), da.mutable_data_ptr<scalar_t>());
+      }
+    });
+  };
+  if (fits_int32(x)) {
+    run.template operator()<int32_t>();
+  } else {
+    run.template operator()<int64_t>();
+  }
   return {dx, ds, da};
 }
 

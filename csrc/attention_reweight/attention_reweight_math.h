@@ -8,7 +8,7 @@
 // `reweight_backward_run` makes one pass over g and x for some positions and a range of channels, writing dx
 // and accumulating sum_c g*x; `reweight_backward_finish_frame` then reduces those partial sums per frame into
 // dS and dA. On the GPU the channels are split into groups so that enough threads are in flight; the second,
-// small step adds the groups' partial sums.
+// small step adds the groups' partial sums, one block per frame (a block reduction, in the CUDA file, adds dA).
 #include "common/macros.h"
 
 namespace epamx {
@@ -82,8 +82,21 @@ HOST_DEVICE_INLINE void reweight_backward_thread(index_t i, index_t groups, cons
   partial[i] = acc[0];
 }
 
-// Backward, second step, for one frame: partial[q * group_stride + p] holds group q's sum_c g*x at position p of
-// this frame. Writes dS for the frame's P positions and dA for the frame.
+// Backward, second step, at position p of one frame: partial[q * group_stride + p] holds group q's sum_c g*x there.
+// Writes dS at the position and returns its term of dA (av is A of the frame).
+template <typename scalar_t, typename acc_t, typename index_t>
+HOST_DEVICE_INLINE acc_t reweight_backward_finish_position(index_t frame, index_t p, index_t groups,
+                                                           index_t group_stride, const ReweightGeometry<index_t>& g,
+                                                           const acc_t* partial, const scalar_t* s, acc_t av,
+                                                           scalar_t* ds) {
+  acc_t sum = 0;
+  for (index_t q = 0; q < groups; ++q) sum += partial[q * group_stride + p];
+  ds[frame * g.P + p] = static_cast<scalar_t>(av * sum);
+  return sum * static_cast<acc_t>(s[frame * g.P + p]);
+}
+
+// Backward, second step, for one whole frame: dS at its P positions and dA, the sum of their terms. (The GPU gives
+// each frame a block, whose threads share the positions and add their terms with a block reduction.)
 template <typename scalar_t, typename acc_t, typename index_t>
 HOST_DEVICE_INLINE void reweight_backward_finish_frame(index_t frame, index_t groups, index_t group_stride,
                                                        const ReweightGeometry<index_t>& g, const acc_t* partial,
@@ -92,10 +105,8 @@ HOST_DEVICE_INLINE void reweight_backward_finish_frame(index_t frame, index_t gr
   const acc_t av = static_cast<acc_t>(a[frame]);
   acc_t total = 0;
   for (index_t p = 0; p < g.P; ++p) {
-    acc_t sum = 0;
-    for (index_t q = 0; q < groups; ++q) sum += partial[q * group_stride + p];
-    ds[frame * g.P + p] = static_cast<scalar_t>(av * sum);
-    total += sum * static_cast<acc_t>(s[frame * g.P + p]);
+    total += reweight_backward_finish_position<scalar_t, acc_t, index_t>(frame, p, groups, group_stride, g, partial,
+                                                                         s, av, ds);
   }
   da[frame] = static_cast<scalar_t>(total);
 }

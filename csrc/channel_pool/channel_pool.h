@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -18,16 +19,23 @@ inline void check_pool_args(const at::Tensor& x, int64_t t_stride, const char* o
   TORCH_CHECK_VALUE(t_stride >= 1, op, ": t_stride must be >= 1, got ", t_stride);
 }
 
+// A t_stride of T or more reads frame 0 only, as T does: clamped to T, it fits any index type the tensor's sizes
+// fit (a t_stride of 2^32 narrowed to int32 would be 0, and T + t_stride - 1 overflows int64 near its maximum).
+inline int64_t effective_t_stride(const at::Tensor& x, int64_t t_stride) {
+  return std::min<int64_t>(t_stride, std::max<int64_t>(x.size(2), 1));
+}
+
 template <typename index_t>
 PoolGeometry<index_t> pool_geometry(const at::Tensor& x, int64_t t_stride) {
-  const int64_t T = x.size(2);
+  const int64_t T = x.size(2), stride = effective_t_stride(x, t_stride);
   return {static_cast<index_t>(x.size(0)), static_cast<index_t>(x.size(1)), static_cast<index_t>(T),
-          static_cast<index_t>(x.size(3) * x.size(4)), static_cast<index_t>(t_stride),
-          static_cast<index_t>((T + t_stride - 1) / t_stride)};
+          static_cast<index_t>(x.size(3) * x.size(4)), static_cast<index_t>(stride),
+          static_cast<index_t>((T + stride - 1) / stride)};
 }
 
 inline std::vector<int64_t> pool_output_shape(const at::Tensor& x, int64_t t_stride) {
-  return {x.size(0), 2, (x.size(2) + t_stride - 1) / t_stride, x.size(3), x.size(4)};
+  const int64_t stride = effective_t_stride(x, t_stride);
+  return {x.size(0), 2, (x.size(2) + stride - 1) / stride, x.size(3), x.size(4)};
 }
 
 inline void check_pool_grad(const at::Tensor& grad, const at::Tensor& x, int64_t t_stride, const char* op) {

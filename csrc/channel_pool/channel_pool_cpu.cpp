@@ -90,30 +90,42 @@ at::Tensor channel_pool_run_thread_bodies(const at::Tensor& x_in, int64_t t_stri
   constexpr const char* op = "channel_pool_run_thread_bodies";
   check_pool_args(x_in, t_stride, op);
   check_device_type(x_in, c10::DeviceType::CPU, op, "x");
+  check_device_type(order, c10::DeviceType::CPU, op, "order");
   if (grad) check_pool_grad(*grad, x_in, t_stride, op);
   const at::Tensor x = x_in.contiguous();
-  const auto g = pool_geometry<int64_t>(x, t_stride);
   at::Tensor out = grad ? at::empty(x.sizes(), x.options()) : at::empty(pool_output_shape(x, t_stride), x.options());
-  const int64_t threads = grad ? g.N * g.T * g.P : g.N * g.T_out * g.P;
+  const at::Tensor pooled = grad ? *grad : out;  // the (N, 2, T', H, W) tensor the kernel also indexes
+  const int64_t threads = pooled.size(0) * (grad ? x.size(2) : pooled.size(2)) * x.size(3) * x.size(4);
   TORCH_CHECK_VALUE(order.numel() == threads, op, ": order must list all ", threads, " thread indices, got ",
                     order.numel());
   const at::Tensor o = order.to(at::kLong).contiguous();
   const at::Tensor gr = grad ? grad->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    for (int64_t k = 0; k < threads; ++k) {
-      const int64_t i = o.const_data_ptr<int64_t>()[k];
-      TORCH_CHECK_VALUE(i >= 0 && i < threads, op, ": thread index ", i, " out of range");
-      if (grad) {
-        channel_pool_backward_thread<scalar_t, acc_t, int64_t>(i, g, gr.const_data_ptr<scalar_t>(),
-                                                               x.const_data_ptr<scalar_t>(),
-                                                               out.mutable_data_ptr<scalar_t>());
-      } else {
-        channel_pool_forward_thread<scalar_t, acc_t, int64_t>(i, g, x.const_data_ptr<scalar_t>(),
-                                                              out.mutable_data_ptr<scalar_t>());
+  // The index type the CUDA launcher would pick for these tensors, so the int32 bodies the GPU runs are tested.
+  const auto run = [&]<typename index_t>() {
+    const auto g = pool_geometry<index_t>(x, t_stride);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      for (int64_t k = 0; k < threads; ++k) {
+        const int64_t i = o.const_data_ptr<int64_t>()[k];
+        TORCH_CHECK_VALUE(i >= 0 && i < threads, op, ": thread index ", i, " out of range");
+        if (grad) {
+          channel_pool_backward_thread<scalar_t, acc_t, index_t>(static_cast<index_t>(i), g,
+                                                                 gr.const_data_ptr<scalar_t>(),
+                                                                 x.const_data_ptr<scalar_t>(),
+                                                                 out.mutable_data_ptr<scalar_t>());
+        } else {
+          channel_pool_forward_thread<scalar_t, acc_t, index_t>(static_cast<index_t>(i), g,
+                                                                x.const_data_ptr<scalar_t>(),
+                                                                out.mutable_data_ptr<scalar_t>());
+        }
       }
-    }
-  });
+    });
+  };
+  if (fits_int32(x) && fits_int32(pooled)) {
+    run.template operator()<int32_t>();
+  } else {
+    run.template operator()<int64_t>();
+  }
   return out;
 }
 

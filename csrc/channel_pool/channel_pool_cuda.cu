@@ -33,7 +33,9 @@ at::Tensor channel_pool_cuda(const at::Tensor& x_in, int64_t t_stride) {
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty(pool_output_shape(x, t_stride), x.options());
   if (out.numel() == 0) return out;
+  // The kernel indexes both with int32, and out (N, 2, T', H, W) is the larger of the two when C = 1.
   check_int32_indexing(x, op, "x");
+  check_int32_indexing(out, op, "the output");
   const auto g = pool_geometry<int32_t>(x, t_stride);
   const int32_t threads = g.N * g.T_out * g.P;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -55,7 +57,9 @@ at::Tensor channel_pool_backward_cuda(const at::Tensor& grad_in, const at::Tenso
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;
+  // grad (N, 2, T', H, W) is larger than x and dx when C = 1; the kernel indexes all three with int32.
   check_int32_indexing(x, op, "x");
+  check_int32_indexing(grad, op, "grad");
   const auto g = pool_geometry<int32_t>(x, t_stride);
   const int32_t threads = g.N * g.T * g.P;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -18,7 +18,11 @@ inline unsigned int blocks_for(int64_t work_items, int threads = kThreadsPerBloc
 
 }  // namespace epamx::cuda
 
-// Each thread visits i, i + gridDim*blockDim, ... below n.
-#define EPAMX_GRID_STRIDE_LOOP(index_t, i, n)                                                    \
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n);          \
-       i += static_cast<index_t>(blockDim.x) * gridDim.x)
+// Each thread visits i, i + gridDim*blockDim, ... below n. The counter is 64-bit whatever index_t is (as in
+// PyTorch's CUDA_KERNEL_LOOP_TYPE): with an int32 counter, the step past the last index wraps negative once n is
+// within one grid (up to ~134M threads) of 2^31, `i < n` still holds, and the body indexes before the buffer.
+// The body sees i as index_t, which holds every value below n.
+#define EPAMX_GRID_STRIDE_LOOP(index_t, i, n)                                                                  \
+  for (int64_t i##_wide = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;                        \
+       i##_wide < static_cast<int64_t>(n); i##_wide += static_cast<int64_t>(blockDim.x) * gridDim.x)          \
+    if (const index_t i = static_cast<index_t>(i##_wide); true)

@@ -113,6 +113,20 @@ def test_gpu_thread_bodies_are_order_independent(groups):
             torch.testing.assert_close(act, exp, rtol=1e-5, atol=1e-5)
 
 
+def test_thread_body_hook_checks_its_orders():
+    x, s, a = make_inputs((1, 2, 2, 1, 3))
+    grad = torch.randn_like(x)
+    hook = _C._testing.attention_reweight_backward_run_thread_bodies
+    with pytest.raises(ValueError, match="order1 must list 6 threads and order2 2"):
+        hook(grad, x, s, a, 1, torch.arange(5), torch.arange(2))
+    with pytest.raises(ValueError, match="order1 index 6 out of range"):
+        hook(grad, x, s, a, 1, torch.arange(6) + 1, torch.arange(2))
+    with pytest.raises(RuntimeError, match="order1 must be a cpu tensor"):
+        hook(grad, x, s, a, 1, torch.arange(6, device="meta"), torch.arange(2))
+    with pytest.raises(RuntimeError, match="order2 must be a cpu tensor"):
+        hook(grad, x, s, a, 1, torch.arange(6), torch.arange(2, device="meta"))
+
+
 def test_mixed_dtypes_as_autocast_makes_them(device):
     x, s, a = make_inputs((2, 8, 4, 3, 3), torch.bfloat16, device)
     s32 = s.float().requires_grad_(True)

@@ -121,6 +121,44 @@ def test_gpu_thread_bodies_are_order_independent(backward, t_stride):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
+def test_thread_body_hook_checks_its_order():
+    x = make_input((1, 3, 4, 2, 2))
+    with pytest.raises(ValueError, match="order must list all 16 thread indices"):
+        _C._testing.channel_pool_run_thread_bodies(x, 1, None, torch.arange(5))
+    with pytest.raises(ValueError, match="out of range"):
+        _C._testing.channel_pool_run_thread_bodies(x, 1, None, torch.arange(16) + 1)
+    with pytest.raises(RuntimeError, match="order must be a cpu tensor"):
+        _C._testing.channel_pool_run_thread_bodies(x, 1, None, torch.arange(16, device="meta"))
+
+
+@pytest.mark.parametrize("t_stride", [2**31, 2**32, 2**32 + 1, 2**63 - 1])
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_a_t_stride_beyond_the_frames_reads_frame_zero(t_stride, backward, device):
+    # Any t_stride >= T pools frame 0 alone, as t_stride = T does; the kernels' index types need not hold it
+    # (2^32 narrowed to int32 is 0, 2^32 + 1 is 1) and T + t_stride - 1 must not overflow.
+    x = make_input((2, 5, 7, 3, 2), device=device)
+    if backward:
+        grad = make_input((2, 2, 1, 3, 2), device=device, seed=3)
+        actual = torch.ops.epamx._channel_pool_backward(grad, x, t_stride)
+        expected = torch.ops.epamx._channel_pool_backward(grad, x, 7)
+    else:
+        actual = channel_pool(x, t_stride)
+        expected = channel_pool(x, 7)
+        torch.testing.assert_close(actual, channel_pool_reference(x, 7))
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("t_stride", [2**32, 2**63 - 1])
+def test_gpu_thread_bodies_with_a_t_stride_beyond_the_frames(t_stride):
+    x = make_input((2, 3, 4, 2, 3))
+    for grad in [None, make_input((2, 2, 1, 2, 3), seed=5)]:
+        threads = 2 * (4 if grad is not None else 1) * 6
+        actual = _C._testing.channel_pool_run_thread_bodies(x, t_stride, grad, torch.randperm(threads))
+        expected = channel_pool(x, 4) if grad is None else torch.ops.epamx._channel_pool_backward(grad, x, 4)
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
 def test_opcheck(device):
     x = make_input((2, 6, 7, 4, 5), torch.float32, device)
     torch.library.opcheck(torch.ops.epamx.channel_pool.default, (x, 3))

@@ -1,0 +1,296 @@
+"""Every CUDA kernel against the CPU kernel on the same inputs: forward and gradients, every float dtype, odd sizes,
+non-contiguous and channels-last inputs, the current (side) stream, and the int32 index boundary. CUDA only: the
+whole module is skipped without a GPU (tools/gpu_check.sh runs it on one)."""
+import pytest
+import torch
+
+from conftest import DEVICES, FLOAT_DTYPES, TOLERANCES, on_busy_side_stream, poisoned_allocations
+from epamx.ops import (COCO17_LIMBS, attention_reweight, channel_pool, render_heatmaps, temporal_shift,
+                       temporal_shift_)
+
+pytestmark = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU")
+
+DTYPE_IDS = [str(d).replace("torch.", "") for d in FLOAT_DTYPES]
+# How an input is laid out in memory: as allocated, a strided view (every other W column of a wider tensor), or
+# channels-last (C innermost).
+LAYOUTS = ["contiguous", "strided", "channels_last"]
+
+
+def randn(shape, seed, dtype=torch.float32):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def rand(shape, seed, dtype=torch.float32):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def lay_out(t, layout):
+    """The same values as t (5-D, any device), laid out as `layout` names."""
+    if layout == "strided":
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    return t
+
+
+def both_devices(tensors, layout):
+    """(CPU inputs, CUDA inputs): the same values, each laid out as `layout` on its device."""
+    return [lay_out(t, layout) for t in tensors], [lay_out(t.cuda(), layout) for t in tensors]
+
+
+def close(cuda, cpu, dtype, exact=False):
+    # Same per-element math on both; nvcc may fuse multiply-adds where GCC does not, and sums may be grouped
+    # differently: an ulp or two in the output dtype.
+    rtol, atol = (0, 0) if exact else TOLERANCES[dtype]
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def grads(fn, inputs, grad_out, differentiable):
+    leaves = [t.detach().clone().requires_grad_(d) for t, d in zip(inputs, differentiable)]
+    out = fn(*leaves)
+    wanted = [t for t in leaves if t.requires_grad]
+    return out.detach(), torch.autograd.grad(out, wanted, grad_out)
+
+
+# ---- temporal_shift: moves data only, so CUDA and CPU agree bit for bit ------------------------------------------
+
+SHIFT_SHAPES = [(2, 16, 16, 7, 7, 8), (1, 17, 3, 5, 3, 4), (3, 9, 1, 2, 5, 2), (2, 7, 2, 3, 1, 3), (1, 24, 48, 4, 4, 4)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHIFT_SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-fd{s[5]}")
+def test_temporal_shift(shape, dtype, layout):
+    *size, fold_div = shape
+    (x_cpu,), (x_gpu,) = both_devices([randn(size, 1, dtype)], layout)
+    grad = randn(size, 2, dtype)
+    out_cpu, (dx_cpu,) = grads(lambda x: temporal_shift(x, fold_div), [x_cpu], grad, [True])
+    with poisoned_allocations():
+        out_gpu, (dx_gpu,) = grads(lambda x: temporal_shift(x, fold_div), [x_gpu], grad.cuda(), [True])
+    close(out_gpu, out_cpu, dtype, exact=True)
+    close(dx_gpu, dx_cpu, dtype, exact=True)
+    assert out_gpu.is_contiguous(memory_format=torch.channels_last_3d) == out_cpu.is_contiguous(
+        memory_format=torch.channels_last_3d)
+    # In place, on the caller's tensor whatever its layout, and the in-place opposite shift.
+    y_cpu, y_gpu = x_cpu.clone(), x_gpu.clone()
+    temporal_shift_(y_cpu, fold_div)
+    temporal_shift_(y_gpu, fold_div)
+    close(y_gpu, y_cpu, dtype, exact=True)
+    torch.ops.epamx._temporal_shift_backward_(y_cpu, fold_div, None)
+    torch.ops.epamx._temporal_shift_backward_(y_gpu, fold_div, None)
+    close(y_gpu, y_cpu, dtype, exact=True)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+def test_temporal_shift_tsm_layout(dtype):
+    n, t, c, h, w = 3, 5, 19, 3, 5
+    x = randn((n * t, c, h, w), 3, dtype)
+    for x_cpu in [x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3)]:
+        x_gpu = x_cpu.cuda()
+        close(temporal_shift(x_gpu, 4, t), temporal_shift(x_cpu, 4, t), dtype, exact=True)
+        y_cpu, y_gpu = x_cpu.clone(), x_gpu.clone()
+        temporal_shift_(y_cpu, 4, t)
+        temporal_shift_(y_gpu, 4, t)
+        close(y_gpu, y_cpu, dtype, exact=True)
+
+
+def test_temporal_shift_on_a_side_stream_backward():
+    x = randn((2, 16, 8, 9, 9), 4)
+    out = on_busy_side_stream(lambda g: torch.ops.epamx._temporal_shift_backward(g, 8, None), x.cuda())
+    close(out, torch.ops.epamx._temporal_shift_backward(x, 8, None), torch.float32, exact=True)
+
+
+# ---- attention_reweight ------------------------------------------------------------------------------------------
+
+REWEIGHT_SHAPES = [(2, 432, 16, 7, 7), (1, 17, 3, 5, 3), (3, 1, 5, 2, 4), (2, 9, 1, 1, 1), (1, 33, 7, 14, 14),
+                   (1, 3, 2, 61, 67)]
+
+
+def reweight_inputs(shape, dtype, seed=0):
+    n, c, t, h, w = shape
+    return [randn(shape, seed, dtype), rand((n, 1, t, h, w), seed + 1, dtype), rand((n, 1, t, 1, 1), seed + 2, dtype)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", REWEIGHT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_reweight(shape, dtype, layout):
+    inputs_cpu, inputs_gpu = both_devices(reweight_inputs(shape, dtype), layout)
+    grad = randn(shape, 7, dtype)
+    out_cpu, grads_cpu = grads(attention_reweight, inputs_cpu, grad, [True] * 3)
+    with poisoned_allocations():
+        out_gpu, grads_gpu = grads(attention_reweight, inputs_gpu, grad.cuda(), [True] * 3)
+    close(out_gpu, out_cpu, dtype)
+    for gpu, cpu in zip(grads_gpu, grads_cpu):
+        # dS and dA are sums over channels (and pixels): relative to their size.
+        scale = cpu.abs().max().clamp_min(1).item()
+        rtol, atol = TOLERANCES[dtype]
+        torch.testing.assert_close(gpu.cpu().double(), cpu.double(), rtol=rtol, atol=atol * scale)
+
+
+def test_attention_reweight_on_a_side_stream():
+    x, s, a = [t.cuda() for t in reweight_inputs((2, 432, 16, 7, 7), torch.float32)]
+    grad = torch.randn_like(x)
+    out = on_busy_side_stream(attention_reweight, x, s, a)
+    close(out, attention_reweight(x.cpu(), s.cpu(), a.cpu()), torch.float32)
+    # The backward pass is two kernels (per-group partial sums, then the per-frame reduction) and a scratch buffer.
+    dx, ds, da = on_busy_side_stream(torch.ops.epamx._attention_reweight_backward, grad, x, s, a)
+    expected = torch.ops.epamx._attention_reweight_backward(grad.cpu(), x.cpu(), s.cpu(), a.cpu())
+    for gpu, cpu in zip((dx, ds, da), expected):
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-4)
+
+
+# ---- channel_pool ------------------------------------------------------------------------------------------------
+
+POOL_CASES = [((2, 216, 48, 7, 7), 3), ((1, 17, 7, 5, 3), 3), ((2, 9, 5, 2, 4), 2), ((3, 1, 4, 3, 3), 1),
+              ((1, 5, 3, 1, 1), 4), ((2, 33, 16, 14, 14), 5), ((1, 3, 5, 2, 2), 2**32)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-s{c[1]}")
+def test_channel_pool(case, dtype, layout):
+    shape, t_stride = case
+    (x_cpu,), (x_gpu,) = both_devices([randn(shape, 3, dtype)], layout)
+    out_shape = channel_pool(x_cpu, t_stride).shape
+    grad = randn(out_shape, 4, dtype)
+    out_cpu, (dx_cpu,) = grads(lambda x: channel_pool(x, t_stride), [x_cpu], grad, [True])
+    with poisoned_allocations():
+        out_gpu, (dx_gpu,) = grads(lambda x: channel_pool(x, t_stride), [x_gpu], grad.cuda(), [True])
+    close(out_gpu[:, 0], out_cpu[:, 0], dtype, exact=True)  # the maximum is exact
+    close(out_gpu[:, 1], out_cpu[:, 1], dtype)
+    close(dx_gpu, dx_cpu, dtype)
+
+
+def test_channel_pool_ties_and_nan_route_like_the_cpu_kernel():
+    x = torch.randint(0, 3, (2, 6, 4, 3, 3), generator=torch.Generator().manual_seed(1)).float()
+    x[0, 2, 0, 1, 1] = float("nan")
+    grad = randn((2, 2, 2, 3, 3), 2)
+    expected = torch.ops.epamx._channel_pool_backward(grad, x, 2)
+    close(torch.ops.epamx._channel_pool_backward(grad.cuda(), x.cuda(), 2), expected, torch.float32, exact=True)
+    close(channel_pool(x.cuda(), 2), channel_pool(x, 2), torch.float32, exact=True)
+
+
+def test_channel_pool_on_a_side_stream():
+    x = randn((2, 216, 48, 7, 7), 5).cuda()
+    grad = randn((2, 2, 16, 7, 7), 6).cuda()
+    close(on_busy_side_stream(lambda v: channel_pool(v, 3), x), channel_pool(x.cpu(), 3), torch.float32)
+    dx = on_busy_side_stream(lambda g, v: torch.ops.epamx._channel_pool_backward(g, v, 3), grad, x)
+    close(dx, torch.ops.epamx._channel_pool_backward(grad.cpu(), x.cpu(), 3), torch.float32)
+
+
+# ---- render_heatmaps ---------------------------------------------------------------------------------------------
+
+def keypoints(n, m, t, v, size, seed):
+    h, w = size
+    kp = rand((n, m, t, v, 2), seed) * torch.tensor([w + 4.0, h + 4.0]) - 2  # some joints outside the image
+    scores = rand((n, m, t, v), seed + 1)
+    kp[0, 0, 0, 1] = float("nan")  # a missing joint
+    scores[0, -1, -1, 2] = 0.0  # below eps
+    return kp, scores
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("limbs", [None, COCO17_LIMBS], ids=["joints", "limbs"])
+@pytest.mark.parametrize("size", [(56, 56), (23, 31), (1, 7)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_render_heatmaps(size, limbs, dtype):
+    kp, scores = keypoints(3, 2, 5, 17, size, seed=8)
+    cpu = render_heatmaps(kp, scores, size, 0.6, limbs, dtype=dtype)
+    with poisoned_allocations():
+        gpu = render_heatmaps(kp.cuda(), scores.cuda(), size, 0.6, limbs, dtype=dtype)
+    close(gpu, cpu, dtype)
+
+
+def test_render_heatmaps_strided_inputs():
+    kp, scores = keypoints(2, 3, 4, 17, (23, 31), seed=9)
+    # The same values through views whose persons and frames are transposed in memory.
+    kp = kp.transpose(1, 2).contiguous().transpose(1, 2)
+    scores = scores.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not kp.is_contiguous() and not scores.is_contiguous()
+    cpu = render_heatmaps(kp, scores, (23, 31), limbs=COCO17_LIMBS)
+    close(render_heatmaps(kp.cuda(), scores.cuda(), (23, 31), limbs=COCO17_LIMBS), cpu, torch.float32)
+
+
+# ---- the int32 index boundary: the largest tensors the int32 kernels take ---------------------------------------
+# 2^31 - 2 = 2 * 3^2 * 7 * 11 * 31 * 151 * 331 elements: every int32 kernel below runs one thread per element (or
+# per 2-byte unit) with a grid of ~134M threads, so the grid-stride loop steps past 2^31 - 1. An int32 loop counter
+# wrapped there to a negative index, still below n, and the kernel read and wrote before its buffers.
+
+BIG = 2**31 - 2
+P_ODD = (151, 331)  # an odd frame plane: temporal_shift moves float16 one element per thread
+
+
+def _slices_close(gpu, cpu_fn, x_gpu, dim, size, dtype, exact=False):
+    """Compare the first and last `size` entries along `dim` with the CPU kernel applied to those slices alone."""
+    for lo in (0, x_gpu.shape[dim] - size):
+        part = x_gpu.narrow(dim, lo, size).cpu()
+        close(gpu.narrow(dim, lo, size), cpu_fn(part), dtype, exact)
+
+
+@pytest.mark.slow
+def test_int32_boundary_attention_reweight():
+    shape = (1, 2 * 9 * 7 * 11, 31, *P_ODD)
+    assert torch.Size(shape).numel() == BIG
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(shape, device="cuda", dtype=torch.float16, generator=g)
+    s = torch.rand(1, 1, 31, *P_ODD, device="cuda", dtype=torch.float16, generator=g)
+    a = torch.rand(1, 1, 31, 1, 1, device="cuda", dtype=torch.float16, generator=g)
+    out = attention_reweight(x, s, a)
+    torch.cuda.synchronize()
+    _slices_close(out, lambda part: attention_reweight(part, s.cpu(), a.cpu()), x, 1, 2, torch.float16)
+    del out
+    grad = torch.randn(shape, device="cuda", dtype=torch.float16, generator=g)
+    dx, ds, da = torch.ops.epamx._attention_reweight_backward(grad, x, s, a)
+    torch.cuda.synchronize()
+    # dx is elementwise per channel; dS and dA sum over all channels: against the same sums taken by torch.
+    dx_cpu = torch.ops.epamx._attention_reweight_backward(grad[:, :2].cpu(), x[:, :2].cpu(), s.cpu(), a.cpu())[0]
+    close(dx[:, :2], dx_cpu, torch.float16)
+    gx = torch.zeros(1, 1, 31, *P_ODD, device="cuda", dtype=torch.float32)
+    for c0 in range(0, shape[1], 64):
+        gx += (grad[:, c0:c0 + 64].float() * x[:, c0:c0 + 64].float()).sum(1, keepdim=True)
+    torch.testing.assert_close(ds.float(), a.float() * gx, rtol=1e-2, atol=1e-1)
+    torch.testing.assert_close(da.float(), (gx * s.float()).sum((3, 4), keepdim=True), rtol=1e-2, atol=10.0)
+
+
+@pytest.mark.slow
+def test_int32_boundary_channel_pool():
+    shape = (1, 2, 9 * 7 * 11 * 31, *P_ODD)
+    assert torch.Size(shape).numel() == BIG
+    x = torch.randn(shape, device="cuda", dtype=torch.float16, generator=torch.Generator(device="cuda").manual_seed(1))
+    out = channel_pool(x, 1)
+    torch.cuda.synchronize()
+    _slices_close(out, lambda part: channel_pool(part, 1), x, 2, 3, torch.float16)
+    grad = torch.randn_like(out)
+    dx = torch.ops.epamx._channel_pool_backward(grad, x, 1)
+    torch.cuda.synchronize()
+    for lo in (0, shape[2] - 3):
+        expected = torch.ops.epamx._channel_pool_backward(grad[:, :, lo:lo + 3].cpu(), x[:, :, lo:lo + 3].cpu(), 1)
+        close(dx[:, :, lo:lo + 3], expected, torch.float16)
+
+
+@pytest.mark.slow
+def test_int32_guard_covers_the_pooled_tensor():
+    # C = 1: the output (N, 2, T, H, W) has twice x's elements, beyond int32 although x is not.
+    x = torch.empty(1, 1, 2**30 // 64 + 1, 8, 8, device="cuda", dtype=torch.float16).normal_()
+    with pytest.raises(RuntimeError, match="indexes with int32"):
+        channel_pool(x, 1)
+    grad = torch.empty(1, 2, x.shape[2], 8, 8, device="cuda", dtype=torch.float16).normal_()
+    with pytest.raises(RuntimeError, match="indexes with int32"):
+        torch.ops.epamx._channel_pool_backward(grad, x, 1)
+
+
+@pytest.mark.slow
+def test_int32_boundary_temporal_shift():
+    shape = (1, 2 * 9 * 7, 11 * 31, *P_ODD)
+    assert torch.Size(shape).numel() == BIG
+    x = torch.randn(shape, device="cuda", dtype=torch.float16, generator=torch.Generator(device="cuda").manual_seed(2))
+    out = temporal_shift(x, 8)
+    torch.cuda.synchronize()
+    fold = shape[1] // 8
+    # Channel 0 takes frame t+1, channel `fold` frame t-1, the last channel (the buffer's end) is copied.
+    close(out[:, 0, :-1], x[:, 0, 1:].cpu(), torch.float16, exact=True)
+    close(out[:, fold, 1:], x[:, fold, :-1].cpu(), torch.float16, exact=True)
+    close(out[:, -1], x[:, -1].cpu(), torch.float16, exact=True)
+    assert not out[:, 0, -1].any() and not out[:, fold, 0].any()
