@@ -100,8 +100,8 @@ def test_train_runs_the_three_stages_and_says_where(trained):
 
 
 def test_epochs_sets_every_stage(tmp_path, capsys, monkeypatch):
-    """--epochs N: N epochs a stage, over the config's per-stage epochs (embedded.toml: 6, 6, 2); an override
-    after it still sets one stage."""
+    """--epochs N: N epochs a stage, over the config's per-stage epochs; an override after it still sets one
+    stage; without it, the config's own."""
     import epamx.train
     from epamx.train.loop import RunResult
 
@@ -116,7 +116,10 @@ def test_epochs_sets_every_stage(tmp_path, capsys, monkeypatch):
     assert cli(capsys, "train", "--epochs", 3, "train.fused_epochs=1", f"train.out_dir={tmp_path}")[0] == 0
     assert cli(capsys, "train", f"train.out_dir={tmp_path}")[0] == 0
     stages = [[cfg.train.stage_epochs(m) for m in ("pose", "rgb", "fused")] for cfg in configs]
-    assert stages == [[3, 3, 3], [3, 3, 1], [6, 6, 2]]
+    from epamx.train import load_config
+
+    shipped = load_config("embedded").train
+    assert stages == [[3, 3, 3], [3, 3, 1], [shipped.stage_epochs(m) for m in ("pose", "rgb", "fused")]]
 
 
 # ---- eval --------------------------------------------------------------------------------------------------------
