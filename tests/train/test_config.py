@@ -169,9 +169,12 @@ def test_a_stage_setting_overrides_only_its_stage():
     assert [config.train.stage_epochs(s) for s in STAGES] == [1, 7, 4]
     assert [config.optim.stage_lr_per_16(s) for s in STAGES] == [3.0, 0.01, 0.002]
     # 0 sets a stage back to the shared value
-    config = load_config("embedded", ["train.fused_epochs=0", "optim.rgb_lr_per_16=0", "train.epochs=9"])
-    assert [config.train.stage_epochs(s) for s in STAGES] == [6, 6, 9]
-    assert [config.optim.stage_lr_per_16(s) for s in STAGES] == [0.1, 0.05, 0.02]
+    config = config_from_dict({"train": {"epochs": 4, "pose_epochs": 6, "rgb_epochs": 5, "fused_epochs": 2},
+                               "optim": {"lr_per_16": 0.04, "pose_lr_per_16": 0.1, "rgb_lr_per_16": 0.05,
+                                         "fused_lr_per_16": 0.02}},
+                              ["train.fused_epochs=0", "optim.rgb_lr_per_16=0", "train.epochs=9"])
+    assert [config.train.stage_epochs(s) for s in STAGES] == [6, 5, 9]
+    assert [config.optim.stage_lr_per_16(s) for s in STAGES] == [0.1, 0.04, 0.02]
 
 
 def test_the_shipped_stage_settings():
