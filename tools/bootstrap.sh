@@ -51,4 +51,6 @@ if ! "$PY" -m pip install -v --disable-pip-version-check --no-build-isolation --
   exit 1
 fi
 grep -E -- "-- epamx: " build/bootstrap.log | sed -E 's/^ *-- //' || true
-"$PY" -m epamx info | head -n 6
+# not piped into head: head exits after six lines and info would die of a broken pipe (failing the script)
+"$PY" -m epamx info > build/info.txt
+head -n 6 build/info.txt
