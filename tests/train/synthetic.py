@@ -202,6 +202,7 @@ def main(argv) -> int:
             torch.save(distributed.unwrap(model).state_dict(), out_dir / "bn_free.pt")
     else:
         raise SystemExit(f"unknown command {command!r}")
+    distributed.barrier()  # leave the group together: gloo can abort a rank whose peer has already torn down
     distributed.teardown()
     return 0
 
