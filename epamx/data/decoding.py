@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["DecodeError", "read_video", "read_frame_folder", "video_frame_count", "write_video", "write_frame_folder"]
+__all__ = ["DecodeError", "decode_video", "read_video", "read_frame_folder", "video_frame_count", "write_video", "write_frame_folder"]
 
 PathLike = Union[str, os.PathLike]
 # A video may end a few frames before the annotation's total_frames (NTU's videos and skeletons disagree by a frame
@@ -33,42 +33,52 @@ def _needed(indices: Sequence[int]) -> np.ndarray:
     return idx
 
 
-def read_video(path: PathLike, indices: Sequence[int]) -> np.ndarray:
-    """Frames ``indices`` (0-based, any order, repeats allowed) of a video -> uint8 (len(indices), H, W, 3) RGB."""
+def decode_video(path: PathLike) -> Iterator[Tuple[object, object]]:
+    """The frames of a video's first video stream, decoded in order: yields (av.VideoFrame, its stream). Errors
+    while opening or decoding become DecodeError (FileNotFoundError for a missing file), naming the file."""
     import av
 
     path = os.fspath(path)
-    idx = _needed(indices)
-    wanted = set(idx.tolist())
-    last = int(idx.max())
     if not os.path.exists(path):
         raise FileNotFoundError(f"video {path} does not exist")
-    frames = {}
-    decoded = 0
     try:
         with av.open(path) as container:
             if not container.streams.video:
                 raise DecodeError(f"{path}: no video stream")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            previous = None
             for frame in container.decode(stream):
-                if decoded in wanted:
-                    frames[decoded] = frame.to_ndarray(format="rgb24")
-                previous = frame
-                decoded += 1
-                if decoded > last:
-                    break
-            if decoded <= last and previous is not None and decoded >= (1 - _SHORT_VIDEO_TOLERANCE) * (last + 1):
-                tail = previous.to_ndarray(format="rgb24")
-                for i in range(decoded, last + 1):
-                    if i in wanted:
-                        frames[i] = tail
+                yield frame, stream
     except (av.error.FFmpegError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise DecodeError(f"{path}: cannot decode video ({type(e).__name__}: {e}); the file may be corrupt or "
                           f"truncated") from None
+
+
+def read_video(path: PathLike, indices: Sequence[int]) -> np.ndarray:
+    """Frames ``indices`` (0-based, any order, repeats allowed) of a video -> uint8 (len(indices), H, W, 3) RGB."""
+    path = os.fspath(path)
+    idx = _needed(indices)
+    wanted = set(idx.tolist())
+    last = int(idx.max())
+    frames = {}
+    decoded = 0
+    previous = None
+    frames_in = decode_video(path)
+    for frame, _ in frames_in:
+        if decoded in wanted:
+            frames[decoded] = frame.to_ndarray(format="rgb24")
+        previous = frame
+        decoded += 1
+        if decoded > last:
+            frames_in.close()  # stop decoding: every frame asked for is in
+            break
+    if decoded <= last and previous is not None and decoded >= (1 - _SHORT_VIDEO_TOLERANCE) * (last + 1):
+        tail = previous.to_ndarray(format="rgb24")
+        for i in range(decoded, last + 1):
+            if i in wanted:
+                frames[i] = tail
     missing = [i for i in wanted if i not in frames]
     if missing:
         raise DecodeError(f"{path}: the video has {decoded} readable frames, but frame {max(missing)} was asked for "

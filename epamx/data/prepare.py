@@ -21,7 +21,7 @@ import numpy as np
 
 from epamx.data.annotations import load_annotations
 from epamx.data.dataset import SampleError
-from epamx.data.decoding import DecodeError, read_frame_folder, write_video
+from epamx.data.decoding import DecodeError, decode_video, read_frame_folder, write_video
 from epamx.data.transforms import compact_box, crop_resize_frames
 
 __all__ = ["prepare_videos"]
@@ -34,25 +34,9 @@ _DEFAULT_FPS = 30
 def _video_frames(path: str):
     """Every frame of a video, decoded one at a time (a whole 1080p video would not fit in memory), with the
     stream's frame rate: yields (uint8 (H, W, 3) RGB, fps)."""
-    import av
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"video {path} does not exist")
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise DecodeError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            rate = stream.average_rate
-            fps = int(round(float(rate))) if rate else _DEFAULT_FPS
-            for frame in container.decode(stream):
-                yield frame.to_ndarray(format="rgb24"), fps or _DEFAULT_FPS
-    except (av.error.FFmpegError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise DecodeError(f"{path}: cannot decode video ({type(e).__name__}: {e}); the file may be corrupt or "
-                          f"truncated") from None
+    for frame, stream in decode_video(path):
+        rate = stream.average_rate
+        yield frame.to_ndarray(format="rgb24"), (int(round(float(rate))) if rate else 0) or _DEFAULT_FPS
 
 
 def _folder_frames(folder: str, count: int, template: str):
