@@ -408,7 +408,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
     train.add_argument("--epochs", type=int, default=None,
                        help="epochs of every stage (over the config's train.<stage>_epochs)")
-    train.add_argument("--no-resume", action="store_true", help="do not continue from the run folder's checkpoints")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="no_resume", action="store_false", default=False,
+                        help="continue from the run folder's latest checkpoints (the default: a run started again "
+                             "resumes where it stopped)")
+    resume.add_argument("--no-resume", dest="no_resume", action="store_true",
+                        help="do not continue from the run folder's checkpoints")
     train.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
                        help="any config value, e.g. train.batch_size=16 optim.lr_per_16=0.002")
     train.set_defaults(run=_train)

@@ -421,3 +421,18 @@ def test_in_a_subprocess(trained, tmp_path):
     assert "Traceback" not in result.stderr
     (clip,) = json.loads(result.stdout)["clips"]
     assert clip["frame_dir"] == "val_00000_wave" and len(clip["top"]) == 2
+
+
+def test_resume_flags(tmp_path, capsys, monkeypatch):
+    """Resuming is the default (--resume says so explicitly); --no-resume turns it off; both at once is an error."""
+    import epamx.train
+    from epamx.train.loop import RunResult
+
+    seen = []
+    monkeypatch.setattr(epamx.train, "run", lambda cfg: seen.append(cfg.train.resume) or RunResult(tmp_path, {}))
+    for flags in ([], ["--resume"], ["--no-resume"]):
+        assert cli(capsys, "train", *flags, f"train.out_dir={tmp_path}")[0] == 0
+    assert seen == [True, True, False]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--resume", "--no-resume"])
+    assert exit_info.value.code == 2
