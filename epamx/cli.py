@@ -179,7 +179,7 @@ def _user_errors():
     from epamx.train.config import ConfigError
 
     return (ConfigError, CheckpointError, AnnotationError, DecodeError, SampleError, FileNotFoundError,
-            NotADirectoryError, ValueError)
+            FileExistsError, NotADirectoryError, ValueError)
 
 
 def _one_line(error: Exception) -> str:

@@ -436,3 +436,22 @@ def test_resume_flags(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--resume", "--no-resume"])
     assert exit_info.value.code == 2
+
+
+def test_no_resume_on_a_folder_that_holds_a_run_is_one_line(tmp_path, capsys, monkeypatch):
+    """--no-resume where a stage already has checkpoints: exit 2, one line naming the folder and the fix."""
+    import epamx.train
+    from epamx.train.checkpoint import write_latest
+    from epamx.train.loop import run_stage
+
+    def run(cfg):
+        stage = tmp_path / "pose"
+        (stage / "checkpoints").mkdir(parents=True)
+        (stage / "checkpoints" / "step_1.pt").write_bytes(b"")
+        write_latest(stage, stage / "checkpoints" / "step_1.pt")
+        return run_stage(cfg, "pose", stage)
+
+    monkeypatch.setattr(epamx.train, "run", run)
+    code, _, err = cli(capsys, "train", "--no-resume", f"train.out_dir={tmp_path}")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "already holds a run" in err and "train.resume=true" in err

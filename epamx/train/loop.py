@@ -520,8 +520,8 @@ def run_stage(cfg: Config, mode: str, out_dir=None, init_from: Sequence = (), *,
         return StageResult(mode, stage_dir, final_path, final.get("metrics", {}), final.get("primary", ""))
     latest = latest_checkpoint(stage_dir) if stage_dir.is_dir() else None
     if latest is not None and not cfg.train.resume:
-        raise RuntimeError(f"{stage_dir} already holds a run (latest: {latest}); set train.resume=true to continue "
-                           f"it, or choose another train.out_dir")
+        raise FileExistsError(f"{stage_dir} already holds a run (latest: {latest}); set train.resume=true to "
+                              f"continue it, or choose another train.out_dir")
     _configure_determinism(cfg.train.deterministic, device)
     _seed_everything(cfg.train.seed)
 

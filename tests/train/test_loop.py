@@ -170,7 +170,7 @@ def test_a_finished_run_is_not_overwritten_without_resume(tmp_path, synthetic_da
     cfg = synthetic_data.tiny_config(tmp_path, "pose", ["train.epochs=1", "train.resume=false"])
     stop = StopFlag()
     run_stage(cfg, "pose", on_iteration=lambda record: stop.request(), stop=stop)
-    with pytest.raises(RuntimeError, match="already holds a run.*train.resume=true"):
+    with pytest.raises(FileExistsError, match="already holds a run.*train.resume=true"):
         run_stage(cfg, "pose")
 
 
