@@ -20,11 +20,12 @@ import io
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["AnnotationError", "UnsafePickleError", "class_names_of", "dump_annotations", "load_annotations",
+__all__ = ["AnnotationError", "UnsafePickleError", "class_names_of", "dump_annotations", "load_annotation_file",
+           "load_annotations",
            "read_label_map", "safe_load_pickle", "validate_annotation"]
 
 PathLike = Union[str, os.PathLike]
@@ -181,6 +182,12 @@ def load_annotations(path: PathLike, split: Union[str, Sequence[str], None] = No
                      num_classes: Optional[int] = None) -> List[Dict[str, Any]]:
     """The validated annotations of ``split`` (a split name, a list of frame_dirs, a text file of them, or None for
     every annotation), in the split's order. ``num_classes`` checks every label is below it."""
+    return load_annotation_file(path, split, num_classes)[0]
+
+
+def load_annotation_file(path: PathLike, split: Union[str, Sequence[str], None] = None,
+                         num_classes: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Optional[List[str]]]:
+    """``load_annotations`` and the file's class names (``class_names_of``) from one read of the file."""
     source = os.fspath(path)
     data = safe_load_pickle(source)
     if isinstance(data, dict):
@@ -206,15 +213,18 @@ def load_annotations(path: PathLike, split: Union[str, Sequence[str], None] = No
             if a["label"] >= num_classes:
                 raise AnnotationError(f"{source}: annotation {a['frame_dir']!r} has label {a['label']}, but the model "
                                       f"has {num_classes} classes (labels 0..{num_classes - 1})")
-    return anns
+    return anns, _classes(data)
+
+
+def _classes(data: Any) -> Optional[List[str]]:
+    if isinstance(data, dict) and isinstance(data.get("classes"), (list, tuple)):
+        return [str(c) for c in data["classes"]]
+    return None
 
 
 def class_names_of(path: PathLike) -> Optional[List[str]]:
     """The 'classes' list an annotation pickle carries (epamx's embedded dataset does), or None."""
-    data = safe_load_pickle(path)
-    if isinstance(data, dict) and isinstance(data.get("classes"), (list, tuple)):
-        return [str(c) for c in data["classes"]]
-    return None
+    return _classes(safe_load_pickle(path))
 
 
 def read_label_map(path: PathLike) -> List[str]:

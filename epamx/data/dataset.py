@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from epamx.data.annotations import class_names_of, load_annotations, read_label_map
+from epamx.data.annotations import load_annotation_file, read_label_map
 from epamx.data.config import DataConfig
 from epamx.data.decoding import read_frame_folder, read_video
 from epamx.data.sampler import ClipSampler, sample_seed
@@ -177,12 +177,11 @@ def collate_clips(samples: List[Optional[Dict[str, Any]]]) -> Optional[Dict[str,
     return batch
 
 
-def _class_names(cfg: DataConfig, ann_file: str, labels: Sequence[int]) -> List[str]:
+def _class_names(cfg: DataConfig, file_classes: Optional[List[str]], labels: Sequence[int]) -> List[str]:
     if getattr(cfg, "label_map", ""):
         return read_label_map(cfg.label_map)
-    names = class_names_of(ann_file)
-    if names is not None:
-        return names
+    if file_classes is not None:
+        return file_classes
     return [f"class_{i}" for i in range(max(labels) + 1)] if labels else []
 
 
@@ -210,10 +209,10 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, modalities: Sequence
             raise ValueError("the RGB stream needs data.video_root (videos) or data.frame_root (JPEG frame folders)")
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data.{'video_root' if video_root else 'frame_root'} {root} is not a folder")
-    annotations = load_annotations(ann_file, split, num_classes=num_classes)
+    annotations, file_classes = load_annotation_file(ann_file, split, num_classes=num_classes)
     if not annotations:
         raise ValueError(f"{ann_file}: split {split!r} is empty")
-    names = _class_names(cfg, ann_file, [a["label"] for a in annotations])
+    names = _class_names(cfg, file_classes, [a["label"] for a in annotations])
     if num_classes is not None and len(names) < num_classes:
         names += [f"class_{i}" for i in range(len(names), num_classes)]
     return ClipDataset(annotations, names, train, modalities, video_root, cfg.video_suffix, frame_root,

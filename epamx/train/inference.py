@@ -9,7 +9,6 @@ the annotated 'label').
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -108,9 +107,8 @@ def clip_from_video(cfg: Config, class_names: Sequence[str], mode: str, video: s
     return _dataset(cfg, [ann], class_names, mode, str(video_path.parent), name[len(stem):], precropped=precropped)
 
 
-def _inputs(cfg: Config, mode: str, dataset: ClipDataset, indices: Sequence[int], device: torch.device):
+def _inputs(transform: BatchTransform, dataset: ClipDataset, indices: Sequence[int], device: torch.device):
     batch = collate_clips([dataset[i] for i in indices])
-    transform = BatchTransform(cfg.data, modalities(mode)).to(device)
     return batch, transform(batch, device, False)
 
 
@@ -119,12 +117,12 @@ def predict(model: torch.nn.Module, cfg: Config, dataset: ClipDataset, top_k: in
             device: torch.device = torch.device("cpu")) -> List[Dict[str, Any]]:
     """Top-k classes of every clip of ``dataset``: [{'frame_dir', 'top': [(class, score), ...], 'streams':
     {stream: top class}}], scores the softmax of the fused logits (rgb + pose) or of the single stream's."""
-    mode = model_mode(model)
+    transform = BatchTransform(cfg.data, modalities(model_mode(model))).to(device)
     names = dataset.class_names
     results = []
     for start in range(0, len(dataset), batch_size):
         indices = list(range(start, min(start + batch_size, len(dataset))))
-        batch, (imgs, heatmaps, _) = _inputs(cfg, mode, dataset, indices, device)
+        batch, (imgs, heatmaps, _) = _inputs(transform, dataset, indices, device)
         logits = stream_logits(model, imgs, heatmaps)
         total = sum(logits.values())
         probs = total.float().softmax(-1)
@@ -149,7 +147,8 @@ def render_attention(model: torch.nn.Module, cfg: Config, dataset: ClipDataset, 
 
     if model_mode(model) != "fused":
         raise ValueError("render needs an EPAM-Net (fused) checkpoint: the single-stream models have no attention")
-    batch, (imgs, heatmaps, _) = _inputs(cfg, "fused", dataset, [index], device)
+    transform = BatchTransform(cfg.data, modalities("fused")).to(device)
+    batch, (imgs, heatmaps, _) = _inputs(transform, dataset, [index], device)
     rgb_feats = model.rgb_backbone(imgs)
     pose_feats = model.pose_backbone(heatmaps)
     stride = heatmaps.shape[2] // imgs.shape[2]
@@ -205,5 +204,4 @@ def config_for_checkpoint(checkpoint: os.PathLike, config: Optional[str], overri
     if config is None:
         found = find_run_file(checkpoint)
         config = str(found) if found is not None else "embedded"
-    cfg = load_config(config, overrides)
-    return replace(cfg)
+    return load_config(config, overrides)

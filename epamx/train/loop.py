@@ -707,7 +707,7 @@ def run(cfg: Config, *, stop: Optional[StopFlag] = None) -> RunResult:
         for m, r in results.items():
             lines.append(f"  {m:<6} {cfg.train.metric} {100 * r.headline(cfg.train.metric):6.2f}%  "
                          f"{r.out_dir}/ (final.pt, log.jsonl, curves.png, confusion.png, per_class.txt)")
-        lines.append(f"  summary.json, config.toml, environment.json")
+        lines.append("  summary.json, config.toml, environment.json")
         _say("\n".join(lines))
     D.barrier()  # every rank leaves together (gloo can abort a rank whose peer has already torn down)
     return RunResult(out_dir, results)

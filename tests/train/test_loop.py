@@ -15,14 +15,20 @@ from epamx.train.loop import StopFlag, cosine_schedule, evaluate, resolve_amp, r
 from epamx.train.metrics import stream_metrics
 
 
-def test_cosine_schedule_per_iteration():
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    scheduler = cosine_schedule(optimizer, total_iters=10, min_lr=0.01)
+def _learning_rates(optimizer, scheduler, steps):
+    """The learning rate each of ``steps`` iterations runs at."""
     lrs = []
-    for _ in range(10):
+    for _ in range(steps):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+    return lrs
+
+
+def test_cosine_schedule_per_iteration():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    scheduler = cosine_schedule(optimizer, total_iters=10, min_lr=0.01)
+    lrs = _learning_rates(optimizer, scheduler, 10)
     expected = [0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * t / 10)) for t in range(10)]
     np.testing.assert_allclose(lrs, expected, rtol=1e-12)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)  # at total_iters: the floor
@@ -31,11 +37,7 @@ def test_cosine_schedule_per_iteration():
 def test_warmup_rises_linearly_into_the_cosine():
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     scheduler = cosine_schedule(optimizer, total_iters=100, warmup_iters=4)
-    lrs = []
-    for _ in range(6):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    lrs = _learning_rates(optimizer, scheduler, 6)
     cos = [0.5 * (1 + math.cos(math.pi * t / 100)) for t in range(6)]
     np.testing.assert_allclose(lrs, [0, cos[1] / 4, cos[2] / 2, cos[3] * 3 / 4, cos[4], cos[5]], rtol=1e-12)
 
