@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from epamx.models.checkpoint import convert_authors_state_dict
 from epamx.models.epamnet import ClassificationHead, EPAMNet
+from epamx.models.memory_format import MemoryFormatPolicy
 from epamx.models.xshiftnet import XShiftNet
 
 __all__ = ["MODES", "PoseStream", "RGBStream", "build_model", "init_from", "model_mode", "modalities",
@@ -36,14 +37,15 @@ def _check_num_classes(name: str, num_classes: int) -> None:
 
 class RGBStream(nn.Module):
     """EPAM-Net's RGB stream alone: X-ShiftNet (RGB) -> classification head. ``forward(imgs (N, 3, T, H, W))``
-    returns logits (N, num_classes)."""
+    returns logits (N, num_classes). ``memory_format`` as for :class:`EPAMNet` ("auto": channels_last_3d on CPU)."""
 
-    def __init__(self, num_classes: int, dropout: float = 0.5, fused: bool = True):
+    def __init__(self, num_classes: int, dropout: float = 0.5, fused: bool = True, memory_format: str = "auto"):
         super().__init__()
         _check_num_classes("RGBStream", num_classes)
         self.num_classes = num_classes
         self.rgb_backbone = XShiftNet.rgb(fused=fused)
         self.rgb_cls_head = ClassificationHead(self.rgb_backbone.feat_dim, num_classes, dropout)
+        self.memory_format = memory_format
 
     @property
     def fused(self) -> bool:
@@ -53,20 +55,31 @@ class RGBStream(nn.Module):
     def fused(self, value: bool) -> None:
         self.rgb_backbone.fused = bool(value)
 
+    @property
+    def memory_format(self) -> str:
+        return self._memory_format.value
+
+    @memory_format.setter
+    def memory_format(self, value: str) -> None:
+        self._memory_format = MemoryFormatPolicy(value, "RGBStream")
+
     def forward(self, imgs: Tensor) -> Tensor:
+        (imgs,) = self._memory_format.prepare(self, (self.rgb_backbone.conv1_s.conv.weight,), imgs)
         return self.rgb_cls_head(self.rgb_backbone(imgs))
 
 
 class PoseStream(nn.Module):
     """EPAM-Net's pose stream alone: X-ShiftNet (pose) -> classification head. ``forward(heatmaps (N, K, T, h, w))``
-    returns logits (N, num_classes)."""
+    returns logits (N, num_classes). ``memory_format`` as for :class:`EPAMNet` ("auto": channels_last_3d on CPU)."""
 
-    def __init__(self, num_classes: int, pose_channels: int = 17, dropout: float = 0.5, fused: bool = True):
+    def __init__(self, num_classes: int, pose_channels: int = 17, dropout: float = 0.5, fused: bool = True,
+                 memory_format: str = "auto"):
         super().__init__()
         _check_num_classes("PoseStream", num_classes)
         self.num_classes = num_classes
         self.pose_backbone = XShiftNet.pose(in_channels=pose_channels, fused=fused)
         self.pose_cls_head = ClassificationHead(self.pose_backbone.feat_dim, num_classes, dropout)
+        self.memory_format = memory_format
 
     @property
     def fused(self) -> bool:
@@ -76,7 +89,16 @@ class PoseStream(nn.Module):
     def fused(self, value: bool) -> None:
         self.pose_backbone.fused = bool(value)
 
+    @property
+    def memory_format(self) -> str:
+        return self._memory_format.value
+
+    @memory_format.setter
+    def memory_format(self, value: str) -> None:
+        self._memory_format = MemoryFormatPolicy(value, "PoseStream")
+
     def forward(self, heatmaps: Tensor) -> Tensor:
+        (heatmaps,) = self._memory_format.prepare(self, (self.pose_backbone.conv1_s.conv.weight,), heatmaps)
         return self.pose_cls_head(self.pose_backbone(heatmaps))
 
 

@@ -9,24 +9,48 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from epamx.nn import TemporalShift
 
 
+def _frame_wise_conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
+    """A (1, kh, kw) Conv3d over (N, C, T, H, W) in channels_last_3d memory, computed as a Conv2d over the N*T
+    frames: in that memory the frames are already a channels-last (N*T, C, H, W) batch, so no copy is made either
+    way, and the weight (O, I, 1, kh, kw) is a channels-last (O, I, kh, kw) view."""
+    n, c, t, h, w = x.shape
+    frames = x.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
+    y = F.conv2d(frames, conv.weight.squeeze(2), conv.bias, conv.stride[1:], conv.padding[1:], conv.dilation[1:],
+                 conv.groups)
+    return y.view(n, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
 class ConvBNAct(nn.Module):
-    """Conv3d (no bias) + BatchNorm3d + optional ReLU, named like mmcv's ConvModule."""
+    """Conv3d (no bias) + BatchNorm3d + optional ReLU, named like mmcv's ConvModule.
+
+    ``frame_wise``: where the input is in channels_last_3d memory, run the (1, kh, kw) convolution as a 2D
+    convolution over frames (same result). The stems use it: oneDNN's 3D path turns a batch-1 clip with 3 or
+    17 input channels down to PyTorch's slow reference convolution, its 2D path does not.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=1, stride=1, padding=0, groups: int = 1,
-                 relu: bool = True):
+                 relu: bool = True, frame_wise: bool = False):
         super().__init__()
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups,
                               bias=False)
         self.bn = nn.BatchNorm3d(out_channels)
         self.activate = nn.ReLU(inplace=True) if relu else None
+        self.frame_wise = frame_wise and self.conv.kernel_size[0] == 1 and self.conv.stride[0] == 1 \
+            and self.conv.padding[0] == 0
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.bn(self.conv(x))
+        if self.frame_wise and x.is_contiguous(memory_format=torch.channels_last_3d) and \
+                self.conv.weight.is_contiguous(memory_format=torch.channels_last_3d):
+            x = _frame_wise_conv(self.conv, x)
+        else:
+            x = self.conv(x)
+        x = self.bn(x)
         return self.activate(x) if self.activate is not None else x
 
 
@@ -94,7 +118,9 @@ class XShiftBlock(nn.Module):
             out = self.se_module(out)
         out = self.conv3(self.swish(out))
         identity = self.downsample(x) if self.downsample is not None else x
-        return self.relu(out + identity)
+        # out is this block's own fresh tensor, and neither batch norm nor convolution saves its output for
+        # backward: adding in place is safe in training too, and saves an allocation.
+        return self.relu(out.add_(identity))
 
 
 class XShiftNet(nn.Module):
@@ -129,7 +155,7 @@ class XShiftNet(nn.Module):
             raise ValueError(f"XShiftNet: se_style must be 'half', 'all' or 'none', got {se_style!r}")
         self.in_channels = in_channels
         self.conv1_s = ConvBNAct(in_channels, base_channels, (1, 3, 3), stride=(1, stem_stride, stem_stride),
-                                 padding=(0, 1, 1))
+                                 padding=(0, 1, 1), frame_wise=True)
         self.res_layers = []
         width = base_channels
         for i, (blocks, stride) in enumerate(zip(stage_blocks, spatial_strides)):

@@ -121,6 +121,12 @@ def _resolve_channels_last(value, device: torch.device) -> bool:
     return device.type == "cpu" if value == "auto" else bool(value)
 
 
+def _in_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:
+    """The model with its weights, and the policy its forward applies to inputs, in the configured format."""
+    model.memory_format = "channels_last_3d" if channels_last else "contiguous"
+    return model.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+
+
 @contextlib.contextmanager
 def _rng_untouched():
     """Whatever runs inside (creating a DataLoader iterator draws its workers' base seed from torch's RNG) leaves
@@ -540,9 +546,8 @@ def run_stage(cfg: Config, mode: str, out_dir=None, init_from: Sequence = (), *,
     channels_last = _resolve_channels_last(cfg.model.channels_last, device)
     amp_dtype = resolve_amp(cfg.train.amp, device)
 
-    model = build_model(mode, num_classes, cfg.model.pose_channels, cfg.model.fused, cfg.model.dropout).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+    model = _in_memory_format(build_model(mode, num_classes, cfg.model.pose_channels, cfg.model.fused,
+                                          cfg.model.dropout).to(device), channels_last)
     if init_from and latest is None:
         for source, parts in init_model_from(model, list(init_from)).items():
             _say(f"[{mode}] initialised {', '.join(parts)} from {source}" if parts
@@ -744,8 +749,7 @@ def evaluate_checkpoint(cfg: Config, path, split: Optional[str] = None, *, progr
                                pin_memory=info.device.type == "cuda")
     transform = _batch_transform(data, cfg, modalities(mode), info.device)
     channels_last = _resolve_channels_last(cfg.model.channels_last, info.device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+    model = _in_memory_format(model, channels_last)
     return evaluate(model, loader, transform, mode=mode, device=info.device, channels_last=channels_last,
                     amp_dtype=resolve_amp(cfg.train.amp, info.device), progress=progress,
                     class_names=meta.get("class_names"))
