@@ -145,28 +145,43 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _demo_model(device: torch.device, repeats: int) -> bool:
-    """EPAM-Net on one clip: the fused path (channels-last on CPU) against the plain-PyTorch reference path."""
-    from epamx.models import EPAMNet
+    """EPAM-Net on one clip, like with like: the fused ops against the plain-PyTorch reference ops in the same memory
+    format; the memory-format gain and optimize_for_inference on their own lines."""
+    from epamx.models import EPAMNet, optimize_for_inference, preferred_memory_format
 
     torch.manual_seed(0)
-    model = EPAMNet(num_classes=60).eval().to(device)
+    model = EPAMNet(num_classes=60, memory_format="contiguous").eval().to(device)
     imgs, heatmaps = torch.randn(1, 3, 16, 224, 224, device=device), torch.rand(1, 17, 48, 56, 56, device=device)
+    fast_format = "channels_last_3d" if preferred_memory_format(device) == torch.channels_last_3d else "contiguous"
+    formats = ["contiguous"] + ([fast_format] if fast_format != "contiguous" else [])
+    times, outputs = {}, {}
     with torch.no_grad():
-        model.fused = False
-        reference = model(imgs, heatmaps)
-        t_ref = _median_seconds(lambda: model(imgs, heatmaps), device, repeats)
+        for fmt in formats:
+            model.memory_format = fmt
+            for fused in (False, True):
+                model.fused = fused
+                outputs[fmt, fused] = model(imgs, heatmaps)
+                times[fmt, fused] = _median_seconds(lambda: model(imgs, heatmaps), device, repeats)
         model.fused = True
-        if device.type == "cpu":
-            model = model.to(memory_format=torch.channels_last_3d)
-            imgs = imgs.contiguous(memory_format=torch.channels_last_3d)
-            heatmaps = heatmaps.contiguous(memory_format=torch.channels_last_3d)
-        fused = model(imgs, heatmaps)
-        t_fused = _median_seconds(lambda: model(imgs, heatmaps), device, repeats)
-    same = all(torch.allclose(f, r, rtol=1e-4, atol=1e-4) for f, r in zip(fused, reference))
-    layout = " (channels-last)" if device.type == "cpu" else ""
-    print(f"\nEPAM-Net inference, 1 clip (16 x 224^2 RGB + 48 x 56^2 heatmaps), 2,538,717 parameters: reference path "
-          f"{t_ref:.3f} s, fused{layout} {t_fused:.3f} s, {t_ref / t_fused:.2f}x; "
-          f"same logits: {'yes' if same else 'NO'}")
+        model.memory_format = "contiguous"
+        fast = optimize_for_inference(model, fast_format)
+        outputs["optimized"] = fast(imgs, heatmaps)
+        times["optimized"] = _median_seconds(lambda: fast(imgs, heatmaps), device, repeats)
+    reference = outputs["contiguous", False]
+    same = all(torch.allclose(o, r, rtol=1e-4, atol=1e-4) for out in outputs.values() for o, r in zip(out, reference))
+    print(f"\nEPAM-Net inference, 1 clip (16 x 224^2 RGB + 48 x 56^2 heatmaps), 2,538,717 parameters, median of "
+          f"{repeats}:")
+    base = times["contiguous", False]
+    for fmt in formats:
+        ref, fused = times[fmt, False], times[fmt, True]
+        print(f"  {fmt:<17} reference ops {ref:.3f} s, fused ops {fused:.3f} s: fused {ref / fused:.2f}x")
+    if len(formats) > 1:
+        print(f"  memory format: {fast_format} vs contiguous, fused ops: "
+              f"{times['contiguous', True] / times[fast_format, True]:.2f}x (EPAMNet's default on {device.type})")
+    print(f"  optimize_for_inference (batch norm folded, {fast_format}): {times['optimized']:.3f} s, "
+          f"{base / times['optimized']:.2f}x the contiguous reference, "
+          f"{times[formats[-1], True] / times['optimized']:.2f}x EPAMNet's default")
+    print(f"  same logits everywhere (within 1e-4): {'yes' if same else 'NO'}")
     return same
 
 
@@ -313,9 +328,13 @@ def _load_for_inference(args: argparse.Namespace):
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from epamx.models import optimize_for_inference
     from epamx.train.inference import predict
 
     checkpoint, cfg, device, model, meta, class_names = _load_for_inference(args)
+    channels_last = cfg.model.channels_last
+    model = optimize_for_inference(model, "auto" if channels_last == "auto" else
+                                   "channels_last_3d" if channels_last else "contiguous")
     dataset = _clips(args, cfg, class_names, meta["mode"])
     if args.limit:
         dataset.annotations = dataset.annotations[:args.limit]

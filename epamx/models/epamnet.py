@@ -95,8 +95,7 @@ class EPAMNet(nn.Module):
         if frames < 1 or pose_frames % frames:
             raise ValueError(f"EPAMNet: the pose frames T_p = {pose_frames} must be a multiple of the RGB frames "
                              f"T = {frames} (EPAM-Net: 48 and 16)")
-        imgs, heatmaps = self._memory_format.prepare(
-            self, (self.rgb_backbone.conv1_s.conv.weight, self.pose_backbone.conv1_s.conv.weight), imgs, heatmaps)
+        imgs, heatmaps = self._memory_format.prepare(self, imgs, heatmaps)
         rgb = self.rgb_backbone(imgs)
         pose = self.pose_backbone(heatmaps)
         if rgb.shape[3:] != pose.shape[3:]:

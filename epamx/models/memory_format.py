@@ -10,7 +10,7 @@ contiguous memory up to float rounding.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -42,23 +42,33 @@ def resolve_memory_format(value: str, device: Union[torch.device, str]) -> Optio
     return _FORMATS[value]
 
 
+def _layout_probe(module: nn.Module) -> Optional[Tensor]:
+    """The module's first 5-D weight whose contiguous and channels-last layouts differ (more than one input
+    channel and a kernel with spatial extent: the stem convolution in the X-ShiftNets), or None."""
+    for p in module.parameters():
+        if p.dim() == 5 and p.shape[1] > 1 and p.shape[2:].numel() > 1:
+            return p
+    return None
+
+
 class MemoryFormatPolicy:
     """Converts a module's weights (once) and its 5-D inputs (every call) to the format its policy asks for.
 
-    ``probes`` are convolution weights whose layout tells whether the module's weights are converted already
-    (a kernel with spatial extent and more than one input channel: contiguous and channels-last differ there).
-    Under ``torch.compile`` the weights are left alone (a compiled graph must not mutate its module): convert
-    the module before compiling (``model.to(memory_format=...)`` or :func:`epamx.models.optimize_for_inference`).
+    Whether the weights are converted already is read from the first weight whose layouts differ. Under
+    ``torch.compile`` the weights are left alone (a compiled graph must not mutate its module): convert the module
+    before compiling (``model.to(memory_format=...)`` or :func:`epamx.models.optimize_for_inference`).
     """
 
     def __init__(self, value: str, owner: str):
         self.value = check_memory_format(value, owner)
 
-    def prepare(self, module: nn.Module, probes: Iterable[Tensor], *inputs: Optional[Tensor]):
+    def prepare(self, module: nn.Module, *inputs: Optional[Tensor]):
         device = next((x.device for x in inputs if x is not None), None)
         fmt = None if device is None else resolve_memory_format(self.value, device)
         if fmt is None:
             return inputs
-        if not torch.compiler.is_compiling() and not all(w.is_contiguous(memory_format=fmt) for w in probes):
-            module.to(memory_format=fmt)
+        if not torch.compiler.is_compiling():
+            probe = _layout_probe(module)
+            if probe is not None and not probe.is_contiguous(memory_format=fmt):
+                module.to(memory_format=fmt)
         return tuple(x.contiguous(memory_format=fmt) if x is not None and x.dim() == 5 else x for x in inputs)

@@ -64,7 +64,7 @@ class RGBStream(nn.Module):
         self._memory_format = MemoryFormatPolicy(value, "RGBStream")
 
     def forward(self, imgs: Tensor) -> Tensor:
-        (imgs,) = self._memory_format.prepare(self, (self.rgb_backbone.conv1_s.conv.weight,), imgs)
+        (imgs,) = self._memory_format.prepare(self, imgs)
         return self.rgb_cls_head(self.rgb_backbone(imgs))
 
 
@@ -98,7 +98,7 @@ class PoseStream(nn.Module):
         self._memory_format = MemoryFormatPolicy(value, "PoseStream")
 
     def forward(self, heatmaps: Tensor) -> Tensor:
-        (heatmaps,) = self._memory_format.prepare(self, (self.pose_backbone.conv1_s.conv.weight,), heatmaps)
+        (heatmaps,) = self._memory_format.prepare(self, heatmaps)
         return self.pose_cls_head(self.pose_backbone(heatmaps))
 
 

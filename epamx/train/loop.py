@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from epamx.models.optimize import optimize_for_inference
 from epamx.models.streams import build_model, init_from as init_model_from, modalities, model_mode, stream_logits
 from epamx.train import distributed as D
 from epamx.train.checkpoint import (CheckpointError, atomic_write_bytes, capture_rng_state, check_compatible,
@@ -749,7 +750,7 @@ def evaluate_checkpoint(cfg: Config, path, split: Optional[str] = None, *, progr
                                pin_memory=info.device.type == "cuda")
     transform = _batch_transform(data, cfg, modalities(mode), info.device)
     channels_last = _resolve_channels_last(cfg.model.channels_last, info.device)
-    model = _in_memory_format(model, channels_last)
+    model = optimize_for_inference(model, "channels_last_3d" if channels_last else "contiguous")
     return evaluate(model, loader, transform, mode=mode, device=info.device, channels_last=channels_last,
                     amp_dtype=resolve_amp(cfg.train.amp, info.device), progress=progress,
                     class_names=meta.get("class_names"))

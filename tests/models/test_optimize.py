@@ -1,0 +1,210 @@
+"""Fast by default: the memory-format policy of the models, the stems' frame-wise convolution, and
+optimize_for_inference (batch norm folded), each against the plain contiguous model."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from epamx.models import EPAMNet, PoseStream, RGBStream, optimize_for_inference, preferred_memory_format
+from epamx.models.xshiftnet import ConvBNAct
+
+from test_epamnet import randomize_batch_norm
+
+CL = torch.channels_last_3d
+
+
+def small_clip(seed=0, batch=2, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 3, 4, 64, 64, generator=g, dtype=dtype),
+            torch.rand(batch, 17, 12, 16, 16, generator=g, dtype=dtype))
+
+
+def epamnet(memory_format="auto", seed=0, num_classes=5, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return randomize_batch_norm(EPAMNet(num_classes, memory_format=memory_format)).to(dtype).eval()
+
+
+def stem_weights(model):
+    return [model.rgb_backbone.conv1_s.conv.weight, model.pose_backbone.conv1_s.conv.weight]
+
+
+# ---- the memory-format policy ----------------------------------------------------------------------------------------
+
+def test_preferred_memory_format_per_device():
+    assert preferred_memory_format("cpu") == CL
+    assert preferred_memory_format(torch.device("cuda", 0)) == torch.contiguous_format
+
+
+def test_auto_runs_channels_last_on_cpu_with_the_same_logits():
+    imgs, heatmaps = small_clip()
+    plain = epamnet("contiguous")
+    auto = epamnet("auto")
+    assert auto.memory_format == "auto"
+    with torch.no_grad():
+        want = plain(imgs, heatmaps)
+        got = auto(imgs, heatmaps)
+    assert all(w.is_contiguous(memory_format=CL) and not w.is_contiguous() for w in stem_weights(auto))
+    assert all(w.is_contiguous() for w in stem_weights(plain))
+    assert imgs.is_contiguous() and heatmaps.is_contiguous()  # the caller's tensors are not converted in place
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_logits_match_in_float64():
+    imgs, heatmaps = small_clip(dtype=torch.float64)
+    with torch.no_grad():
+        want = epamnet("contiguous", dtype=torch.float64)(imgs, heatmaps)
+        got = epamnet("auto", dtype=torch.float64)(imgs, heatmaps)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_contiguous_policy_converts_channels_last_weights_back():
+    model = epamnet("auto").to(memory_format=CL)
+    model.memory_format = "contiguous"
+    with torch.no_grad():
+        model(*small_clip())
+    assert all(w.is_contiguous() for w in stem_weights(model))
+
+
+def test_preserve_leaves_weights_and_inputs_as_given():
+    model = epamnet("preserve")
+    seen = []
+    model.rgb_backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        model(*small_clip())
+    assert seen == [True]
+    assert all(w.is_contiguous() for w in stem_weights(model))
+
+
+@pytest.mark.parametrize("cls,inputs", [(RGBStream, 0), (PoseStream, 1)])
+def test_streams_follow_the_policy(cls, inputs):
+    torch.manual_seed(0)
+    plain = randomize_batch_norm(cls(5, memory_format="contiguous")).eval()
+    auto = cls(5)
+    auto.load_state_dict(plain.state_dict())
+    auto.eval()
+    x = small_clip()[inputs]
+    with torch.no_grad():
+        torch.testing.assert_close(auto(x), plain(x), rtol=1e-4, atol=1e-5)
+    backbone = auto.rgb_backbone if cls is RGBStream else auto.pose_backbone
+    assert backbone.conv1_s.conv.weight.is_contiguous(memory_format=CL)
+
+
+def test_training_in_the_auto_format_gives_the_same_gradients():
+    imgs, heatmaps = small_clip(dtype=torch.float64)
+    grads = {}
+    for fmt in ("contiguous", "auto"):
+        model = epamnet(fmt, dtype=torch.float64).train()
+        rgb, pose = model(imgs, heatmaps)
+        (rgb.square().sum() + pose.square().sum()).backward()
+        grads[fmt] = {n: p.grad for n, p in model.named_parameters()}
+    for name, g in grads["auto"].items():
+        torch.testing.assert_close(g, grads["contiguous"][name], rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_bad_memory_format_is_explained():
+    with pytest.raises(ValueError, match="EPAMNet: memory_format must be one of auto, channels_last_3d"):
+        EPAMNet(5, memory_format="channels_last")
+    with pytest.raises(ValueError, match="RGBStream: memory_format"):
+        RGBStream(5, memory_format=torch.channels_last_3d)
+
+
+# ---- the stems' frame-wise convolution -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_frame_wise_convolution_equals_conv3d(stride):
+    torch.manual_seed(0)
+    layer = randomize_batch_norm(ConvBNAct(3, 8, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1),
+                                           frame_wise=True)).double().train()
+    reference = copy.deepcopy(layer)
+    reference.frame_wise = False
+    layer = layer.to(memory_format=CL)
+    x = torch.randn(2, 3, 5, 13, 11, dtype=torch.float64)
+    a = x.contiguous(memory_format=CL).requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    out_a, out_b = layer(a), reference(b)
+    assert out_a.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out_a, out_b)
+    weight = torch.randn_like(out_b)
+    (out_a * weight).sum().backward()
+    (out_b * weight).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(layer.conv.weight.grad, reference.conv.weight.grad)
+    assert torch.autograd.gradcheck(lambda t: layer.eval()(t), (a[:1, :, :2, :5, :4].detach().requires_grad_(),))
+
+
+def test_frame_wise_needs_a_single_frame_kernel():
+    assert not ConvBNAct(3, 8, (3, 3, 3), padding=1, frame_wise=True).frame_wise
+    assert ConvBNAct(3, 8, (1, 3, 3), padding=(0, 1, 1), frame_wise=True).frame_wise
+
+
+# ---- optimize_for_inference ------------------------------------------------------------------------------------------
+
+def test_optimized_model_gives_the_same_logits():
+    model = epamnet("contiguous", num_classes=7)
+    before = copy.deepcopy(model.state_dict())
+    fast = optimize_for_inference(model)
+    imgs, heatmaps = small_clip(seed=1)
+    with torch.no_grad():
+        want = model(imgs, heatmaps)
+        got = fast(imgs, heatmaps)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in fast.modules())
+    assert not any(p.requires_grad for p in fast.parameters())
+    assert not fast.training
+    assert fast.rgb_backbone.conv1_s.conv.weight.is_contiguous(memory_format=CL)
+    # the original is untouched: its batch norms, weights and memory format
+    assert any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.rgb_backbone.conv1_s.conv.weight.is_contiguous()
+
+
+def test_optimized_model_in_float64_is_exact_to_rounding():
+    model = epamnet("contiguous", dtype=torch.float64)
+    imgs, heatmaps = small_clip(dtype=torch.float64)
+    with torch.no_grad():
+        for g, w in zip(optimize_for_inference(model)(imgs, heatmaps), model(imgs, heatmaps)):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_optimized_model_without_no_grad_and_with_autograd_inputs():
+    """The copy's parameters need no gradients; inputs that require them still get correct ones."""
+    model = epamnet("contiguous")
+    fast = optimize_for_inference(model)
+    imgs, heatmaps = small_clip()
+    a = imgs.clone().requires_grad_(True)
+    rgb, _ = fast(a, heatmaps)
+    rgb.sum().backward()
+    b = imgs.clone().requires_grad_(True)
+    model(b, heatmaps)[0].sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls,inputs", [(RGBStream, 0), (PoseStream, 1)])
+def test_optimized_streams(cls, inputs):
+    torch.manual_seed(0)
+    model = randomize_batch_norm(cls(5)).eval()
+    x = small_clip()[inputs]
+    with torch.no_grad():
+        torch.testing.assert_close(optimize_for_inference(model, "contiguous")(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_optimize_for_inference_refuses_other_modules_and_formats():
+    with pytest.raises(TypeError, match="expected an EPAMNet, RGBStream or PoseStream, got Linear"):
+        optimize_for_inference(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="optimize_for_inference: memory_format must be one of"):
+        optimize_for_inference(RGBStream(3), memory_format="nhwc")
+
+
+def test_optimized_model_compiles():
+    model = epamnet("contiguous")
+    fast = optimize_for_inference(model)
+    imgs, heatmaps = small_clip(batch=1)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for g, w in zip(compiled(imgs, heatmaps), model(imgs, heatmaps)):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
