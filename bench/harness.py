@@ -155,14 +155,15 @@ class Interleaved:
 
 def warm_up(fns: Mapping[str, Callable], seconds: float, calls: int = 1, synchronize: Optional[Callable] = None,
             timer: Callable[[], float] = time.perf_counter) -> float:
-    """Interleaved rounds until `seconds` have passed (at least one); returns the last round's seconds."""
+    """Interleaved rounds until `seconds` have passed, at least two (a first call may pay one-time costs, such as
+    allocations and lazy initialisation); returns the last round's seconds, which plans the timed rounds."""
+    warm = Interleaved(fns, 1, 1_000_000, calls, synchronize, timer)
     start = timer()
     while True:
-        warm = Interleaved(fns, 1, 1, calls, synchronize, timer)
         round_start = timer()
         warm.round()
         round_seconds = timer() - round_start
-        if timer() - start >= seconds:
+        if warm.done >= 2 and timer() - start >= seconds:
             return round_seconds
 
 

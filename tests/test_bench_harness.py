@@ -1,7 +1,8 @@
 """bench/harness.py, the benchmarks' timing: interleaving order, per-repeat ratios and their spread, the table's
-noise marks, peak memory in a fresh process."""
+noise marks, peak memory in a fresh process; and one small benchmark run end to end through pytest."""
 import importlib.util
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -100,3 +101,18 @@ def test_peak_memory_in_a_fresh_process():
         pytest.skip("needs Linux's /proc/self/clear_refs")
     peak = harness.peak_memory(_allocate, 256)
     assert 200 * 2**20 < peak.above_start < 400 * 2**20, peak
+
+
+def test_bench_file_runs_through_the_harness(tmp_path):
+    table = tmp_path / "table.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(REPO / "bench" / "bench_temporal_shift.py"), "-q", "-p",
+         "no:cacheprovider", "-k", "cpu and fp32 and rgb_stage4 and contiguous", "--bench-time", "0.02",
+         "--bench-repeats", "3", "--bench-warmup", "0", "--bench-table", str(table)],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = table.read_text()
+    assert "interleaved" in text and "ABBA" in text
+    rows = [line for line in text.splitlines() if line.startswith("| temporal_shift |")]
+    assert [row.split(" | ")[3] for row in rows] == ["reference", "fused", "fused_inplace", "copy"]
+    assert all(" | 3x" in row for row in rows)  # 3 repeats
