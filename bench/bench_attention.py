@@ -1,6 +1,7 @@
 """EPAM-Net's spatial-temporal attention, forward + backward, fused ops against the eager composition the authors
 use: RGB features x (12, 432, 16, 7, 7) guided by pose features (12, 216, 48, 7, 7), and a larger
-(64, 432, 16, 14, 14) with pose (64, 216, 48, 14, 14).
+(64, 432, 16, 14, 14) with pose (64, 216, 48, 14, 14); each with contiguous and with channels_last_3d inputs (the
+layout the model runs in on a CPU), a copy of the same bytes as the bandwidth yardstick.
 
 Goals: CPU >= 2x eager; CUDA >= 3x eager and >= 80% of the memory-bandwidth roofline."""
 import pytest
@@ -14,6 +15,10 @@ CASES = {
     "large": ((64, 432, 16, 14, 14), (64, 216, 48, 14, 14)),
 }
 T_STRIDE = 3
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+SIZES = pytest.mark.parametrize("case,dtype", [("epamnet", torch.float32), ("epamnet", torch.bfloat16),
+                                               ("large", torch.float32)],
+                                ids=["epamnet-fp32", "epamnet-bf16", "large-fp32"])
 
 
 def _numel(shape):
@@ -38,42 +43,51 @@ def _fwd_bwd(fn, inputs, grad):
     return run
 
 
-@pytest.mark.parametrize("impl", ["reference", "fused", "copy"])
-@pytest.mark.parametrize("case,dtype", [("epamnet", torch.float32), ("epamnet", torch.bfloat16),
-                                        ("large", torch.float32)], ids=["epamnet-fp32", "epamnet-bf16", "large-fp32"])
-def test_attention_reweight(measure, device, case, dtype, impl):
+def _leaf(shape, device, dtype, layout, rand=torch.randn):
+    return rand(shape, device=device, dtype=dtype).contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@SIZES
+def test_attention_reweight(compare, device, case, dtype, layout):
     rgb_shape, _ = CASES[case]
     n, _, t, h, w = rgb_shape
-    x = torch.randn(rgb_shape, device=device, dtype=dtype, requires_grad=True)
-    s = torch.rand(n, 1, t, h, w, device=device, dtype=dtype, requires_grad=True)
+    x = _leaf(rgb_shape, device, dtype, layout)
+    s = _leaf((n, 1, t, h, w), device, dtype, layout, torch.rand)
     a = torch.rand(n, 1, t, 1, 1, device=device, dtype=dtype, requires_grad=True)
-    fn = attention_reweight if impl == "fused" else attention_reweight_reference
+    grad = torch.randn_like(x)  # x's layout
     nbytes = 5 * x.numel() * x.element_size()  # forward: read x, write out; backward: read g and x, write dx
-    run = _copy_of(nbytes, device) if impl == "copy" else _fwd_bwd(fn, (x, s, a), torch.randn_like(x))
-    measure("attention_reweight fwd+bwd", f"{case} {rgb_shape} {str(dtype)[6:]}", impl, run, nbytes, device)
+    compare("attention_reweight fwd+bwd", f"{case} {rgb_shape} {str(dtype)[6:]} {layout}",
+            {"reference": _fwd_bwd(attention_reweight_reference, (x, s, a), grad),
+             "fused": _fwd_bwd(attention_reweight, (x, s, a), grad),
+             "copy": _copy_of(nbytes, device)}, device=device, bytes_moved=nbytes)
 
 
-@pytest.mark.parametrize("impl", ["reference", "fused", "copy"])
-@pytest.mark.parametrize("case,dtype", [("epamnet", torch.float32), ("epamnet", torch.bfloat16),
-                                        ("large", torch.float32)], ids=["epamnet-fp32", "epamnet-bf16", "large-fp32"])
-def test_channel_pool(measure, device, case, dtype, impl):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@SIZES
+def test_channel_pool(compare, device, case, dtype, layout):
     _, pose_shape = CASES[case]
-    x = torch.randn(pose_shape, device=device, dtype=dtype, requires_grad=True)
-    fn = channel_pool if impl == "fused" else channel_pool_reference
+    x = _leaf(pose_shape, device, dtype, layout)
     grad = torch.randn_like(channel_pool_reference(x.detach(), T_STRIDE))
     # forward reads the strided frames; backward reads them again (arg-max) and writes all of dx
     nbytes = (2 * _numel(pose_shape) // T_STRIDE + _numel(pose_shape)) * x.element_size()
-    run = _copy_of(nbytes, device) if impl == "copy" else _fwd_bwd(lambda v: fn(v, T_STRIDE), (x,), grad)
-    measure("channel_pool fwd+bwd", f"{case} {pose_shape} {str(dtype)[6:]}", impl, run, nbytes, device)
+    compare("channel_pool fwd+bwd", f"{case} {pose_shape} {str(dtype)[6:]} {layout}",
+            {"reference": _fwd_bwd(lambda v: channel_pool_reference(v, T_STRIDE), (x,), grad),
+             "fused": _fwd_bwd(lambda v: channel_pool(v, T_STRIDE), (x,), grad),
+             "copy": _copy_of(nbytes, device)}, device=device, bytes_moved=nbytes)
 
 
-@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("case", ["epamnet", "large"])
-def test_spatial_temporal_attention(measure, device, case, impl):
+def test_spatial_temporal_attention(compare, device, case, layout):
     rgb_shape, pose_shape = CASES[case]
-    module = SpatialTemporalAttention(t_stride=T_STRIDE, fused=impl == "fused").to(device)
-    rgb = torch.randn(rgb_shape, device=device, requires_grad=True)
-    pose = torch.randn(pose_shape, device=device, requires_grad=True)
+    rgb = _leaf(rgb_shape, device, torch.float32, layout)
+    pose = _leaf(pose_shape, device, torch.float32, layout)
+    grad = torch.randn_like(rgb)
+    impls = {}
+    for impl in ("reference", "fused"):
+        module = SpatialTemporalAttention(t_stride=T_STRIDE, fused=impl == "fused").to(device)
+        impls[impl] = _fwd_bwd(module, (rgb, pose), grad)
     nbytes = 5 * rgb.numel() * 4 + (2 * pose.numel() // T_STRIDE + pose.numel()) * 4
-    measure("SpatialTemporalAttention fwd+bwd", f"{case} {rgb_shape} + {pose_shape}", impl,
-            _fwd_bwd(module, (rgb, pose), torch.randn_like(rgb)), nbytes, device)
+    compare("SpatialTemporalAttention fwd+bwd", f"{case} {rgb_shape} + {pose_shape} {layout}", impls, device=device,
+            bytes_moved=nbytes)

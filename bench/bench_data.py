@@ -3,11 +3,12 @@
 rescale, flip and render, batched on the device) against the same heatmaps made per clip in NumPy as the authors'
 pipeline does (MMCompact -> Resize -> Flip -> GeneratePoseTarget, epamx.ops.render_heatmaps_reference).
 
-Loader rows time one epoch (batch 4, persistent workers, so worker start-up is not counted); clips/s and the ratios
-(to the single-process loader, frames to video) are listed under the table. On a CPU that other processes keep busy,
-every 2-thread OpenMP region waits for its second thread to be scheduled (torch.stack of a batch's frames took
-20 ms instead of 0.04 ms on the shared 2-core machines), which the single-process loader pays in collate and
-workers (1 thread each) do not; --bench-threads 1 shows the difference."""
+Loader rows time one epoch (batch 4, persistent workers, so worker start-up is not counted), all six loaders one
+case, interleaved; the ratios to the single-process loader and of frames to video are extra ratios, and clips/s
+are listed under the table. On a CPU that other processes keep busy, every 2-thread OpenMP region waits for its
+second thread to be scheduled (torch.stack of a batch's frames took 20 ms instead of 0.04 ms on the shared 2-core
+machines), which the single-process loader pays in collate and workers (1 thread each) do not; --bench-threads 1
+shows the difference."""
 import numpy as np
 import pytest
 import torch
@@ -17,7 +18,6 @@ from epamx.data.transforms import compact_box
 from epamx.ops import COCO17_FLIP_PAIRS, render_heatmaps_reference
 
 CLIPS_PER_CLASS = 2
-_CLIPS_PER_S: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -30,31 +30,44 @@ def _config(cache, fmt):
         train_per_class=CLIPS_PER_CLASS, val_per_class=1, frames=48, image_size=64, format=fmt))
 
 
-@pytest.mark.parametrize("workers", [0, 1, 2])
-@pytest.mark.parametrize("fmt", ["video", "frames"])
-def test_loader_throughput(measure, benchmark, record_metric, embedded_cache, fmt, workers):
-    cfg = _config(embedded_cache, fmt)
-    build_embedded(cfg, progress=False)
-    dataset = build_dataset(cfg, "train", train=True, progress=False)
-    loader = build_loader(dataset, batch_size=4, train=True, seed=0, workers=workers)
+FORMATS = ("video", "frames")
+WORKERS = (0, 1, 2)
+
+
+def test_loader_throughput(compare, record_metric, embedded_cache):
+    """One case: every format and worker count, interleaved epoch by epoch (idle persistent workers wait)."""
+    impls = {}
+    for fmt in FORMATS:
+        cfg = _config(embedded_cache, fmt)
+        build_embedded(cfg, progress=False)
+        dataset = build_dataset(cfg, "train", train=True, progress=False)
+        for workers in WORKERS:
+            loader = build_loader(dataset, batch_size=4, train=True, seed=0, workers=workers)
+            impls[f"{fmt}, {workers} workers"] = _epoch(loader)
+    clips = len(dataset)
+    for name, one_epoch in impls.items():
+        assert one_epoch() == clips, name  # starts the workers
+    extra = [(f"{fmt}, {w} workers", f"{fmt}, 0 workers") for fmt in FORMATS for w in WORKERS if w] + \
+        [(f"frames, {w} workers", f"video, {w} workers") for w in WORKERS]
+    result = compare("loader epoch", f"{clips} clips of 48 frames 64x64, batch 4", impls, device="cpu",
+                     baseline="video, 0 workers", ratios=extra)
+    for fmt in FORMATS:
+        for workers in WORKERS:
+            name = f"{fmt}, {workers} workers"
+            versus = f" ({result.ratio(name, f'{fmt}, 0 workers').median:.2f}x 0 workers)" if workers else ""
+            record_metric("loader clips/s", name, f"{clips / result.seconds(name):.1f}{versus}")
+    for workers in WORKERS:
+        record_metric("loader frames vs video", f"{workers} workers",
+                      f"{result.ratio(f'frames, {workers} workers', f'video, {workers} workers').median:.2f}x")
+
+
+def _epoch(loader):
     epoch = iter(range(1_000_000))
 
     def one_epoch():
         loader.sampler.set_epoch(next(epoch))
         return sum(len(batch["label"]) for batch in loader)
-
-    assert one_epoch() == len(dataset)  # starts the workers
-    case = f"{fmt}, {len(dataset)} clips of 48 frames 64x64, batch 4"
-    measure("loader epoch", case, f"{workers} workers", one_epoch, 0, torch.device("cpu"))
-    clips_per_s = len(dataset) / benchmark.stats.stats.median
-    _CLIPS_PER_S[(fmt, workers)] = clips_per_s
-    base = _CLIPS_PER_S.get((fmt, 0))
-    versus = f" ({clips_per_s / base:.2f}x 0 workers)" if base and workers else ""
-    record_metric("loader clips/s", f"{fmt}, {workers} workers", f"{clips_per_s:.1f}{versus}")
-    if fmt == "frames" and (("video", workers) in _CLIPS_PER_S):
-        record_metric("loader frames vs video", f"{workers} workers",
-                      f"{clips_per_s / _CLIPS_PER_S[('video', workers)]:.2f}x")
-    del loader
+    return one_epoch
 
 
 def poses(clips, persons=2, frames=48, seed=0):
@@ -90,8 +103,7 @@ def per_clip_numpy(kp, scores, img_shape, flips, size=56):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("impl", ["reference", "batched"])
-def test_heatmap_step(measure, device, impl):
+def test_heatmap_step(compare, device):
     clips = 8
     kp, scores = poses(clips)
     flips = np.arange(clips) % 2 == 0
@@ -99,12 +111,9 @@ def test_heatmap_step(measure, device, impl):
              "img_shape": torch.tensor([[1080, 1920]] * clips), "flip": torch.from_numpy(flips),
              "label": torch.zeros(clips, dtype=torch.int64)}
     transform = BatchTransform(DataConfig(), modalities=("pose",)).to(device)
-    if impl == "reference":
-        fn = lambda: per_clip_numpy(kp, scores, (1080, 1920), flips)  # noqa: E731
-    else:
-        fn = lambda: transform(batch, device)[1]  # noqa: E731
-        reference = per_clip_numpy(kp, scores, (1080, 1920), flips)
-        torch.testing.assert_close(fn().cpu(), reference, rtol=0, atol=1e-6)
+    impls = {"reference": lambda: per_clip_numpy(kp, scores, (1080, 1920), flips),
+             "batched": lambda: transform(batch, device)[1]}
+    torch.testing.assert_close(impls["batched"]().cpu(), impls["reference"](), rtol=0, atol=1e-6)
     nbytes = clips * 17 * 48 * 56 * 56 * 4
-    measure("heatmap step", f"{clips} clips, 2 persons, 48 frames -> (8, 17, 48, 56, 56)", impl, fn, nbytes, device,
-            cuda_calls=5)
+    compare("heatmap step", f"{clips} clips, 2 persons, 48 frames -> (8, 17, 48, 56, 56)", impls, device=device,
+            bytes_moved=nbytes, cuda_calls=5)

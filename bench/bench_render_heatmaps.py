@@ -30,24 +30,19 @@ def poses(clips, persons=2, frames=48, size=56, seed=0):
 
 
 CASES = {"clip": 1, "batch": 32}
-IMPLS = ["reference", "fused", "fill"]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("limbs", [None, COCO17_LIMBS], ids=["joints", "joints+limbs"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_render_heatmaps(measure, device, case, limbs, impl):
+def test_render_heatmaps(compare, device, case, limbs):
     kp, scores = poses(CASES[case])
     kp, scores = kp.to(device), scores.to(device)
     channels = 17 + (len(limbs) if limbs else 0)
     shape = (kp.shape[0], channels, 48, 56, 56)
-    if impl == "reference":
-        fn = lambda: render_heatmaps_reference(kp, scores, 56, 0.6, limbs)  # noqa: E731
-    elif impl == "fused":
-        fn = lambda: render_heatmaps(kp, scores, 56, 0.6, limbs)  # noqa: E731
-    else:
-        buffer = torch.empty(shape, device=device)
-        fn = buffer.zero_
+    buffer = torch.empty(shape, device=device)
+    impls = {"reference": lambda: render_heatmaps_reference(kp, scores, 56, 0.6, limbs),
+             "fused": lambda: render_heatmaps(kp, scores, 56, 0.6, limbs),
+             "fill": buffer.zero_}
     label = f"{case} {tuple(shape)} {'joints+limbs' if limbs else 'joints'}"
-    nbytes = torch.Size(shape).numel() * 4
-    measure("render_heatmaps", label, impl, fn, nbytes, device)
+    compare("render_heatmaps", label, impls, device=device, bytes_moved=torch.Size(shape).numel() * 4,
+            yardstick="fill")

@@ -1,6 +1,6 @@
 """Temporal shift on EPAM-Net's tensors: the fused op (out of place and in place) against the reference
 zeros_like + slicing (what the authors' code and the TSM repository do), and a plain copy of the same tensor as
-the bandwidth yardstick.
+the bandwidth yardstick; contiguous and channels_last_3d (the copy keeps the layout).
 
 Goals: CPU >= 3x the reference; CUDA >= 85% of the device-to-device copy bandwidth for the bytes moved."""
 import pytest
@@ -14,7 +14,7 @@ CASES = {
     "rgb_stage4": ((12, 192, 16, 7, 7), 8),
     "pose_stage1": ((12, 24, 48, 56, 56), 4),
 }
-IMPLS = ["reference", "fused", "fused_inplace", "copy"]
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
 
 
 def bytes_moved(impl, shape, fold_div, element_size):
@@ -27,20 +27,17 @@ def bytes_moved(impl, shape, fold_div, element_size):
     return 2 * numel * element_size  # read everything once, write everything once
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_temporal_shift(measure, device, dtype, case, impl):
+def test_temporal_shift(compare, device, dtype, case, layout):
     shape, fold_div = CASES[case]
-    x = torch.randn(shape, device=device).to(dtype)
-    if impl == "reference":
-        fn = lambda: temporal_shift_reference(x, fold_div)  # noqa: E731
-    elif impl == "fused":
-        fn = lambda: temporal_shift(x, fold_div)  # noqa: E731
-    elif impl == "fused_inplace":
-        fn = lambda: temporal_shift_(x, fold_div)  # noqa: E731
-    else:
-        out = torch.empty_like(x)
-        fn = lambda: out.copy_(x)  # noqa: E731
-    label = f"{case} {tuple(shape)} {str(dtype).replace('torch.', '')}"
-    measure("temporal_shift", label, impl, fn, bytes_moved(impl, shape, fold_div, x.element_size()), device)
+    x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=LAYOUTS[layout])
+    out = torch.empty_like(x)
+    impls = {"reference": lambda: temporal_shift_reference(x, fold_div),
+             "fused": lambda: temporal_shift(x, fold_div),
+             "fused_inplace": lambda: temporal_shift_(x, fold_div),
+             "copy": lambda: out.copy_(x)}
+    label = f"{case} {tuple(shape)} {str(dtype).replace('torch.', '')} {layout}"
+    compare("temporal_shift", label, impls, device=device,
+            bytes_moved={impl: bytes_moved(impl, shape, fold_div, x.element_size()) for impl in impls})

@@ -3,11 +3,11 @@ clipping to norm 40, SGD with momentum and weight decay), as epamx.train.loop ta
 embedded config (epamx/configs/embedded.toml: batch 16, RGB 4 x 64 x 64, heatmaps of 17 joints 12 x 16 x 16) for
 each stage's model: the pose stream, the RGB stream and EPAM-Net. Each on the fused epamx ops against the same model
 with ``fused=False`` (the plain-PyTorch reference ops), in the same run; on a CPU both in channels_last_3d, as the
-loop trains there (model.channels_last = "auto"), and EPAM-Net also in the contiguous layout. On CUDA the loop's
-defaults too: contiguous, bfloat16 autocast.
+loop trains there (model.channels_last = "auto"); and, a case of its own, EPAM-Net's fused step in channels_last_3d
+against contiguous. On CUDA the loop's defaults too: contiguous, bfloat16 autocast.
 
-A step takes tenths of a second on a CPU, so each row is a few rounds (min 3), after one warm-up step. On a CPU
-that other processes keep busy, 2-thread OpenMP regions wait for their second thread (see bench_data.py);
+A step takes tenths of a second on a CPU, so a case runs the fewest rounds allowed (--bench-min-rounds per repeat).
+On a CPU that other processes keep busy, 2-thread OpenMP regions wait for their second thread (see bench_data.py);
 --bench-threads 1 measures without that."""
 import pytest
 import torch
@@ -19,9 +19,6 @@ from epamx.train import load_config
 CONFIG = load_config("embedded")
 NUM_CLASSES = 12  # the embedded dataset's
 MODELS = {"pose": "pose stream", "rgb": "RGB stream", "fused": "EPAM-Net"}
-IMPLS = {"reference": dict(fused=False, contiguous=False), "fused": dict(fused=True, contiguous=False),
-         "fused, contiguous": dict(fused=True, contiguous=True)}
-_CLIPS_PER_S: dict = {}
 
 
 def _case(device) -> str:
@@ -43,17 +40,10 @@ def _inputs(device, channels_last: bool):
             labels.to(device))
 
 
-@pytest.mark.benchmark(min_rounds=3, max_time=0.5, warmup=False)
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("mode", list(MODELS))
-def test_training_step(measure, benchmark, record_metric, device, mode, impl):
-    spec = IMPLS[impl]
+def _training_step(device, mode, fused: bool, channels_last: bool):
     cuda = device.type == "cuda"
-    if spec["contiguous"] and (mode != "fused" or cuda):
-        pytest.skip("the layouts are compared for EPAM-Net on a CPU (CUDA trains contiguous)")
-    channels_last = not cuda and not spec["contiguous"]
     torch.manual_seed(0)
-    model = build_model(mode, NUM_CLASSES, CONFIG.model.pose_channels, spec["fused"], CONFIG.model.dropout)
+    model = build_model(mode, NUM_CLASSES, CONFIG.model.pose_channels, fused, CONFIG.model.dropout)
     model = model.to(device).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -73,16 +63,32 @@ def test_training_step(measure, benchmark, record_metric, device, mode, impl):
         torch.nn.utils.clip_grad_norm_(params, optim.clip_grad)
         optimizer.step()
 
-    step()
-    case = _case(device)
-    measure(f"training step, {MODELS[mode]}", case, impl, step, 0, device, cuda_calls=3)
-    seconds = benchmark.stats.stats.median / benchmark.extra_info["calls_per_round"]
-    clips_per_s = CONFIG.train.batch_size / seconds
-    _CLIPS_PER_S[(device.type, mode, impl)] = clips_per_s
-    reference = _CLIPS_PER_S.get((device.type, mode, "reference"))
-    versus = f" ({clips_per_s / reference:.2f}x reference)" if reference and impl != "reference" else ""
-    record_metric("training clips/s", f"{device.type}, {MODELS[mode]}, {impl}", f"{clips_per_s:.1f}{versus}")
-    channels_last_rate = _CLIPS_PER_S.get((device.type, mode, "fused"))
-    if spec["contiguous"] and channels_last_rate:
-        record_metric("training step channels_last_3d vs contiguous", f"{device.type}, {MODELS[mode]}, fused",
-                      f"{channels_last_rate / clips_per_s:.2f}x")
+    return step
+
+
+@pytest.mark.parametrize("mode", list(MODELS))
+def test_training_step(compare, record_metric, device, mode):
+    """The fused ops against the reference ops, in the loop's layout for the device."""
+    channels_last = device.type == "cpu"
+    impls = {impl: _training_step(device, mode, impl == "fused", channels_last) for impl in ("reference", "fused")}
+    layout = "channels_last_3d" if channels_last else "contiguous"
+    result = compare(f"training step, {MODELS[mode]}", f"{_case(device)}, {layout}", impls, device=device,
+                     cuda_calls=3)
+    for impl in impls:
+        clips_per_s = CONFIG.train.batch_size / result.seconds(impl)
+        versus = f" ({result.ratio(impl, 'reference').median:.2f}x reference)" if impl != "reference" else ""
+        record_metric("training clips/s", f"{device.type}, {MODELS[mode]}, {impl}", f"{clips_per_s:.1f}{versus}")
+
+
+def test_training_step_layout(compare, record_metric, device):
+    """EPAM-Net on the fused ops, channels_last_3d against contiguous (model and inputs): the layout is what this
+    case compares, everything else is the same."""
+    if device.type == "cuda":
+        pytest.skip("the layouts are compared on a CPU (CUDA trains contiguous)")
+    impls = {layout: _training_step(device, "fused", True, layout == "channels_last_3d")
+             for layout in ("contiguous", "channels_last_3d")}
+    result = compare(f"training step, {MODELS['fused']}, fused", _case(device), impls, device=device,
+                     baseline="contiguous")
+    ratio = result.ratio("channels_last_3d", "contiguous")
+    record_metric("training step channels_last_3d vs contiguous", f"{device.type}, {MODELS['fused']}, fused",
+                  f"{ratio.median:.2f}x ({ratio.low:.2f}-{ratio.high:.2f}x)")

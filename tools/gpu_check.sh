@@ -189,7 +189,7 @@ stage_sanitizer() {
 }
 
 stage_bench() {
-  local args=(bench -k cuda -p no:cacheprovider --benchmark-max-time 0.25 --benchmark-min-rounds 5)
+  local args=(bench -k cuda -p no:cacheprovider --bench-time 0.25 --bench-repeats 5)
   if [ "$DRY" = 1 ]; then
     show "$PYTHON" -m pytest "${args[@]}" --bench-table "$OUT/cuda-<gpu>.md"
     run "$PYTHON" -m pytest bench -q --collect-only -p no:cacheprovider || { NOTE="bench collection failed"; return 1; }
