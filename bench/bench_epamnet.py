@@ -1,19 +1,33 @@
-"""EPAM-Net inference on one clip (batch 1: 16 RGB frames at 224x224, 48 heatmap frames of 17 joints at 56x56),
-fused ops against the plain-PyTorch reference path in the same run, model and clip contiguous and (as a CPU
-runs it best) channels_last_3d; the peak memory of inference with the in-place shift against the out-of-place one;
-a training step.
+"""EPAM-Net against the authors' model as they ship it (bench/authors_model.py, contiguous memory), all in the same run.
 
-More implementations of a case are more entries of its dict (e.g. "authors": the authors' model on the same
-clip), each timed interleaved with the others; baseline= names the row the `vs baseline` column divides by, and
-ratios=[("fused", "authors")] adds further same-run ratios.
+Inference on one clip (batch 1: 16 RGB frames at 224x224, 48 heatmap frames of 17 joints at 56x56), one case with
+every way to run it, so that every ratio is same-run:
 
-Goal: CPU (2 threads) <= 0.30 s per clip (the authors' model measures about 0.44 s here)."""
+    authors                the authors' model as shipped (contiguous)
+    authors_channels_last  the authors' model with model and clip in channels_last_3d (what a user could ask for)
+    reference              EPAMNet on the plain-PyTorch reference ops, contiguous
+    reference_channels_last                                              ... channels_last_3d
+    fused_contiguous       EPAMNet on the fused ops, contiguous
+    default                EPAMNet(num_classes).eval() as it comes: fused ops, channels_last_3d on a CPU ("auto")
+    optimized              epamx.models.optimize_for_inference(model): batch norm folded, in-place Swish
+
+Goals (CPU, 2 threads): optimized >= 2x authors and >= 1.25x authors_channels_last; default >= 1.5x authors.
+Like with like: fused_contiguous vs reference, default vs reference_channels_last (the fused ops' gain in one
+memory format); default vs fused_contiguous is the memory-format gain alone.
+
+Training step (forward, backward, clipping, SGD; batch 4 on a CPU, batch 12 with bf16 autocast on a GPU):
+authors as shipped, EPAMNet on the reference ops and on the fused ops in the same memory format, and the fused
+EPAMNet in the other format. Goals (CPU): fused >= 1.3x reference in the same format, >= 2x authors; peak memory
+>= 15% below the reference ops (test_epamnet_training_peak_memory).
+"""
 import pytest
 import torch
 
-from epamx.models import EPAMNet
+from authors_model import AuthorsEPAMNet, load_epamx_state_dict
+from epamx.models import EPAMNet, optimize_for_inference, preferred_memory_format
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+CL = torch.channels_last_3d
 
 
 def _clip(device, layout, batch=1):
@@ -24,23 +38,51 @@ def _clip(device, layout, batch=1):
 
 
 def _model(device, layout, **kwargs):
+    """EPAMNet in `layout` ("preserve": it runs in the layout its weights and inputs come in)."""
     torch.manual_seed(0)
-    return EPAMNet(num_classes=60, **kwargs).eval().to(device).to(memory_format=layout)
+    model = EPAMNet(num_classes=60, memory_format="preserve", **kwargs).eval().to(device)
+    return model.to(memory_format=layout)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_epamnet_inference_latency(compare, device, layout):
-    """Model and clip both in `layout`; the fused and reference models have the same weights."""
-    imgs, heatmaps = _clip(device, LAYOUTS[layout])
+def _authors(device, layout, state, train=False):
+    model = load_epamx_state_dict(AuthorsEPAMNet(num_classes=60), state).to(device).train(train)
+    return model.to(memory_format=layout)
 
-    def infer(model):
-        def run():
-            with torch.no_grad():
-                return model(imgs, heatmaps)
-        return run
 
-    impls = {impl: infer(_model(device, LAYOUTS[layout], fused=impl == "fused")) for impl in ("reference", "fused")}
-    compare("EPAMNet inference", f"1 clip, 60 classes, {layout}", impls, device=device, cuda_calls=5)
+def _no_grad(model, imgs, heatmaps):
+    def run():
+        with torch.no_grad():
+            return model(imgs, heatmaps)
+    return run
+
+
+def test_epamnet_inference_latency(compare, device):
+    """Every implementation has the same weights; the logits are checked equal before timing."""
+    torch.manual_seed(0)
+    default = EPAMNet(num_classes=60).eval().to(device)
+    state = default.state_dict()
+    fast = optimize_for_inference(default)
+    fast_layout = preferred_memory_format(device)
+    clips = {layout: _clip(device, LAYOUTS[layout]) for layout in LAYOUTS}
+    contiguous, channels_last = clips["contiguous"], clips["channels_last_3d"]
+    impls = {
+        "authors": _no_grad(_authors(device, torch.contiguous_format, state), *contiguous),
+        "authors_channels_last": _no_grad(_authors(device, CL, state), *channels_last),
+        "reference": _no_grad(_model(device, torch.contiguous_format, fused=False), *contiguous),
+        "reference_channels_last": _no_grad(_model(device, CL, fused=False), *channels_last),
+        "fused_contiguous": _no_grad(_model(device, torch.contiguous_format), *contiguous),
+        "default": _no_grad(default, *contiguous),
+        "optimized": _no_grad(fast, *contiguous),
+    }
+    want = impls["authors"]()
+    for name, run in impls.items():
+        for got, expected in zip(run(), want):
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3, msg=name)
+    same_format = "reference_channels_last" if fast_layout == CL else "reference"
+    compare("EPAMNet inference", "1 clip, 60 classes", impls, device=device, baseline="authors", cuda_calls=5,
+            ratios=[("optimized", "authors_channels_last"), ("default", "authors_channels_last"),
+                    ("fused_contiguous", "reference"), ("default", same_format),
+                    ("default", "fused_contiguous"), ("optimized", "default")])
 
 
 def _inference_call(shift: str, batch: int):
@@ -71,30 +113,81 @@ def test_epamnet_inference_peak_memory(peak_memory, record_metric, device):
                   f"{saved:.0f} MiB ({saved / peaks['out_of_place']:.0%})")
 
 
+def _training_step(model, imgs, heatmaps, labels, amp):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=3e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=amp):
+            rgb_logits, pose_logits = model(imgs, heatmaps)
+            loss = torch.nn.functional.cross_entropy(rgb_logits, labels) + \
+                torch.nn.functional.cross_entropy(pose_logits, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 40.0)
+        optimizer.step()
+    return step
+
+
+def _training_impls(device, batch):
+    """name -> (model, clip layout): the authors' as shipped; EPAMNet on the reference and the fused ops in the
+    device's fast format; the fused EPAMNet in the other format."""
+    fast = preferred_memory_format(device)
+    other = torch.contiguous_format if fast == CL else CL
+    torch.manual_seed(0)
+    state = EPAMNet(num_classes=60).state_dict()
+    names = {"authors": None, "reference": (False, fast), "fused": (True, fast), "fused_other_format": (True, other)}
+    impls = {}
+    for name, spec in names.items():
+        if spec is None:
+            impls[name] = (_authors(device, torch.contiguous_format, state, train=True), torch.contiguous_format)
+        else:
+            model = _model(device, spec[1], fused=spec[0]).train()
+            model.load_state_dict(state)
+            impls[name] = (model, spec[1])
+    return impls
+
+
+def _training_batch(device, batch):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(batch, 3, 16, 224, 224, generator=g).to(device),
+            torch.rand(batch, 17, 48, 56, 56, generator=g).to(device),
+            torch.randint(0, 60, (batch,), generator=g).to(device))
+
+
 def test_epamnet_training_step(compare, device):
-    """Forward + backward + SGD step: batch 12 with bfloat16 autocast on a GPU (goal: fused >= 1.3x the
-    reference); batch 2 in float32 on a CPU, where a step of 12 clips takes tens of seconds."""
+    """Forward + backward + clipping + SGD step: batch 12 with bfloat16 autocast on a GPU, batch 4 in float32 on a
+    CPU. "fused_other_format" is the fused model in the format the device does not prefer (the format's gain)."""
     cuda = device.type == "cuda"
-    batch = 12 if cuda else 2
-    imgs = torch.randn(batch, 3, 16, 224, 224, device=device)
-    heatmaps = torch.rand(batch, 17, 48, 56, 56, device=device)
-    labels = torch.randint(0, 60, (batch,), device=device)
+    batch = 12 if cuda else 4
+    imgs, heatmaps, labels = _training_batch(device, batch)
+    impls = {}
+    for name, (model, layout) in _training_impls(device, batch).items():
+        impls[name] = _training_step(model, imgs.contiguous(memory_format=layout),
+                                     heatmaps.contiguous(memory_format=layout), labels, cuda)
+    compare("EPAMNet training step", f"batch {batch}{', bf16 autocast' if cuda else ', fp32'}", impls, device=device,
+            baseline="reference", cuda_calls=2, repeats=3,
+            ratios=[("fused", "authors"), ("reference", "authors"), ("fused", "fused_other_format")])
 
-    def training_step(fused):
-        torch.manual_seed(0)
-        model = EPAMNet(num_classes=60, fused=fused).to(device).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=3e-4)
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                rgb_logits, pose_logits = model(imgs, heatmaps)
-                loss = torch.nn.functional.cross_entropy(rgb_logits, labels) + \
-                    torch.nn.functional.cross_entropy(pose_logits, labels)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 40.0)
-            optimizer.step()
-        return step
+def _training_call(name: str, batch: int, device: str):
+    """For peak_memory: one training step of implementation `name` (see _training_impls)."""
+    device = torch.device(device)
+    model, layout = _training_impls(device, batch)[name]
+    imgs, heatmaps, labels = _training_batch(device, batch)
+    return _training_step(model, imgs.contiguous(memory_format=layout), heatmaps.contiguous(memory_format=layout),
+                          labels, device.type == "cuda")
 
-    compare("EPAMNet training step", f"batch {batch}{', bf16 autocast' if cuda else ', fp32'}",
-            {"reference": training_step(False), "fused": training_step(True)}, device=device, cuda_calls=2)
+
+def test_epamnet_training_peak_memory(peak_memory, record_metric, device):
+    """Peak memory of one training step above the memory before it (after a warm-up step), batch 4 on a CPU
+    (resident memory), batch 12 with bf16 autocast on a GPU (allocated memory)."""
+    batch = 12 if device.type == "cuda" else 4
+    peaks = {}
+    for name in ("authors", "reference", "fused"):
+        peaks[name] = peak_memory(_training_call, name, batch, str(device), device=device).above_start / 2**20
+        record_metric("EPAMNet training step peak memory above start (MiB)", f"batch {batch}, {name}",
+                      f"{peaks[name]:.0f}")
+    for other in ("reference", "authors"):
+        saved = peaks[other] - peaks["fused"]
+        record_metric(f"EPAMNet training step peak memory, fused vs {other}", f"batch {batch}",
+                      f"{saved:.0f} MiB lower ({saved / peaks[other]:.0%})")
