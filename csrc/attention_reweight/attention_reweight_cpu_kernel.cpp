@@ -37,6 +37,9 @@ void block_factors(const ReweightCpuArgs<scalar_t>& g, int64_t n, int64_t t0, in
   }
 }
 
+// Channels of a block processed per pass over its positions, each position's values held in registers meanwhile.
+constexpr int64_t kChannelsPerPass = 4;
+
 template <typename scalar_t>
 void forward_nc(const ReweightCpuArgs<scalar_t>& g) {
   using IO = VecIO<scalar_t>;
@@ -47,13 +50,22 @@ void forward_nc(const ReweightCpuArgs<scalar_t>& g) {
     for_each_block(begin, end, g.T, g.P, g.P, [&](int64_t n, int64_t t0, int64_t frames, int64_t p0, int64_t len) {
       block_factors(g, n, t0, frames, p0, len, factor);
       const int64_t run = frames * len;  // contiguous in every channel
-      for (int64_t c = 0; c < g.C; ++c) {
-        const int64_t base = ((n * g.C + c) * g.T + t0) * g.P + p0;
-        const scalar_t* x = g.x + base;
-        scalar_t* out = g.out + base;
+      for (int64_t c0 = 0; c0 < g.C; c0 += kChannelsPerPass) {
+        const int64_t base = ((n * g.C + c0) * g.T + t0) * g.P + p0, channels = std::min(kChannelsPerPass, g.C - c0);
+        const auto positions = [&](int64_t k, int64_t count) {
+          const Vec f = Vec::loadu(factor + k);
+          for (int64_t c = 0; c < channels; ++c) {
+            const int64_t at = base + c * g.T * g.P + k;
+            if (count == IO::kWidth) {
+              IO::store(g.out + at, IO::load(g.x + at) * f);
+            } else {
+              IO::store(g.out + at, IO::load(g.x + at, count) * f, count);
+            }
+          }
+        };
         int64_t k = 0;
-        for (; k + IO::kWidth <= run; k += IO::kWidth) IO::store(out + k, IO::load(x + k) * Vec::loadu(factor + k));
-        if (k < run) IO::store(out + k, IO::load(x + k, run - k) * Vec::loadu(factor + k), run - k);
+        for (; k + IO::kWidth <= run; k += IO::kWidth) positions(k, IO::kWidth);
+        if (k < run) positions(k, run - k);
       }
     });
   });
@@ -72,21 +84,28 @@ void backward_nc(const ReweightCpuArgs<scalar_t>& g) {
       block_factors(g, n, t0, frames, p0, len, factor);
       const int64_t run = frames * len;
       std::fill_n(gx, run + IO::kWidth, acc_t(0));
-      for (int64_t c = 0; c < g.C; ++c) {
-        const int64_t base = ((n * g.C + c) * g.T + t0) * g.P + p0;
-        const scalar_t *grad = g.grad + base, *x = g.x + base;
-        scalar_t* dx = g.out + base;
+      for (int64_t c0 = 0; c0 < g.C; c0 += kChannelsPerPass) {
+        const int64_t base = ((n * g.C + c0) * g.T + t0) * g.P + p0, channels = std::min(kChannelsPerPass, g.C - c0);
+        const auto positions = [&](int64_t k, int64_t count) {
+          const Vec f = Vec::loadu(factor + k);
+          Vec sum = Vec::loadu(gx + k);  // channels added in order, as the math's loop adds them
+          for (int64_t c = 0; c < channels; ++c) {
+            const int64_t at = base + c * g.T * g.P + k;
+            if (count == IO::kWidth) {
+              const Vec gv = IO::load(g.grad + at);
+              IO::store(g.out + at, gv * f);
+              sum = sum + gv * IO::load(g.x + at);
+            } else {
+              const Vec gv = IO::load(g.grad + at, count);
+              IO::store(g.out + at, gv * f, count);
+              sum = sum + gv * IO::load(g.x + at, count);
+            }
+          }
+          sum.store(gx + k);
+        };
         int64_t k = 0;
-        for (; k + IO::kWidth <= run; k += IO::kWidth) {
-          const Vec gv = IO::load(grad + k);
-          IO::store(dx + k, gv * Vec::loadu(factor + k));
-          (Vec::loadu(gx + k) + gv * IO::load(x + k)).store(gx + k);
-        }
-        if (k < run) {
-          const Vec gv = IO::load(grad + k, run - k);
-          IO::store(dx + k, gv * Vec::loadu(factor + k), run - k);
-          (Vec::loadu(gx + k) + gv * IO::load(x + k, run - k)).store(gx + k, run - k);
-        }
+        for (; k + IO::kWidth <= run; k += IO::kWidth) positions(k, IO::kWidth);
+        if (k < run) positions(k, run - k);
       }
       for (int64_t i = 0; i < frames; ++i) {
         const int64_t frame = n * g.T + t0 + i;
