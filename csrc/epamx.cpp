@@ -6,6 +6,7 @@
 
 #include "attention_reweight/attention_reweight.h"
 #include "channel_pool/channel_pool.h"
+#include "common/cpu_isa.h"
 #include "render_heatmaps/render_heatmaps.h"
 #include "temporal_shift/temporal_shift.h"
 
@@ -48,6 +49,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     info["openmp"] = pybind11::none();
 #endif
+    info["cpu_isa"] = epamx::cpu_isa_name();  // the instruction set of the vectorised CPU kernels in use
     info["cuda"] = static_cast<bool>(EPAMX_WITH_CUDA);
     info["cuda_archs"] = std::string(EPAMX_CUDA_ARCHS);
 #if EPAMX_WITH_CUDA

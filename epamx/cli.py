@@ -38,6 +38,7 @@ def _info(args: argparse.Namespace) -> int:
         "built against torch": build["torch_version"],
         "compiler": build["cxx_compiler"],
         "OpenMP": build["openmp"],
+        "CPU kernels": build["cpu_isa"],
         "torch threads": torch.get_num_threads(),
         "CUDA runtime (built)": build["cuda_runtime_version"],
         "CUDA available": torch.cuda.is_available(),

@@ -22,6 +22,9 @@ def test_build_info_describes_this_build():
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert info["openmp"], "built without OpenMP: at::parallel_for would run on one thread"
     assert info["cuda"] == bool(info["cuda_archs"])
+    # The vectorised CPU kernels follow torch's own choice of instruction set: AVX512 or AVX2 on x86, else DEFAULT.
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert info["cpu_isa"] == (capability if capability in ("AVX2", "AVX512") else "DEFAULT")
     if torch.cuda.is_available() and torch.backends.cuda.is_built():
         assert info["cuda"], "torch has CUDA and a GPU, but epamx was built without its CUDA kernels"
 

@@ -1,37 +1,48 @@
-// Attention reweighting, CPU kernels: at::parallel_for over frame planes (forward) or frames (backward).
+// Attention reweighting on the CPU: argument checks, memory formats and outputs here; the vectorised loops are in
+// attention_reweight_cpu_kernel.cpp. Also the test hook that runs the CUDA kernels' per-thread bodies.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "attention_reweight/attention_reweight.h"
-#include "common/cpu_parallel.h"
+#include "attention_reweight/attention_reweight_cpu_kernel.h"
 #include "common/cpu_memory.h"
 
 namespace epamx {
 namespace {
 
+template <typename scalar_t>
+ReweightCpuArgs<scalar_t> reweight_cpu_args(const at::Tensor& x, const at::Tensor& s, const at::Tensor& a,
+                                            at::MemoryFormat format) {
+  ReweightCpuArgs<scalar_t> args{};
+  args.x = x.const_data_ptr<scalar_t>();
+  args.s = s.const_data_ptr<scalar_t>();
+  args.a = a.const_data_ptr<scalar_t>();
+  args.N = x.size(0);
+  args.C = x.size(1);
+  args.T = x.size(2);
+  args.P = x.size(3) * x.size(4);
+  args.channels_last = format == at::MemoryFormat::ChannelsLast3d;
+  return args;
+}
+
 at::Tensor attention_reweight_cpu(const at::Tensor& x_in, const at::Tensor& spatial_in,
                                   const at::Tensor& temporal_in) {
   constexpr const char* op = "attention_reweight";
   check_reweight_args(x_in, spatial_in, temporal_in, op);
-  const at::Tensor x = x_in.contiguous(), s = spatial_in.contiguous(), a = temporal_in.contiguous();
-  at::Tensor out = empty_for_overwrite(x.sizes(), x.options());
+  // x is read and out written in x's memory format: NCTHW, or NTHWC (channels_last_3d, as EPAM-Net runs on the
+  // CPU). Other strides are copied into the format x suggests.
+  const at::MemoryFormat format = x_in.suggest_memory_format();
+  const at::Tensor x = x_in.contiguous(format), s = spatial_in.contiguous(), a = temporal_in.contiguous();
+  at::Tensor out = empty_for_overwrite(x.sizes(), x.options().memory_format(format));
   if (x.numel() == 0) return out;
-  const auto g = reweight_geometry<int64_t>(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *xp = x.const_data_ptr<scalar_t>(), *sp = s.const_data_ptr<scalar_t>(),
-                   *ap = a.const_data_ptr<scalar_t>();
-    scalar_t* outp = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.C * g.T, grain_for(g.P), [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        reweight_forward_run<scalar_t, acc_t, int64_t>(plane, 0, g.P, g, xp, sp, ap, outp);
-      }
-    });
+    auto args = reweight_cpu_args<scalar_t>(x, s, a, format);
+    args.out = out.mutable_data_ptr<scalar_t>();
+    EPAMX_CPU_KERNEL_CALL(attention_reweight_forward_kernel<scalar_t>, args);
   });
   return out;
 }
@@ -43,28 +54,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_cpu(c
   constexpr const char* op = "_attention_reweight_backward";
   check_reweight_args(x_in, spatial_in, temporal_in, op);
   check_reweight_grad(grad_in, x_in, op);
-  const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous(), s = spatial_in.contiguous(),
+  const at::MemoryFormat format = x_in.suggest_memory_format();  // dx follows x, as out does
+  const at::Tensor grad = grad_in.contiguous(format), x = x_in.contiguous(format), s = spatial_in.contiguous(),
                    a = temporal_in.contiguous();
-  at::Tensor dx = empty_for_overwrite(x.sizes(), x.options());
+  at::Tensor dx = empty_for_overwrite(x.sizes(), x.options().memory_format(format));
   at::Tensor ds = at::empty(s.sizes(), s.options());
   at::Tensor da = at::empty(a.sizes(), a.options());
   // Sums over no channels or no pixels are zero (dA is not empty when only H*W is).
   if (x.numel() == 0) return {dx, ds.zero_(), da.zero_()};
-  const auto g = reweight_geometry<int64_t>(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>(),
-                   *sp = s.const_data_ptr<scalar_t>(), *ap = a.const_data_ptr<scalar_t>();
-    scalar_t *dxp = dx.mutable_data_ptr<scalar_t>(), *dsp = ds.mutable_data_ptr<scalar_t>(),
-             *dap = da.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.T, grain_for(g.C * g.P), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(g.P);
-      for (int64_t frame = begin; frame < end; ++frame) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        reweight_backward_run<scalar_t, acc_t, int64_t>(frame, 0, g.P, 0, g.C, g, gp, xp, sp, ap, dxp, acc.data());
-        reweight_backward_finish_frame<scalar_t, acc_t, int64_t>(frame, 1, g.P, g, acc.data(), sp, ap, dsp, dap);
-      }
-    });
+    auto args = reweight_cpu_args<scalar_t>(x, s, a, format);
+    args.grad = grad.const_data_ptr<scalar_t>();
+    args.out = dx.mutable_data_ptr<scalar_t>();
+    args.ds = ds.mutable_data_ptr<scalar_t>();
+    args.da = da.mutable_data_ptr<scalar_t>();
+    EPAMX_CPU_KERNEL_CALL(attention_reweight_backward_kernel<scalar_t>, args);
   });
   return {dx, ds, da};
 }

@@ -9,6 +9,7 @@
 
 #include "attention_reweight/attention_reweight.h"
 #include "common/cuda_utils.cuh"
+#include "common/memory_format.h"
 
 namespace epamx {
 namespace {
@@ -79,9 +80,10 @@ at::Tensor attention_reweight_cuda(const at::Tensor& x_in, const at::Tensor& spa
   constexpr const char* op = "attention_reweight";
   check_reweight_args(x_in, spatial_in, temporal_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::MemoryFormat format = x_in.suggest_memory_format();  // the result's, as on the CPU
   const at::Tensor x = x_in.contiguous(), s = spatial_in.contiguous(), a = temporal_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
-  if (x.numel() == 0) return out;
+  if (x.numel() == 0) return in_memory_format(out, format);
   check_int32_indexing(x, op, "x");
   const auto g = reweight_geometry<int32_t>(x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -93,7 +95,7 @@ at::Tensor attention_reweight_cuda(const at::Tensor& x_in, const at::Tensor& spa
         out.mutable_data_ptr<scalar_t>(), numel);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return in_memory_format(out, format);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_cuda(const at::Tensor& grad_in,
@@ -104,13 +106,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_cuda(
   check_reweight_args(x_in, spatial_in, temporal_in, op);
   check_reweight_grad(grad_in, x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::MemoryFormat format = x_in.suggest_memory_format();  // the result's, as on the CPU
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous(), s = spatial_in.contiguous(),
                    a = temporal_in.contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options());
   at::Tensor ds = at::empty(s.sizes(), s.options());
   at::Tensor da = at::empty(a.sizes(), a.options());
   // Sums over no channels or no pixels are zero (dA is not empty when only H*W is).
-  if (x.numel() == 0) return {dx, ds.zero_(), da.zero_()};
+  if (x.numel() == 0) return {in_memory_format(dx, format), ds.zero_(), da.zero_()};
   const int64_t positions = x.size(0) * x.size(2) * x.size(3) * x.size(4);
   const int64_t groups = std::clamp<int64_t>((kTargetThreads + positions - 1) / positions, 1, x.size(1));
   check_int32_indexing(x, op, "x");  // groups * positions <= C * positions = x.numel()
@@ -132,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_cuda(
             a.const_data_ptr<scalar_t>(), ds.mutable_data_ptr<scalar_t>(), da.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {dx, ds, da};
+  return {in_memory_format(dx, format), ds, da};
 }
 
 }  // namespace

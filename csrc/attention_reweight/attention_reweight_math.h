@@ -1,10 +1,13 @@
 #pragma once
 // Attention reweighting of EPAM-Net's RGB features by the pose-driven maps, the math shared by CPU and CUDA.
 //
-//   out = x * (1 + S * A)        x (N, C, T, P), S (N, T, P), A (N, T); P = H*W, all contiguous
+//   out = x * (1 + S * A)        x (N, C, T, P), S (N, T, P), A (N, T); P = H*W, all contiguous (as the GPU
+//                                kernels and the thread-body hook index them; the CPU kernels also read NTHWC)
 //   dx = g * (1 + S * A),   dS = A * sum_c g * x,   dA = sum_{c, p} g * x * S
 //
-// Everything is computed in acc_t (float for half/bfloat16 inputs). The backward pass is split in two:
+// Everything is computed in acc_t (float for half/bfloat16 inputs). The formulas below are templates in the value
+// type: the GPU and the thread-body hook use acc_t; the CPU kernels use vectors of acc_t (at::vec::Vectorized),
+// element for element the same operations. The GPU's backward pass is split in two:
 // `reweight_backward_run` makes one pass over g and x for some positions and a range of channels, writing dx
 // and accumulating sum_c g*x; `reweight_backward_finish_frame` then reduces those partial sums per frame into
 // dS and dA. On the GPU the channels are split into groups so that enough threads are in flight; the second,
@@ -18,6 +21,24 @@ struct ReweightGeometry {
   index_t N, C, T, P;
 };
 
+// 1 + S*A: the factor out = x * factor and dx = g * factor.
+template <typename T>
+HOST_DEVICE_INLINE T reweight_factor(T s, T a) {
+  return T(1) + s * a;
+}
+
+// dS at a position from the sum over channels of g*x there.
+template <typename T>
+HOST_DEVICE_INLINE T reweight_grad_spatial(T a, T gx_sum) {
+  return a * gx_sum;
+}
+
+// A position's term of dA (the sum of these over the frame's positions).
+template <typename T>
+HOST_DEVICE_INLINE T reweight_grad_temporal_term(T gx_sum, T s) {
+  return gx_sum * s;
+}
+
 // Forward: elements [p0, p0 + count) of plane `plane` = (n * C + c) * T + t.
 template <typename scalar_t, typename acc_t, typename index_t>
 HOST_DEVICE_INLINE void reweight_forward_run(index_t plane, index_t p0, index_t count, const ReweightGeometry<index_t>& g,
@@ -28,7 +49,8 @@ HOST_DEVICE_INLINE void reweight_forward_run(index_t plane, index_t p0, index_t 
   const scalar_t* sp = s + frame * g.P + p0;
   const index_t base = plane * g.P + p0;
   for (index_t k = 0; k < count; ++k) {
-    out[base + k] = static_cast<scalar_t>(static_cast<acc_t>(x[base + k]) * (acc_t(1) + static_cast<acc_t>(sp[k]) * av));
+    const acc_t factor = reweight_factor(static_cast<acc_t>(sp[k]), av);
+    out[base + k] = static_cast<scalar_t>(static_cast<acc_t>(x[base + k]) * factor);
   }
 }
 
@@ -54,7 +76,7 @@ HOST_DEVICE_INLINE void reweight_backward_run(index_t frame, index_t p0, index_t
     const index_t base = ((n * g.C + c) * g.T + t) * g.P + p0;
     for (index_t k = 0; k < count; ++k) {
       const acc_t gv = static_cast<acc_t>(grad[base + k]);
-      dx[base + k] = static_cast<scalar_t>(gv * (acc_t(1) + static_cast<acc_t>(sp[k]) * av));
+      dx[base + k] = static_cast<scalar_t>(gv * reweight_factor(static_cast<acc_t>(sp[k]), av));
       acc[k] += gv * static_cast<acc_t>(x[base + k]);
     }
   }
@@ -91,8 +113,8 @@ HOST_DEVICE_INLINE acc_t reweight_backward_finish_position(index_t frame, index_
                                                            scalar_t* ds) {
   acc_t sum = 0;
   for (index_t q = 0; q < groups; ++q) sum += partial[q * group_stride + p];
-  ds[frame * g.P + p] = static_cast<scalar_t>(av * sum);
-  return sum * static_cast<acc_t>(s[frame * g.P + p]);
+  ds[frame * g.P + p] = static_cast<scalar_t>(reweight_grad_spatial(av, sum));
+  return reweight_grad_temporal_term(sum, static_cast<acc_t>(s[frame * g.P + p]));
 }
 
 // Backward, second step, for one whole frame: dS at its P positions and dA, the sum of their terms. (The GPU gives

@@ -1,36 +1,58 @@
-// Channel pooling, CPU kernels: at::parallel_for over frames, each scanning its channels plane by plane.
+// Channel pooling on the CPU: argument checks, memory formats and outputs here; the vectorised loops are in
+// channel_pool_cpu_kernel.cpp. Also the test hook that runs the CUDA kernels' per-thread bodies.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <vector>
+#include <cstdint>
+#include <limits>
 
 #include "channel_pool/channel_pool.h"
+#include "channel_pool/channel_pool_cpu_kernel.h"
 #include "common/cpu_memory.h"
-#include "common/cpu_parallel.h"
 
 namespace epamx {
 namespace {
 
+// The (N, 2, T', H, W) tensor's strides as the kernels take them (H and W merged: dense in either format).
+template <typename scalar_t>
+void set_pooled_strides(PoolCpuArgs<scalar_t>& args, const at::Tensor& pooled) {
+  args.pooled_stride_n = pooled.stride(0);
+  args.pooled_stride_c = pooled.stride(1);
+  args.pooled_stride_t = pooled.stride(2);
+  args.pooled_stride_p = pooled.size(4) > 1 ? pooled.stride(4) : pooled.stride(3);
+}
+
+template <typename scalar_t>
+PoolCpuArgs<scalar_t> pool_cpu_args(const at::Tensor& x, int64_t t_stride, at::MemoryFormat format) {
+  const auto g = pool_geometry<int64_t>(x, t_stride);
+  PoolCpuArgs<scalar_t> args{};
+  args.x = x.const_data_ptr<scalar_t>();
+  args.N = g.N;
+  args.C = g.C;
+  args.T = g.T;
+  args.P = g.P;
+  args.t_stride = g.t_stride;
+  args.T_out = g.T_out;
+  args.channels_last = format == at::MemoryFormat::ChannelsLast3d;
+  return args;
+}
+
 at::Tensor channel_pool_cpu(const at::Tensor& x_in, int64_t t_stride) {
   constexpr const char* op = "channel_pool";
   check_pool_args(x_in, t_stride, op);
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor out = at::empty(pool_output_shape(x, t_stride), x.options());
+  // x is read in its memory format, NCTHW or NTHWC (channels_last_3d, as EPAM-Net runs on the CPU; other strides
+  // are copied into the format x suggests), and the output has that format too.
+  const at::MemoryFormat format = x_in.suggest_memory_format();
+  const at::Tensor x = x_in.contiguous(format);
+  at::Tensor out = at::empty(pool_output_shape(x, t_stride), x.options().memory_format(format));
   if (out.numel() == 0) return out;
-  const auto g = pool_geometry<int64_t>(x, t_stride);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* outp = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.T_out, grain_for(g.C * g.P), [&](int64_t b, int64_t e) {
-      std::vector<acc_t> best(g.P), sum(g.P);
-      for (int64_t f = b; f < e; ++f) {
-        channel_pool_forward_run<scalar_t, acc_t, int64_t>(f, 0, g.P, g, xp, outp, best.data(), sum.data());
-      }
-    });
+    auto args = pool_cpu_args<scalar_t>(x, t_stride, format);
+    args.out = out.mutable_data_ptr<scalar_t>();
+    set_pooled_strides(args, out);
+    TORCH_INTERNAL_ASSERT(args.channels_last || args.pooled_stride_p == 1);
+    EPAMX_CPU_KERNEL_CALL(channel_pool_forward_kernel<scalar_t>, args);
   });
   return out;
 }
@@ -39,46 +61,35 @@ at::Tensor channel_pool_backward_cpu(const at::Tensor& grad_in, const at::Tensor
   constexpr const char* op = "_channel_pool_backward";
   check_pool_args(x_in, t_stride, op);
   check_pool_grad(grad_in, x_in, t_stride, op);
-  const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
-  at::Tensor dx = empty_for_overwrite(x.sizes(), x.options());
+  // The kernels carry channel numbers in integers as wide as the float type they compute in.
+  TORCH_CHECK_VALUE(x_in.size(1) <= std::numeric_limits<int32_t>::max(), op,
+                    ": the CPU kernel handles at most 2^31 - 1 channels, got ", x_in.size(1));
+  const at::MemoryFormat format = x_in.suggest_memory_format();  // dx follows x, as the output does
+  const at::Tensor x = x_in.contiguous(format), grad = grad_in.contiguous(format);
+  at::Tensor dx = empty_for_overwrite(x.sizes(), x.options().memory_format(format));
   if (x.numel() == 0) return dx;
   const auto g = pool_geometry<int64_t>(x, t_stride);
-  // Two passes, so that dx is written in memory order: the arg-max of every pooled position first, then for
-  // each (n, c) its T frames, one contiguous run (the GPU kernel instead gives each thread one position).
-  at::Tensor arg = at::empty({g.N * g.T_out * g.P}, x.options().dtype(at::kLong));
-  int64_t* argp = arg.mutable_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
-    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.T_out, grain_for(g.C * g.P), [&](int64_t b, int64_t e) {
-      std::vector<acc_t> best(g.P), sum(g.P);
-      for (int64_t f = b; f < e; ++f) {
-        pool_scan_channels<scalar_t, acc_t, int64_t>(f / g.T_out, f % g.T_out * g.t_stride, 0, g.P, g, xp,
-                                                     best.data(), argp + f * g.P, sum.data());
-      }
-    });
-    const acc_t inv_c = acc_t(1) / static_cast<acc_t>(g.C);
-    at::parallel_for(0, g.N * g.C, grain_for(g.T * g.P), [&](int64_t b, int64_t e) {
-      for (int64_t nc = b; nc < e; ++nc) {
-        const int64_t n = nc / g.C, c = nc % g.C;
-        for (int64_t t = 0; t < g.T; ++t) {
-          scalar_t* dst = dxp + (nc * g.T + t) * g.P;
-          if (t % g.t_stride != 0) {
-            std::fill_n(dst, g.P, scalar_t(0));
-            continue;
-          }
-          const int64_t f = n * g.T_out + t / g.t_stride;
-          const int64_t* af = argp + f * g.P;
-          const scalar_t* grad_max = gp + (n * 2 * g.T_out + t / g.t_stride) * g.P;
-          const scalar_t* grad_mean = grad_max + g.T_out * g.P;
-          for (int64_t k = 0; k < g.P; ++k) {
-            dst[k] = static_cast<scalar_t>(pool_input_grad(c, af[k], static_cast<acc_t>(grad_max[k]),
-                                                           static_cast<acc_t>(grad_mean[k]) * inv_c));
-          }
-        }
-      }
-    });
+    auto args = pool_cpu_args<scalar_t>(x, t_stride, format);
+    args.grad = grad.const_data_ptr<scalar_t>();
+    args.dx = dx.mutable_data_ptr<scalar_t>();
+    set_pooled_strides(args, grad);
+    at::Tensor arg, sample_dx, at_arg, by_channel, bucket_end;  // the NCTHW kernel's scratch
+    if (!args.channels_last) {
+      using index_t = PoolCpuIndex<scalar_t>;
+      const int64_t pooled = g.N * g.T_out * g.P;
+      arg = at::empty({pooled}, x.options().dtype(c10::CppTypeToScalarType<index_t>::value));
+      sample_dx = at::empty({g.N * g.T * g.P}, x.options());
+      at_arg = at::empty({pooled}, x.options());
+      by_channel = at::empty({pooled}, x.options().dtype(at::kLong));
+      bucket_end = at::empty({g.N * g.C}, x.options().dtype(at::kLong));
+      args.arg = arg.mutable_data_ptr<index_t>();
+      args.sample_dx = sample_dx.mutable_data_ptr<scalar_t>();
+      args.at_arg = at_arg.mutable_data_ptr<scalar_t>();
+      args.by_channel = by_channel.mutable_data_ptr<int64_t>();
+      args.bucket_end = bucket_end.mutable_data_ptr<int64_t>();
+    }
+    EPAMX_CPU_KERNEL_CALL(channel_pool_backward_kernel<scalar_t>, args);
   });
   return dx;
 }

@@ -7,6 +7,7 @@
 
 #include "channel_pool/channel_pool.h"
 #include "common/cuda_utils.cuh"
+#include "common/memory_format.h"
 
 namespace epamx {
 namespace {
@@ -30,9 +31,10 @@ at::Tensor channel_pool_cuda(const at::Tensor& x_in, int64_t t_stride) {
   constexpr const char* op = "channel_pool";
   check_pool_args(x_in, t_stride, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::MemoryFormat format = x_in.suggest_memory_format();  // the result's, as on the CPU
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty(pool_output_shape(x, t_stride), x.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return in_memory_format(out, format);
   // The kernel indexes both with int32, and out (N, 2, T', H, W) is the larger of the two when C = 1.
   check_int32_indexing(x, op, "x");
   check_int32_indexing(out, op, "the output");
@@ -46,7 +48,7 @@ at::Tensor channel_pool_cuda(const at::Tensor& x_in, int64_t t_stride) {
                                                                            out.mutable_data_ptr<scalar_t>(), threads);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return in_memory_format(out, format);
 }
 
 at::Tensor channel_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, int64_t t_stride) {
@@ -54,9 +56,10 @@ at::Tensor channel_pool_backward_cuda(const at::Tensor& grad_in, const at::Tenso
   check_pool_args(x_in, t_stride, op);
   check_pool_grad(grad_in, x_in, t_stride, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::MemoryFormat format = x_in.suggest_memory_format();  // the result's, as on the CPU
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options());
-  if (x.numel() == 0) return dx;
+  if (x.numel() == 0) return in_memory_format(dx, format);
   // grad (N, 2, T', H, W) is larger than x and dx when C = 1; the kernel indexes all three with int32.
   check_int32_indexing(x, op, "x");
   check_int32_indexing(grad, op, "grad");
@@ -71,7 +74,7 @@ at::Tensor channel_pool_backward_cuda(const at::Tensor& grad_in, const at::Tenso
             threads);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return dx;
+  return in_memory_format(dx, format);
 }
 
 }  // namespace

@@ -4,10 +4,11 @@
 //   out[n, 0, t', p] = max_c  x[n, c, t' * t_stride, p]
 //   out[n, 1, t', p] = mean_c x[n, c, t' * t_stride, p]       t' < T' = ceil(T / t_stride)
 //
-// x (N, C, T, P) and out (N, 2, T', P) contiguous, P = H*W. Only the frames 0, t_stride, 2 t_stride, ... are
-// read, so no strided copy of the features is made. The mean accumulates in acc_t. The maximum is taken as
-// torch.max takes it: NaN wins, and among equal maxima the first channel does. The backward pass recomputes
-// that arg-max from x and routes the max gradient to it alone; the mean gradient goes to every channel.
+// x (N, C, T, P) and out (N, 2, T', P) contiguous, P = H*W: the layout the GPU kernels and the thread-body hook
+// index (the CPU kernels apply the same rules to vectors, in NCTHW or NTHWC memory). Only the frames 0, t_stride,
+// 2 t_stride, ... are read, so no strided copy of the features is made. The mean accumulates in acc_t. The maximum
+// is taken as torch.max takes it: NaN wins, and among equal maxima the first channel does. The backward pass
+// recomputes that arg-max from x and routes the max gradient to it alone; the mean gradient goes to every channel.
 #include "common/macros.h"
 
 namespace epamx {
@@ -17,10 +18,16 @@ struct PoolGeometry {
   index_t N, C, T, P, t_stride, T_out;
 };
 
-// Whether v replaces best as the running maximum: greater, or the first NaN.
+// Whether v replaces best as the running arg-max: greater, or the first NaN.
 template <typename acc_t>
 HOST_DEVICE_INLINE bool pool_takes_max(acc_t v, acc_t best) {
   return v > best || (v != v && best == best);
+}
+
+// The running maximum when only its value is needed: a branch-free select (NaN wins, as in pool_takes_max).
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t pool_max_step(acc_t best, acc_t v) {
+  return (v > best || v != v) ? v : best;
 }
 
 // Arg-max over channels and the channel sum at positions [p0, p0 + count) of input frame (n, t).
@@ -49,7 +56,6 @@ HOST_DEVICE_INLINE void pool_scan_channels(index_t n, index_t t, index_t p0, ind
 }
 
 // Forward: positions [p0, p0 + count) of output frame f = n * T' + t'. best and sum are scratch of `count`.
-// Only values are needed here, so the maximum is a branch-free select (NaN wins as in pool_takes_max).
 template <typename scalar_t, typename acc_t, typename index_t>
 HOST_DEVICE_INLINE void channel_pool_forward_run(index_t frame_out, index_t p0, index_t count,
                                                  const PoolGeometry<index_t>& g, const scalar_t* x, scalar_t* out,
@@ -63,7 +69,7 @@ HOST_DEVICE_INLINE void channel_pool_forward_run(index_t frame_out, index_t p0, 
     const scalar_t* xc = xf + c * channel_stride;
     for (index_t k = 0; k < count; ++k) {
       const acc_t v = static_cast<acc_t>(xc[k]);
-      best[k] = (v > best[k] || v != v) ? v : best[k];
+      best[k] = pool_max_step(best[k], v);
       sum[k] += v;
     }
   }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 __all__ = ["attention_reweight", "attention_reweight_reference"]
 
@@ -19,8 +20,9 @@ __all__ = ["attention_reweight", "attention_reweight_reference"]
 def attention_reweight(x: Tensor, spatial: Tensor, temporal: Tensor) -> Tensor:
     """x * (1 + spatial * temporal) for x (N, C, T, H, W), spatial (N, 1, T, H, W), temporal (N, 1, T, 1, 1).
 
-    The result has x's dtype. Maps of another floating dtype (as autocast may produce) are cast to x's dtype
-    first; their gradients come back in their own dtype. Inputs of other strides are made contiguous.
+    The result has x's dtype and memory format (contiguous or channels_last_3d; x of other strides is copied into
+    the format it is closest to). Maps of another floating dtype (as autocast may produce) are cast to x's dtype
+    first; their gradients come back in their own dtype.
     """
     if spatial.dtype != x.dtype and spatial.is_floating_point():
         spatial = spatial.to(x.dtype)
@@ -34,14 +36,19 @@ def attention_reweight_reference(x: Tensor, spatial: Tensor, temporal: Tensor) -
     return x + x * (spatial * temporal)
 
 
+def _empty_like_x(x: Tensor) -> Tensor:
+    """The result and dx take x's memory format: contiguous, or channels_last_3d."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+
+
 @torch.library.register_fake("epamx::attention_reweight")
 def _attention_reweight_fake(x, spatial, temporal):
-    return x.new_empty(x.shape)
+    return _empty_like_x(x)
 
 
 @torch.library.register_fake("epamx::_attention_reweight_backward")
 def _attention_reweight_backward_fake(grad, x, spatial, temporal):
-    return x.new_empty(x.shape), spatial.new_empty(spatial.shape), temporal.new_empty(temporal.shape)
+    return _empty_like_x(x), spatial.new_empty(spatial.shape), temporal.new_empty(temporal.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -3,7 +3,8 @@ temporal subsampling of the pose features fused in so no strided copy is made).
 
     out[:, 0] = x[:, :, ::t_stride].max(dim=1)     out[:, 1] = x[:, :, ::t_stride].mean(dim=1)
 
-x (N, C, T, H, W) -> (N, 2, ceil(T / t_stride), H, W). The mean accumulates in float32 for half and bfloat16.
+x (N, C, T, H, W) -> (N, 2, ceil(T / t_stride), H, W), in x's memory format (contiguous or channels_last_3d, whose
+contiguous channels the CPU kernels reduce directly). The mean accumulates in float32 for half and bfloat16.
 The maximum follows torch.max: NaN propagates, and among equal maxima (ties) the first channel is the arg-max;
 the backward pass sends the max gradient to that channel only (as torch.max's gradient does) and the mean
 gradient, divided by C, to every channel. Frames the pooling skips get zero gradient. The backward pass
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 __all__ = ["channel_pool", "channel_pool_reference"]
 
@@ -29,15 +31,20 @@ def channel_pool_reference(x: Tensor, t_stride: int = 1) -> Tensor:
     return torch.cat((frames.max(dim=1, keepdim=True)[0], frames.mean(dim=1, keepdim=True)), dim=1)
 
 
+# The kernels' results (the pooled tensor, dx) take x's memory format: contiguous, or channels_last_3d.
+def _empty_in_format_of(x: Tensor, shape) -> Tensor:
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+
+
 @torch.library.register_fake("epamx::channel_pool")
 def _channel_pool_fake(x, t_stride=1):
     n, _, t, h, w = x.shape
-    return x.new_empty((n, 2, (t + t_stride - 1) // t_stride, h, w))
+    return _empty_in_format_of(x, (n, 2, (t + t_stride - 1) // t_stride, h, w))
 
 
 @torch.library.register_fake("epamx::_channel_pool_backward")
 def _channel_pool_backward_fake(grad, x, t_stride):
-    return x.new_empty(x.shape)
+    return _empty_in_format_of(x, x.shape)
 
 
 def _setup_context(ctx, inputs, output):

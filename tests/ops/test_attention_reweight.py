@@ -1,17 +1,33 @@
 """attention_reweight against the authors' eager composition x + x * (S * A), evaluated in float64."""
 import pytest
 import torch
+from torch._prims_common import suggest_memory_format
 
 from conftest import DEVICES, TOLERANCES, poisoned_allocations
 from epamx import _C
 from epamx.ops import attention_reweight, attention_reweight_reference
 
-# (N, C, T, H, W): EPAM-Net's last RGB stage, odd C and T, H != W, single channel / frame / pixel.
-SHAPES = [(2, 432, 16, 7, 7), (1, 17, 3, 5, 3), (3, 1, 5, 2, 4), (2, 9, 1, 1, 1), (1, 33, 7, 14, 14)]
+# (N, C, T, H, W): EPAM-Net's last RGB stage, odd C and T, H != W, single channel / frame / pixel; C and H*W that
+# leave the CPU kernels' vectors (8 to 16 lanes) a partial last one in either memory format, and frames of more
+# than 1024 positions (the NCTHW kernels' block, split in pieces).
+SHAPES = [(2, 432, 16, 7, 7), (1, 17, 3, 5, 3), (3, 1, 5, 2, 4), (2, 9, 1, 1, 1), (1, 33, 7, 14, 14),
+          (2, 37, 3, 5, 7), (1, 5, 2, 33, 35)]
+# Memory formats of x (and of the incoming gradient): the kernels read both natively, and out and dx follow x.
+LAYOUTS = ["contiguous", "channels_last"]
 
 
 def _id(shape):
     return "x".join(map(str, shape))
+
+
+def lay_out(t, layout):
+    return t.contiguous(memory_format=torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format)
+
+
+def assert_format_of(result, x):
+    """result has x's memory format, with the strides the fake kernel gives it."""
+    expected = torch.empty(result.shape, memory_format=suggest_memory_format(x))
+    assert result.stride() == expected.stride(), (result.stride(), expected.stride())
 
 
 def make_inputs(shape, dtype=torch.float32, device="cpu", seed=0):
@@ -32,29 +48,47 @@ def close(actual, expected, dtype):
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_forward_matches_reference(shape, dtype, device):
+def test_forward_matches_reference(shape, layout, dtype, device):
     x, s, a = make_inputs(shape, dtype, device)
+    x = lay_out(x, layout)
     with poisoned_allocations():
         out = attention_reweight(x, s, a)
     assert out.dtype == dtype and out.shape == x.shape
+    assert_format_of(out, x)
     close(out, reference64(x, s, a), dtype)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_backward_matches_reference(shape, dtype, device):
+def test_backward_matches_reference(shape, layout, dtype, device):
     x, s, a = make_inputs(shape, dtype, device)
-    grad = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(device=device, dtype=dtype)
+    x = lay_out(x, layout)
+    grad = lay_out(torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(device=device, dtype=dtype),
+                   layout)
     leaves = [v.double().requires_grad_(True) for v in (x, s, a)]
     expected = torch.autograd.grad(attention_reweight_reference(*leaves), leaves, grad.double())
     with poisoned_allocations():
         actual = torch.ops.epamx._attention_reweight_backward(grad, x, s, a)
+    assert_format_of(actual[0], x)
     # dS and dA sum over C (and H*W) products: allow for that many roundings of the inputs.
     scale = 1 + shape[1] * shape[3] * shape[4] ** 0.5
     rtol, atol = TOLERANCES[dtype]
     for act, exp in zip(actual, expected):
         assert act.dtype == dtype
         torch.testing.assert_close(act.double(), exp, rtol=rtol * scale, atol=atol * scale)
+
+
+def test_gradient_in_another_memory_format_than_x(device):
+    x, s, a = make_inputs((2, 20, 3, 4, 5), torch.float32, device)
+    grad = torch.randn_like(x)
+    expected = torch.ops.epamx._attention_reweight_backward(grad, x, s, a)
+    for x_layout, grad_layout in [("contiguous", "channels_last"), ("channels_last", "contiguous")]:
+        actual = torch.ops.epamx._attention_reweight_backward(lay_out(grad, grad_layout), lay_out(x, x_layout), s, a)
+        assert_format_of(actual[0], lay_out(x, x_layout))
+        for act, exp in zip(actual, expected):
+            torch.testing.assert_close(act, exp)
 
 
 def test_non_contiguous_inputs(device):
@@ -67,6 +101,26 @@ def test_non_contiguous_inputs(device):
     x2 = x_nc.clone().requires_grad_(True)
     attention_reweight(x2, s_nc, a_nc).sum().backward()
     close(x2.grad, (1 + s_nc.double() * a_nc.double()).expand_as(x2), torch.float32)
+
+
+@pytest.mark.parametrize("view", ["channel_slice", "transposed", "channels_last_slice", "channels_last_crop"])
+def test_strided_views_keep_their_memory_format(view, device):
+    base = make_inputs((2, 12, 8, 5, 4), torch.float32, device)[0]
+    cl = base.contiguous(memory_format=torch.channels_last_3d)
+    x = {"channel_slice": base[:, ::2], "transposed": base.transpose(3, 4),
+         "channels_last_slice": cl[:, ::2], "channels_last_crop": cl[:, 1:10, :, 1:]}[view]
+    _, s, a = make_inputs(x.shape, torch.float32, device, seed=1)
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last_3d)
+    out = attention_reweight(x, s, a)
+    assert_format_of(out, x)
+    close(out, reference64(x, s, a), torch.float32)
+    grad = torch.randn(x.shape, device=device)
+    leaves = [v.double().requires_grad_(True) for v in (x, s, a)]
+    expected = torch.autograd.grad(attention_reweight_reference(*leaves), leaves, grad.double())
+    actual = torch.ops.epamx._attention_reweight_backward(grad, x, s, a)
+    assert_format_of(actual[0], x)
+    for act, exp in zip(actual, expected):
+        close(act, exp, torch.float32)
 
 
 def test_gradcheck_fp64(device):
@@ -150,8 +204,11 @@ def test_under_autocast(device):
     close(out, reference64(x, spatial, temporal), torch.bfloat16)
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(layout, device):
+    # The fake kernels must give out and dx the strides the kernels do, in either memory format.
     x, s, a = make_inputs((2, 6, 3, 4, 5), torch.float32, device)
+    x = lay_out(x, layout)
     torch.library.opcheck(torch.ops.epamx.attention_reweight.default, (x, s, a))
     torch.library.opcheck(torch.ops.epamx.attention_reweight.default,
                           tuple(v.clone().requires_grad_(True) for v in (x, s, a)))

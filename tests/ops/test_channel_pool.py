@@ -1,14 +1,20 @@
 """channel_pool against the eager composition (strided frame selection, torch.max, torch.mean)."""
 import pytest
 import torch
+from torch._prims_common import suggest_memory_format
 
 from conftest import TOLERANCES, poisoned_allocations
 from epamx import _C
 from epamx.ops import channel_pool, channel_pool_reference
 
-# ((N, C, T, H, W), t_stride): EPAM-Net's pose features, T not a multiple of t_stride, odd C, H != W.
+# ((N, C, T, H, W), t_stride): EPAM-Net's pose features, T not a multiple of t_stride, odd C, H != W; C and H*W
+# that leave the CPU kernels' vectors (8 to 16 lanes) a partial last one, in either memory format; t_stride 1
+# (whole frames are one run); frames of more than 1024 positions (the NCTHW kernels' block, split in pieces).
 CASES = [((2, 216, 48, 7, 7), 3), ((1, 17, 7, 5, 3), 3), ((2, 9, 5, 2, 4), 2), ((3, 1, 4, 3, 3), 1),
-         ((1, 5, 3, 1, 1), 4), ((2, 33, 16, 14, 14), 5)]
+         ((1, 5, 3, 1, 1), 4), ((2, 33, 16, 14, 14), 5), ((2, 37, 6, 5, 7), 2), ((1, 70, 9, 9, 13), 1),
+         ((1, 3, 5, 33, 35), 2)]
+# Memory formats of x (and of the incoming gradient): the kernels read both natively, and their results follow x.
+LAYOUTS = ["contiguous", "channels_last"]
 
 
 def _id(case):
@@ -19,31 +25,55 @@ def make_input(shape, dtype=torch.float32, device="cpu", seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
 
 
+def lay_out(t, layout):
+    return t.contiguous(memory_format=torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format)
+
+
+def assert_format_of(result, x):
+    """result has x's memory format, with the strides the fake kernel gives it."""
+    expected = torch.empty(result.shape, memory_format=suggest_memory_format(x))
+    assert result.stride() == expected.stride(), (result.stride(), expected.stride())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_forward_matches_reference(case, dtype, device):
+def test_forward_matches_reference(case, layout, dtype, device):
     shape, t_stride = case
-    x = make_input(shape, dtype, device)
+    x = lay_out(make_input(shape, dtype, device), layout)
     with poisoned_allocations():
         out = channel_pool(x, t_stride)
     expected = channel_pool_reference(x.double(), t_stride)
     assert out.shape == expected.shape and out.dtype == dtype
+    assert_format_of(out, x)
     torch.testing.assert_close(out[:, 0].double(), expected[:, 0], rtol=0, atol=0)  # the max is exact
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(out[:, 1].double(), expected[:, 1], rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_backward_matches_reference(case, dtype, device):
+def test_backward_matches_reference(case, layout, dtype, device):
     shape, t_stride = case
-    x = make_input(shape, dtype, device)
+    x = lay_out(make_input(shape, dtype, device), layout)
     out_shape = channel_pool_reference(x, t_stride).shape
-    grad = make_input(out_shape, dtype, device, seed=4)
+    grad = lay_out(make_input(out_shape, dtype, device, seed=4), layout)
     leaf = x.double().requires_grad_(True)
     (expected,) = torch.autograd.grad(channel_pool_reference(leaf, t_stride), leaf, grad.double())
     with poisoned_allocations():
         actual = torch.ops.epamx._channel_pool_backward(grad, x, t_stride)
+    assert_format_of(actual, x)
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol)
+
+
+def test_gradient_in_another_memory_format_than_x(device):
+    x = make_input((2, 20, 6, 3, 5), device=device)
+    grad = make_input((2, 2, 3, 3, 5), device=device, seed=1)
+    expected = torch.ops.epamx._channel_pool_backward(grad, x, 2)
+    for x_layout, grad_layout in [("contiguous", "channels_last"), ("channels_last", "contiguous")]:
+        actual = torch.ops.epamx._channel_pool_backward(lay_out(grad, grad_layout), lay_out(x, x_layout), 2)
+        assert_format_of(actual, lay_out(x, x_layout))
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
 def test_ties_go_to_the_first_channel_like_torch_max(device):
@@ -69,10 +99,52 @@ def test_nan_propagates_like_torch_max(device):
     torch.testing.assert_close(channel_pool(x, 1), channel_pool_reference(x, 1), equal_nan=True)
 
 
-def test_non_contiguous_input(device):
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("channels", [6, 37])
+def test_ties_nan_and_infinities_in_every_lane(channels, dtype, layout, device):
+    # Small integers make most maxima ties; NaN (one or several per position), +-inf and all--inf positions are
+    # scattered over channels, and C = 37 spreads the channels over the lanes of several vectors and a partial one.
+    # Forward and gradient must follow torch.max: NaN wins, and the first of equal maxima (or NaNs) takes the
+    # max gradient.
+    g = torch.Generator().manual_seed(channels)
+    x = torch.randint(-2, 3, (2, channels, 5, 3, 7), generator=g).double()
+    special = torch.rand(x.shape, generator=g)
+    x[special < 0.04] = float("nan")
+    x[(special > 0.04) & (special < 0.07)] = float("inf")
+    x[(special > 0.07) & (special < 0.10)] = -float("inf")
+    x[0, :, :, 0, 0] = -float("inf")
+    x[1, :, :, 2, 6] = float("nan")
+    x = lay_out(x.to(device=device, dtype=dtype), layout)
+    out = channel_pool(x, 2)
+    expected = channel_pool_reference(x.double(), 2)
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(out[:, 0].double(), expected[:, 0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out[:, 1].double(), expected[:, 1], rtol=rtol, atol=atol, equal_nan=True)
+    grad = lay_out(make_input(expected.shape, dtype, device, seed=2), layout)
+    leaf = x.detach().double().requires_grad_(True)
+    (expected_dx,) = torch.autograd.grad(channel_pool_reference(leaf, 2), leaf, grad.double())
+    actual_dx = torch.ops.epamx._channel_pool_backward(grad, x, 2)
+    # Routed to the wrong channel, a max gradient would be off by a whole gradient value.
+    torch.testing.assert_close(actual_dx.double(), expected_dx, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("view", ["channel_slice", "transposed", "channels_last_slice", "channels_last_crop"])
+def test_non_contiguous_input(view, device):
     base = make_input((2, 12, 9, 5, 4), torch.float32, device)
-    x = base[:, ::2].transpose(3, 4)
-    torch.testing.assert_close(channel_pool(x, 2), channel_pool_reference(x, 2))
+    cl = base.contiguous(memory_format=torch.channels_last_3d)
+    x = {"channel_slice": base[:, ::2], "transposed": base[:, ::2].transpose(3, 4),
+         "channels_last_slice": cl[:, :, ::2], "channels_last_crop": cl[:, 1:10, :, 1:]}[view]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last_3d)
+    out = channel_pool(x, 2)
+    torch.testing.assert_close(out, channel_pool_reference(x, 2))
+    assert_format_of(out, x)
+    grad = make_input(out.shape, device=device, seed=1)
+    leaf = x.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(channel_pool_reference(leaf, 2), leaf, grad)
+    actual = torch.ops.epamx._channel_pool_backward(grad, x, 2)
+    assert_format_of(actual, x)
+    torch.testing.assert_close(actual, expected)
 
 
 def test_gradcheck_fp64(device):
@@ -159,14 +231,15 @@ def test_gpu_thread_bodies_with_a_t_stride_beyond_the_frames(t_stride):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
-def test_opcheck(device):
-    x = make_input((2, 6, 7, 4, 5), torch.float32, device)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(layout, device):
+    # The fake kernels must give the results the strides the kernels do, in either memory format.
+    x = lay_out(make_input((2, 6, 7, 4, 5), torch.float32, device), layout)
+    grad = lay_out(make_input((2, 2, 3, 4, 5), torch.float32, device), layout)
     torch.library.opcheck(torch.ops.epamx.channel_pool.default, (x, 3))
     torch.library.opcheck(torch.ops.epamx.channel_pool.default, (x.clone().requires_grad_(True), 3))
-    torch.library.opcheck(torch.ops.epamx._channel_pool_backward.default,
-                          (make_input((2, 2, 3, 4, 5), torch.float32, device), x, 3))
-    torch.library.opcheck(torch.ops.epamx._channel_pool_backward.default,
-                          (make_input((2, 2, 3, 4, 5), torch.float32, device).requires_grad_(True), x, 3))
+    torch.library.opcheck(torch.ops.epamx._channel_pool_backward.default, (grad, x, 3))
+    torch.library.opcheck(torch.ops.epamx._channel_pool_backward.default, (grad.clone().requires_grad_(True), x, 3))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

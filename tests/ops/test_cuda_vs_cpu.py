@@ -123,6 +123,8 @@ def test_attention_reweight(shape, dtype, layout):
     with poisoned_allocations():
         out_gpu, grads_gpu = grads(attention_reweight, inputs_gpu, grad.cuda(), [True] * 3)
     close(out_gpu, out_cpu, dtype)
+    # out and dx take x's memory format on both devices (the fake kernel's strides).
+    assert out_gpu.stride() == out_cpu.stride() and grads_gpu[0].stride() == grads_cpu[0].stride()
     for gpu, cpu in zip(grads_gpu, grads_cpu):
         # dS and dA are sums over channels (and pixels): relative to their size.
         scale = cpu.abs().max().clamp_min(1).item()
@@ -162,6 +164,8 @@ def test_channel_pool(case, dtype, layout):
     close(out_gpu[:, 0], out_cpu[:, 0], dtype, exact=True)  # the maximum is exact
     close(out_gpu[:, 1], out_cpu[:, 1], dtype)
     close(dx_gpu, dx_cpu, dtype)
+    # The pooled output and dx take x's memory format on both devices (the fake kernel's strides).
+    assert out_gpu.stride() == out_cpu.stride() and dx_gpu.stride() == dx_cpu.stride()
 
 
 def test_channel_pool_ties_and_nan_route_like_the_cpu_kernel():
