@@ -45,8 +45,8 @@ def _training_step(device, mode, fused: bool, channels_last: bool):
     torch.manual_seed(0)
     model = build_model(mode, NUM_CLASSES, CONFIG.model.pose_channels, fused, CONFIG.model.dropout)
     model = model.to(device).train()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+    model.memory_format = "channels_last_3d" if channels_last else "contiguous"
+    model = model.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
     optim = CONFIG.optim
     lr = optim.stage_lr_per_16(mode) * CONFIG.train.batch_size / 16
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
