@@ -18,24 +18,31 @@
 namespace epamx {
 namespace {
 
-// Per-(n, c) sums of two per-element terms, (N, C) float64 each. term(k, c_row_offset...) is given the element
-// offset k and the row r = n * C + c and returns the pair to add.
-template <typename Term>
-std::tuple<at::Tensor, at::Tensor> row_sums_cpu(const AffineGeometry<int64_t>& g, const at::TensorOptions& device,
-                                                Term term) {
+// Per-(n, c) sums of u and of u * x, (N, C) float64 each, where u = value(k, r) for the element at offset k of
+// row r = n * C + c. Each run of elements first has its u computed into a buffer (a loop like the elementwise
+// kernels', which vectorises), then summed in double (a plain conversion-and-add loop, which vectorises too).
+template <typename scalar_t, typename acc_t, typename Value>
+std::tuple<at::Tensor, at::Tensor> row_sums_cpu(const AffineGeometry<int64_t>& g, const scalar_t* xp,
+                                                const at::TensorOptions& device, Value value) {
   at::Tensor s1 = at::zeros({g.N, g.C}, device.dtype(at::kDouble));
   at::Tensor s2 = at::zeros({g.N, g.C}, device.dtype(at::kDouble));
   if (g.N * g.C * g.S == 0) return {s1, s2};
   double* p1 = s1.mutable_data_ptr<double>();
   double* p2 = s2.mutable_data_ptr<double>();
   if (!g.channels_last) {
+    constexpr int64_t kRun = 512;
     at::parallel_for(0, g.N * g.C, grain_for(g.S), [&](int64_t b, int64_t e) {
+      std::vector<acc_t> u(kRun);
       for (int64_t r = b; r < e; ++r) {
         double a1 = 0, a2 = 0;
-        for (int64_t s = 0; s < g.S; ++s) {
-          const auto [t1, t2] = term(r * g.S + s, r);
-          a1 += t1;
-          a2 += t2;
+        for (int64_t s0 = 0; s0 < g.S; s0 += kRun) {
+          const int64_t len = std::min(kRun, g.S - s0), base = r * g.S + s0;
+          for (int64_t j = 0; j < len; ++j) u[j] = value(base + j, r);
+          for (int64_t j = 0; j < len; ++j) {
+            const double d = static_cast<double>(u[j]);
+            a1 += d;
+            a2 += d * static_cast<double>(xp[base + j]);
+          }
         }
         p1[r] = a1;
         p2[r] = a2;
@@ -48,17 +55,19 @@ std::tuple<at::Tensor, at::Tensor> row_sums_cpu(const AffineGeometry<int64_t>& g
   const int64_t blocks_per_n = (g.S + block - 1) / block;
   std::vector<double> partial(static_cast<size_t>(g.N * blocks_per_n * 2 * g.C), 0.0);
   at::parallel_for(0, g.N * blocks_per_n, 1, [&](int64_t b, int64_t e) {
+    std::vector<acc_t> u(g.C);
     for (int64_t task = b; task < e; ++task) {
       const int64_t n = task / blocks_per_n, s0 = task % blocks_per_n * block;
-      const int64_t s1_end = std::min(g.S, s0 + block);
+      const int64_t s_end = std::min(g.S, s0 + block);
       double* a1 = partial.data() + task * 2 * g.C;
       double* a2 = a1 + g.C;
-      for (int64_t s = s0; s < s1_end; ++s) {
-        const int64_t base = (n * g.S + s) * g.C;
+      for (int64_t s = s0; s < s_end; ++s) {
+        const int64_t base = (n * g.S + s) * g.C, row0 = n * g.C;
+        for (int64_t c = 0; c < g.C; ++c) u[c] = value(base + c, row0 + c);
         for (int64_t c = 0; c < g.C; ++c) {
-          const auto [t1, t2] = term(base + c, n * g.C + c);
-          a1[c] += t1;
-          a2[c] += t2;
+          const double d = static_cast<double>(u[c]);
+          a1[c] += d;
+          a2[c] += d * static_cast<double>(xp[base + c]);
         }
       }
     }
@@ -102,10 +111,9 @@ std::tuple<at::Tensor, at::Tensor> channel_moments_cpu(const at::Tensor& x_in) {
   std::tuple<at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    result = row_sums_cpu(g, x.options(), [xp](int64_t k, int64_t) {
-      const double v = static_cast<double>(xp[k]);
-      return std::pair<double, double>(v, v * v);
-    });
+    // u = x: the sums of x and x^2
+    result = row_sums_cpu<scalar_t, double>(g, xp, x.options(),
+                                            [xp](int64_t k, int64_t) { return static_cast<double>(xp[k]); });
   });
   return result;
 }
@@ -157,10 +165,8 @@ std::tuple<at::Tensor, at::Tensor> affine_act_backward_reduce_cpu(const at::Tens
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *gp = grad.const_data_ptr<scalar_t>();
     const acc_t *sc = scale.const_data_ptr<acc_t>(), *sh = shift.const_data_ptr<acc_t>();
     dispatch_activation(act, [&]<Activation A>() {
-      result = row_sums_cpu(g, x.options(), [=](int64_t k, int64_t r) {
-        const acc_t xv = static_cast<acc_t>(xp[k]);
-        const double u = static_cast<double>(activation_backward<A>(static_cast<acc_t>(gp[k]), xv * sc[r] + sh[r]));
-        return std::pair<double, double>(u, u * static_cast<double>(xv));
+      result = row_sums_cpu<scalar_t, acc_t>(g, xp, x.options(), [=](int64_t k, int64_t r) {
+        return activation_backward<A>(static_cast<acc_t>(gp[k]), static_cast<acc_t>(xp[k]) * sc[r] + sh[r]);
       });
     });
   });
