@@ -5,6 +5,7 @@
 #include <torch/version.h>
 
 #include "attention_reweight/attention_reweight.h"
+#include "batch_norm_act/batch_norm_act.h"
 #include "channel_pool/channel_pool.h"
 #include "common/cpu_isa.h"
 #include "render_heatmaps/render_heatmaps.h"
@@ -30,6 +31,14 @@ TORCH_LIBRARY(epamx, m) {
   // Max and mean over channels of frames 0, t_stride, 2 t_stride, ...: (N, C, T, H, W) -> (N, 2, T', H, W).
   m.def("channel_pool(Tensor x, int t_stride=1) -> Tensor");
   m.def("_channel_pool_backward(Tensor grad, Tensor x, int t_stride) -> Tensor");
+
+  // Batch norm + activation, split at its per-(n, c) reductions. x: (N, C, ...); scale, shift and the coef_*:
+  // (N, C) in x's accumulation dtype; activation 0 identity, 1 ReLU, 2 SiLU; reductions (N, C) float64.
+  m.def("_channel_moments(Tensor x) -> (Tensor, Tensor)");
+  m.def("affine_act(Tensor x, Tensor scale, Tensor shift, int activation) -> Tensor");
+  m.def("_affine_act_backward_reduce(Tensor grad, Tensor x, Tensor scale, Tensor shift, int activation) -> (Tensor, Tensor)");
+  m.def("_affine_act_backward(Tensor grad, Tensor x, Tensor scale, Tensor shift, Tensor coef_u, Tensor coef_x, "
+        "Tensor coef_1, int activation) -> Tensor");
 
   // Pose heatmaps (PoseC3D GeneratePoseTarget). keypoints: (N, M, T, V, 2), scores: (N, M, T, V),
   // limbs: joint pairs flattened; output (N, C, T, H, W), C = V (with_joints) + L.
@@ -66,6 +75,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   testing.def("attention_reweight_backward_run_thread_bodies", &epamx::attention_reweight_backward_run_thread_bodies,
               pybind11::arg("grad"), pybind11::arg("x"), pybind11::arg("spatial"), pybind11::arg("temporal"),
               pybind11::arg("groups"), pybind11::arg("order1"), pybind11::arg("order2"));
+  testing.def("batch_norm_act_run_thread_bodies", &epamx::batch_norm_act_run_thread_bodies, pybind11::arg("kind"),
+              pybind11::arg("x"), pybind11::arg("grad"), pybind11::arg("scale"), pybind11::arg("shift"),
+              pybind11::arg("coef_u"), pybind11::arg("coef_x"), pybind11::arg("coef_1"), pybind11::arg("activation"),
+              pybind11::arg("order"));
   testing.def("channel_pool_run_thread_bodies", &epamx::channel_pool_run_thread_bodies, pybind11::arg("x"),
               pybind11::arg("t_stride"), pybind11::arg("grad"), pybind11::arg("order"));
   testing.def("render_heatmaps_run_thread_bodies", &epamx::render_heatmaps_run_thread_bodies,

@@ -15,8 +15,8 @@
 // person's stamp whether the pixel is inside. Both call channel_stamp and stamp_value below.
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
+#include "common/fast_math.h"
 #include "common/macros.h"
 
 namespace epamx {
@@ -118,42 +118,6 @@ HOST_DEVICE_INLINE bool stamp_is_empty(const Stamp& s) { return s.x0 >= s.x1 || 
 
 HOST_DEVICE_INLINE bool stamp_contains(const Stamp& s, int32_t x, int32_t y) {
   return x >= s.x0 && x < s.x1 && y >= s.y0 && y < s.y1;
-}
-
-// 2^i for i in [-126, 127], from its bit pattern.
-HOST_DEVICE_INLINE float exp2_int(int32_t i) {
-  const int32_t bits = (i + 127) << 23;
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-#endif
-}
-
-// exp(x) in float32 for x <= 0: within 1.22 ulp of exp (checked against double exp for every float32 in
-// [-87, 0]), and 0 below -87, where exp < 1.7e-38 (subnormal from -87.34). Branch-free plain arithmetic rather
-// than expf, so the CPU loop over a window row vectorises and the GPU evaluates the same formula (nvcc may fuse
-// its multiply-adds, so GPU results can differ from the CPU's in the last bits).
-HOST_DEVICE_INLINE float exp_nonpositive(float x) {
-  // Clamping first keeps the integer conversion in range for -inf and NaN, which map to 0 below.
-  const float xc = x >= -88.0f ? x : -88.0f;
-  // x = k ln2 + r with k an integer and |r| <= ln2 / 2; k by the round-to-nearest trick of adding 1.5 * 2^23.
-  constexpr float kRound = 12582912.0f;
-  const float k = (xc * 1.44269504088896341f + kRound) - kRound;
-  // ln2 split into a part with few mantissa bits (so k * hi is exact) and the rest.
-  const float r = (xc - k * 0.693145751953125f) - k * 1.42860682030941723e-06f;
-  // exp(r) by its Taylor series to r^7 (truncation error below 5e-9 relative for |r| <= ln2 / 2).
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return x >= -87.0f ? p * exp2_int(static_cast<int32_t>(k)) : 0.0f;
 }
 
 // The stamp's value at pixel (x, y), which must lie inside its window; `segment` must equal s.segment (a

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from epamx.models.memory_format import MemoryFormatPolicy
-from epamx.models.xshiftnet import XShiftNet
-from epamx.nn import PoseHeatmaps, SpatialTemporalAttention, TemporalShift
+from epamx.models.xshiftnet import FUSED_MODULES, XShiftNet
+from epamx.nn import PoseHeatmaps, SpatialTemporalAttention
 
 
 class ClassificationHead(nn.Module):
@@ -83,7 +83,7 @@ class EPAMNet(nn.Module):
     def fused(self, value: bool) -> None:
         self._fused = bool(value)
         for m in self.modules():
-            if isinstance(m, (TemporalShift, SpatialTemporalAttention)):
+            if isinstance(m, (*FUSED_MODULES, SpatialTemporalAttention)):
                 m.fused = self._fused
 
     def features(self, imgs: Tensor, heatmaps: Tensor) -> Tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from epamx.nn import TemporalShift
+from epamx.nn import TemporalShift, batch_norm_act, fused_batch_norm_applies
 
 
 def _frame_wise_conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
@@ -32,10 +32,13 @@ class ConvBNAct(nn.Module):
     ``frame_wise``: where the input is in channels_last_3d memory, run the (1, kh, kw) convolution as a 2D
     convolution over frames (same result). The stems use it: oneDNN's 3D path turns a batch-1 clip with 3 or
     17 input channels down to PyTorch's slow reference convolution, its 2D path does not.
+
+    ``fused``: in training on a CPU, batch norm and ReLU run as one epamx op (epamx.nn.batch_norm_act), which
+    saves only the convolution's output and needs no separate ReLU passes; False keeps the plain modules.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=1, stride=1, padding=0, groups: int = 1,
-                 relu: bool = True, frame_wise: bool = False):
+                 relu: bool = True, frame_wise: bool = False, fused: bool = True):
         super().__init__()
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups,
                               bias=False)
@@ -43,13 +46,19 @@ class ConvBNAct(nn.Module):
         self.activate = nn.ReLU(inplace=True) if relu else None
         self.frame_wise = frame_wise and self.conv.kernel_size[0] == 1 and self.conv.stride[0] == 1 \
             and self.conv.padding[0] == 0
+        self.fused = fused
 
-    def forward(self, x: Tensor) -> Tensor:
+    def convolve(self, x: Tensor) -> Tensor:
+        """The convolution alone."""
         if self.frame_wise and x.is_contiguous(memory_format=torch.channels_last_3d) and \
                 self.conv.weight.is_contiguous(memory_format=torch.channels_last_3d):
-            x = _frame_wise_conv(self.conv, x)
-        else:
-            x = self.conv(x)
+            return _frame_wise_conv(self.conv, x)
+        return self.conv(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.convolve(x)
+        if self.fused and fused_batch_norm_applies(self.bn, x):
+            return batch_norm_act(self.bn, x, "relu" if self.activate is not None else "identity")
         x = self.bn(x)
         return self.activate(x) if self.activate is not None else x
 
@@ -72,6 +81,11 @@ class SqueezeExcite(nn.Module):
         self.fc1 = nn.Conv3d(channels, self.bottleneck, kernel_size=1)
         self.fc2 = nn.Conv3d(self.bottleneck, channels, kernel_size=1)
 
+    def gate(self, pooled: Tensor) -> Tensor:
+        """The per-sample channel factors (N, C) from the channel means (N, C)."""
+        n, c = pooled.shape
+        return torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled.view(n, c, 1, 1, 1))))).view(n, c)
+
     def forward(self, x: Tensor) -> Tensor:
         scale = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=(2, 3, 4), keepdim=True)))))
         return x * scale
@@ -84,24 +98,31 @@ class XShiftBlock(nn.Module):
     Without autograd (inference), the input is shifted in place around the first convolution and restored
     exactly afterwards, so no shifted copy is allocated; the result is bit for bit the same. Set
     ``inplace_shift = False`` to always allocate the shifted copy.
+
+    In training on a CPU with ``fused`` (the default), each batch norm runs fused with what follows it
+    (epamx.nn.batch_norm_act): ReLU after the first, SE and Swish after the depthwise convolution. Only the
+    convolutions' outputs are saved for backward, not the normalised, gated or activated tensors; and the
+    shift is done in place around the first convolution in the backward pass too (TemporalShift.conv), so the
+    shifted copy is neither allocated nor saved.
     """
 
     def __init__(self, in_channels: int, planes: int, out_channels: int, spatial_stride: int = 1, fold_div: int = 8,
                  se_ratio: Optional[float] = None, use_swish: bool = True, fused: bool = True):
         super().__init__()
         self.shift = TemporalShift(fold_div, fused=fused)
-        self.conv1 = ConvBNAct(in_channels, planes, 1)
+        self.conv1 = ConvBNAct(in_channels, planes, 1, fused=fused)
         self.conv2 = ConvBNAct(planes, planes, (1, 3, 3), stride=(1, spatial_stride, spatial_stride),
-                               padding=(0, 1, 1), groups=planes, relu=False)
+                               padding=(0, 1, 1), groups=planes, relu=False, fused=fused)
         self.se_module = SqueezeExcite(planes, se_ratio) if se_ratio is not None else None
         self.swish = nn.SiLU() if use_swish else nn.Identity()
-        self.conv3 = ConvBNAct(planes, out_channels, 1, relu=False)
+        self.conv3 = ConvBNAct(planes, out_channels, 1, relu=False, fused=fused)
         self.downsample = None
         if spatial_stride != 1 or in_channels != out_channels:
             self.downsample = ConvBNAct(in_channels, out_channels, 1, stride=(1, spatial_stride, spatial_stride),
-                                        relu=False)
+                                        relu=False, fused=fused)
         self.relu = nn.ReLU(inplace=True)
         self.inplace_shift = True
+        self.fused = fused
 
     def _shift_in_place(self, x: Tensor) -> bool:
         return (self.inplace_shift and self.shift.fused and not torch.compiler.is_compiling()
@@ -111,16 +132,30 @@ class XShiftBlock(nn.Module):
         if self._shift_in_place(x):
             with self.shift.shifted_in_place(x):
                 out = self.conv1(x)
+        elif self.fused and fused_batch_norm_applies(self.conv1.bn, x):
+            out = batch_norm_act(self.conv1.bn, self.shift.conv(self.conv1.conv, x), "relu")
         else:
             out = self.conv1(self.shift(x))
-        out = self.conv2(out)
-        if self.se_module is not None:
-            out = self.se_module(out)
-        out = self.conv3(self.swish(out))
+        if self.fused and isinstance(self.swish, (nn.SiLU, nn.Identity)) and \
+                fused_batch_norm_applies(self.conv2.bn, out):
+            se = self.se_module
+            out = batch_norm_act(self.conv2.bn, self.conv2.convolve(out),
+                                 "silu" if isinstance(self.swish, nn.SiLU) else "identity",
+                                 se.gate if se is not None else None, tuple(se.parameters()) if se is not None else ())
+        else:
+            out = self.conv2(out)
+            if self.se_module is not None:
+                out = self.se_module(out)
+            out = self.swish(out)
+        out = self.conv3(out)
         identity = self.downsample(x) if self.downsample is not None else x
         # out is this block's own fresh tensor, and neither batch norm nor convolution saves its output for
         # backward: adding in place is safe in training too, and saves an allocation.
         return self.relu(out.add_(identity))
+
+
+# The modules with a ``fused`` switch between epamx's ops and the plain-PyTorch reference path.
+FUSED_MODULES = (TemporalShift, ConvBNAct, XShiftBlock)
 
 
 class XShiftNet(nn.Module):
@@ -155,7 +190,7 @@ class XShiftNet(nn.Module):
             raise ValueError(f"XShiftNet: se_style must be 'half', 'all' or 'none', got {se_style!r}")
         self.in_channels = in_channels
         self.conv1_s = ConvBNAct(in_channels, base_channels, (1, 3, 3), stride=(1, stem_stride, stem_stride),
-                                 padding=(0, 1, 1), frame_wise=True)
+                                 padding=(0, 1, 1), frame_wise=True, fused=fused)
         self.res_layers = []
         width = base_channels
         for i, (blocks, stride) in enumerate(zip(stage_blocks, spatial_strides)):
@@ -170,7 +205,7 @@ class XShiftNet(nn.Module):
             self.res_layers.append(f"layer{i + 1}")
             width = out_width
         self.feat_dim = int(width * bottleneck_factor)
-        self.conv5 = ConvBNAct(width, self.feat_dim, 1)
+        self.conv5 = ConvBNAct(width, self.feat_dim, 1, fused=fused)
         self.reset_parameters()
 
     @classmethod
@@ -185,12 +220,12 @@ class XShiftNet(nn.Module):
 
     @property
     def fused(self) -> bool:
-        return all(m.fused for m in self.modules() if isinstance(m, TemporalShift))
+        return all(m.fused for m in self.modules() if isinstance(m, FUSED_MODULES))
 
     @fused.setter
     def fused(self, value: bool) -> None:
         for m in self.modules():
-            if isinstance(m, TemporalShift):
+            if isinstance(m, FUSED_MODULES):
                 m.fused = value
 
     def reset_parameters(self) -> None:

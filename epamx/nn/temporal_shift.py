@@ -3,6 +3,8 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from epamx.ops import temporal_shift, temporal_shift_, temporal_shift_reference, temporal_unshift_
@@ -76,6 +78,24 @@ class TemporalShift(nn.Module):
             x[:, :fold, :1] = dropped_first
             x[:, fold:2 * fold, -1:] = dropped_last
 
+    def conv(self, conv: nn.Conv3d, x: Tensor) -> Tensor:
+        """``conv(self(x))`` for training, without keeping the shifted copy: the forward pass shifts ``x`` in
+        place around the convolution and restores it bit for bit (as :meth:`shifted_in_place`); the backward pass
+        shifts it again for the weight gradient and takes the input gradient back through the opposite shift in
+        place. Autograd saves ``x`` itself, which the block keeps anyway for its residual, so a block saves one
+        input-sized tensor less and allocates none for the shift. ``x`` must be dense (contiguous or
+        channels-last); ``x``'s version counter is left as it was, since ``x`` ends up unchanged.
+
+        Fused path only; other modules fall back to ``conv(self(x))``. Not for torch.compile (the in-place
+        round trip is invisible to its functionalisation); the caller falls back there.
+        """
+        if (not self.fused or self.layout != "NCTHW" or torch.compiler.is_compiling()
+                or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last_3d))):
+            return conv(self(x))
+        self._check_rank(x)
+        return _ShiftedConv.apply(x, conv.weight, conv.bias, self, conv.stride, conv.padding, conv.dilation,
+                                  conv.groups)
+
     def extra_repr(self) -> str:
         text = f"fold_div={self.fold_div}, inplace={self.inplace}, layout={self.layout!r}"
         if self.num_segments is not None:
@@ -83,3 +103,29 @@ class TemporalShift(nn.Module):
         if not self.fused:
             text += ", fused=False"
         return text
+
+
+class _ShiftedConv(torch.autograd.Function):
+    """conv3d(temporal_shift(x)), saving x and the weight only (see TemporalShift.conv)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, shift, stride, padding, dilation, groups):
+        with torch.autograd._unsafe_preserve_version_counter(x), shift.shifted_in_place(x):
+            out = F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight)
+        ctx.shift, ctx.conv_args = shift, (stride, padding, dilation, groups)
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
+        with torch.autograd._unsafe_preserve_version_counter(x), ctx.shift.shifted_in_place(x):
+            d_x, d_weight, d_bias = torch.ops.aten.convolution_backward(
+                grad, x, weight, ctx.bias_sizes, stride, padding, dilation, False, [0, 0, 0], groups, mask)
+        if d_x is not None:
+            temporal_unshift_(d_x, ctx.shift.fold_div)  # the shift's adjoint, in place on a tensor we own
+        return d_x, d_weight, d_bias, None, None, None, None, None

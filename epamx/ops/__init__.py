@@ -1,5 +1,7 @@
 """Fused operators. Each public op calls torch.ops.epamx.<op> and has a plain-PyTorch `<op>_reference`."""
 from epamx.ops.attention_reweight import attention_reweight, attention_reweight_reference
+from epamx.ops.batch_norm_act import (affine_act, affine_act_reference, batch_norm_act,
+                                       batch_norm_act_reference)
 from epamx.ops.channel_pool import channel_pool, channel_pool_reference
 from epamx.ops.render_heatmaps import (COCO17_FLIP_PAIRS, COCO17_LIMBS, NTU25_BONES, NTU25_FLIP_PAIRS,
                                        render_heatmaps, render_heatmaps_reference)
@@ -12,6 +14,10 @@ __all__ = [
     "NTU25_FLIP_PAIRS",
     "attention_reweight",
     "attention_reweight_reference",
+    "affine_act",
+    "affine_act_reference",
+    "batch_norm_act",
+    "batch_norm_act_reference",
     "channel_pool",
     "channel_pool_reference",
     "render_heatmaps",

@@ -1,0 +1,80 @@
+#pragma once
+// Batch norm + activation: argument checks and layout decisions shared by the CPU and CUDA front ends.
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "batch_norm_act/batch_norm_act_math.h"
+#include "common/checks.h"
+
+namespace epamx {
+
+// Channels-last (C innermost, the rest dense) for a 4-D or 5-D tensor in that memory format, else contiguous.
+inline bool affine_channels_last(const at::Tensor& x) {
+  if (x.is_contiguous()) return false;
+  return (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) ||
+         (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast));
+}
+
+inline at::MemoryFormat affine_memory_format(bool channels_last, int64_t dim) {
+  if (!channels_last) return at::MemoryFormat::Contiguous;
+  return dim == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
+// x in the layout the kernels read: as it is when channels-last or contiguous, else a contiguous copy.
+inline at::Tensor affine_input(const at::Tensor& x) {
+  return affine_channels_last(x) ? x : x.contiguous();
+}
+
+// `t` in the memory layout of `like` (the kernels index grad and x with the same offsets).
+inline at::Tensor affine_same_layout(const at::Tensor& t, const at::Tensor& like, bool channels_last) {
+  return t.contiguous(affine_memory_format(channels_last, like.dim()));
+}
+
+template <typename index_t>
+AffineGeometry<index_t> affine_geometry(const at::Tensor& x, bool channels_last) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = N * C == 0 ? 0 : x.numel() / (N * C);
+  return {static_cast<index_t>(N), static_cast<index_t>(C), static_cast<index_t>(S), channels_last};
+}
+
+inline void check_affine_input(const at::Tensor& x, const char* op) {
+  check_floating(x, op, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must be (N, C, ...) with at least 2 dims, got shape ", x.sizes());
+}
+
+inline void check_activation(int64_t act, const char* op) {
+  TORCH_CHECK_VALUE(act >= 0 && act <= 2, op, ": activation must be 0 (identity), 1 (ReLU) or 2 (SiLU), got ", act);
+}
+
+// A per-row coefficient: (N, C), in x's accumulation dtype (float32 for float16/bfloat16/float32, float64 for
+// float64), on x's device.
+inline void check_coefficient(const at::Tensor& coef, const at::Tensor& x, const char* op, const char* arg) {
+  const auto acc = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK_TYPE(coef.scalar_type() == acc, op, ": ", arg, " must be ", acc, " for a ", x.scalar_type(),
+                   " x, got ", coef.scalar_type());
+  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == x.size(0) && coef.size(1) == x.size(1), op, ": ", arg,
+                    " must have shape (N, C) = (", x.size(0), ", ", x.size(1), "), got ", coef.sizes());
+  check_same_device(coef, arg, x, "x", op);
+}
+
+inline void check_affine_grad(const at::Tensor& grad, const at::Tensor& x, const char* op) {
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), op, ": grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), op, ": grad must have x's dtype ", x.scalar_type(),
+                   ", got ", grad.scalar_type());
+  check_same_device(grad, "grad", x, "x", op);
+}
+
+// Test hook, CPU only: runs the CUDA kernels' per-thread bodies in the thread order `order` (a permutation of
+// 0..threads-1). kind 0: moments (N*C threads) -> (sum, sumsq); 1: affine_act (numel threads) -> (out,);
+// 2: backward reduce (N*C) -> (sum_u, sum_ux); 3: backward (numel) -> (dx,).
+std::vector<at::Tensor> batch_norm_act_run_thread_bodies(int64_t kind, const at::Tensor& x,
+                                                         const std::optional<at::Tensor>& grad,
+                                                         const std::optional<at::Tensor>& scale,
+                                                         const std::optional<at::Tensor>& shift,
+                                                         const std::optional<at::Tensor>& coef_u,
+                                                         const std::optional<at::Tensor>& coef_x,
+                                                         const std::optional<at::Tensor>& coef_1, int64_t act,
+                                                         const at::Tensor& order);
+
+}  // namespace epamx
