@@ -65,6 +65,16 @@ inline void check_affine_grad(const at::Tensor& grad, const at::Tensor& x, const
   check_same_device(grad, "grad", x, "x", op);
 }
 
+// The arguments every affine_act op takes, checked in the same order on every device: x, the incoming gradient
+// (backward ops only, else nullptr), the per-row scale and shift.
+inline void check_affine_args(const at::Tensor& x, const at::Tensor* grad, const at::Tensor& scale,
+                              const at::Tensor& shift, const char* op) {
+  check_affine_input(x, op);
+  if (grad) check_affine_grad(*grad, x, op);
+  check_coefficient(scale, x, op, "scale");
+  check_coefficient(shift, x, op, "shift");
+}
+
 // Test hook, CPU only: runs the CUDA kernels' per-thread bodies in the thread order `order` (a permutation of
 // 0..threads-1). kind 0: moments (N*C threads) -> (sum, sumsq); 1: affine_act (numel threads) -> (out,);
 // 2: backward reduce (N*C) -> (sum_u, sum_ux); 3: backward (numel) -> (dx,).

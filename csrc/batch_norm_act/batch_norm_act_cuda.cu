@@ -73,9 +73,7 @@ std::tuple<at::Tensor, at::Tensor> channel_moments_cuda(const at::Tensor& x_in) 
 at::Tensor affine_act_cuda(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
                            int64_t act) {
   constexpr const char* op = "affine_act";
-  check_affine_input(x_in, op);
-  check_coefficient(scale_in, x_in, op, "scale");
-  check_coefficient(shift_in, x_in, op, "shift");
+  check_affine_args(x_in, nullptr, scale_in, shift_in, op);
   check_activation(act, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = affine_input(x_in);
@@ -103,10 +101,7 @@ std::tuple<at::Tensor, at::Tensor> affine_act_backward_reduce_cuda(const at::Ten
                                                                    const at::Tensor& scale_in,
                                                                    const at::Tensor& shift_in, int64_t act) {
   constexpr const char* op = "_affine_act_backward_reduce";
-  check_affine_input(x_in, op);
-  check_affine_grad(grad_in, x_in, op);
-  check_coefficient(scale_in, x_in, op, "scale");
-  check_coefficient(shift_in, x_in, op, "shift");
+  check_affine_args(x_in, &grad_in, scale_in, shift_in, op);
   check_activation(act, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = affine_input(x_in);
@@ -138,10 +133,7 @@ at::Tensor affine_act_backward_cuda(const at::Tensor& grad_in, const at::Tensor&
                                     const at::Tensor& shift_in, const at::Tensor& coef_u_in,
                                     const at::Tensor& coef_x_in, const at::Tensor& coef_1_in, int64_t act) {
   constexpr const char* op = "_affine_act_backward";
-  check_affine_input(x_in, op);
-  check_affine_grad(grad_in, x_in, op);
-  check_coefficient(scale_in, x_in, op, "scale");
-  check_coefficient(shift_in, x_in, op, "shift");
+  check_affine_args(x_in, &grad_in, scale_in, shift_in, op);
   check_coefficient(coef_u_in, x_in, op, "coef_u");
   check_coefficient(coef_x_in, x_in, op, "coef_x");
   check_coefficient(coef_1_in, x_in, op, "coef_1");
