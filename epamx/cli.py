@@ -329,13 +329,11 @@ def _load_for_inference(args: argparse.Namespace):
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from epamx.models import optimize_for_inference
     from epamx.train.inference import predict
+    from epamx.train.loop import inference_model
 
     checkpoint, cfg, device, model, meta, class_names = _load_for_inference(args)
-    channels_last = cfg.model.channels_last
-    model = optimize_for_inference(model, "auto" if channels_last == "auto" else
-                                   "channels_last_3d" if channels_last else "contiguous")
+    model = inference_model(model, cfg.model.channels_last, device)
     dataset = _clips(args, cfg, class_names, meta["mode"])
     if args.limit:
         dataset.annotations = dataset.annotations[:args.limit]

@@ -122,10 +122,20 @@ def _resolve_channels_last(value, device: torch.device) -> bool:
     return device.type == "cpu" if value == "auto" else bool(value)
 
 
+def _memory_format_name(channels_last: bool) -> str:
+    return "channels_last_3d" if channels_last else "contiguous"
+
+
 def _in_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:
     """The model with its weights, and the policy its forward applies to inputs, in the configured format."""
-    model.memory_format = "channels_last_3d" if channels_last else "contiguous"
+    model.memory_format = _memory_format_name(channels_last)
     return model.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+
+
+def inference_model(model: nn.Module, channels_last, device: torch.device) -> nn.Module:
+    """optimize_for_inference(model) in the memory format ``model.channels_last`` (True, False or "auto") asks
+    for on ``device``: what eval and predict run."""
+    return optimize_for_inference(model, _memory_format_name(_resolve_channels_last(channels_last, device)))
 
 
 @contextlib.contextmanager
@@ -750,7 +760,7 @@ def evaluate_checkpoint(cfg: Config, path, split: Optional[str] = None, *, progr
                                pin_memory=info.device.type == "cuda")
     transform = _batch_transform(data, cfg, modalities(mode), info.device)
     channels_last = _resolve_channels_last(cfg.model.channels_last, info.device)
-    model = optimize_for_inference(model, "channels_last_3d" if channels_last else "contiguous")
+    model = inference_model(model, channels_last, info.device)
     return evaluate(model, loader, transform, mode=mode, device=info.device, channels_last=channels_last,
                     amp_dtype=resolve_amp(cfg.train.amp, info.device), progress=progress,
                     class_names=meta.get("class_names"))
