@@ -99,16 +99,12 @@ class XShiftBlock(nn.Module):
     exactly afterwards, so no shifted copy is allocated; the result is bit for bit the same. Set
     ``inplace_shift = False`` to always allocate the shifted copy.
 
-    ``fuse_swish`` (off by default): also run the depthwise convolution's batch norm, SE and Swish as one fused
-    op in CPU training. It saves memory (EPAM-Net, 4 clips: peak 26% below the reference ops, against 7% without)
-    but costs time, the fused op's SiLU backward being slower than PyTorch's (the step: 0.93x the reference ops,
-    against 1.29x without).
-
     In training on a CPU with ``fused`` (the default), each batch norm runs fused with what follows it
-    (epamx.nn.batch_norm_act): ReLU after the first (with ``fuse_swish``, also SE and Swish after the depthwise
-    convolution). Only the convolutions' outputs are saved for backward, not the normalised or activated tensors; and the
-    shift is done in place around the first convolution in the backward pass too (TemporalShift.conv), so the
-    shifted copy is neither allocated nor saved.
+    (epamx.nn.batch_norm_act): ReLU after the first, SE and Swish after the depthwise convolution. Only the
+    convolutions' outputs are saved for backward, not the normalised, gated or activated tensors; and the shift is
+    done in place around the first convolution in the backward pass too (TemporalShift.conv), so the shifted copy
+    is neither allocated nor saved. The depthwise convolution runs frame by frame in channels_last_3d memory
+    (ConvBNAct's ``frame_wise``), where oneDNN's 2D backward pass is several times faster than its 3D one.
     """
 
     def __init__(self, in_channels: int, planes: int, out_channels: int, spatial_stride: int = 1, fold_div: int = 8,
@@ -117,7 +113,7 @@ class XShiftBlock(nn.Module):
         self.shift = TemporalShift(fold_div, fused=fused)
         self.conv1 = ConvBNAct(in_channels, planes, 1, fused=fused)
         self.conv2 = ConvBNAct(planes, planes, (1, 3, 3), stride=(1, spatial_stride, spatial_stride),
-                               padding=(0, 1, 1), groups=planes, relu=False, fused=fused)
+                               padding=(0, 1, 1), groups=planes, relu=False, frame_wise=True, fused=fused)
         self.se_module = SqueezeExcite(planes, se_ratio) if se_ratio is not None else None
         self.swish = nn.SiLU() if use_swish else nn.Identity()
         self.conv3 = ConvBNAct(planes, out_channels, 1, relu=False, fused=fused)
@@ -127,7 +123,6 @@ class XShiftBlock(nn.Module):
                                         relu=False, fused=fused)
         self.relu = nn.ReLU(inplace=True)
         self.inplace_shift = True
-        self.fuse_swish = False
         self.fused = fused
 
     def _shift_in_place(self, x: Tensor) -> bool:
@@ -142,8 +137,7 @@ class XShiftBlock(nn.Module):
             out = batch_norm_act(self.conv1.bn, self.shift.conv(self.conv1.conv, x), "relu")
         else:
             out = self.conv1(self.shift(x))
-        if self.fused and (isinstance(self.swish, nn.Identity) or self.fuse_swish and isinstance(self.swish, nn.SiLU)) \
-                and fused_batch_norm_applies(self.conv2.bn, out):
+        if self.fused and fused_batch_norm_applies(self.conv2.bn, out):
             se = self.se_module
             out = batch_norm_act(self.conv2.bn, self.conv2.convolve(out),
                                  "silu" if isinstance(self.swish, nn.SiLU) else "identity",

@@ -111,17 +111,18 @@ def test_bad_memory_format_is_explained():
         RGBStream(5, memory_format=torch.channels_last_3d)
 
 
-# ---- the stems' frame-wise convolution -------------------------------------------------------------------------------
+# ---- the frame-wise convolutions (stems, blocks' depthwise convolutions) ------------------------------------------------
 
+@pytest.mark.parametrize("channels,groups", [((3, 8), 1), ((8, 8), 8)], ids=["stem", "depthwise"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_frame_wise_convolution_equals_conv3d(stride):
+def test_frame_wise_convolution_equals_conv3d(stride, channels, groups):
     torch.manual_seed(0)
-    layer = randomize_batch_norm(ConvBNAct(3, 8, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1),
-                                           frame_wise=True)).double().train()
+    layer = randomize_batch_norm(ConvBNAct(*channels, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1),
+                                           groups=groups, frame_wise=True)).double().train()
     reference = copy.deepcopy(layer)
     reference.frame_wise = False
     layer = layer.to(memory_format=CL)
-    x = torch.randn(2, 3, 5, 13, 11, dtype=torch.float64)
+    x = torch.randn(2, channels[0], 5, 13, 11, dtype=torch.float64)
     a = x.contiguous(memory_format=CL).requires_grad_(True)
     b = x.clone().requires_grad_(True)
     out_a, out_b = layer(a), reference(b)
