@@ -1,0 +1,99 @@
+"""The pieces of an X-ShiftNet block that dominate a CPU training step, forward + backward, in channels_last_3d
+memory (the format EPAM-Net trains in on a CPU), float32:
+
+- batch norm with batch statistics and what follows it: ReLU (after a block's first convolution), or the
+  squeeze-and-excitation gate and Swish (after its depthwise convolution); epamx.ops.batch_norm_act against
+  F.batch_norm, the gate and the activation as eager ops. A copy of the bytes the fused op must move (forward: read
+  x twice, write the output; backward: read the gradient and x twice each, write dx) is the bandwidth yardstick.
+- the (1, 3, 3) depthwise convolution: a Conv3d as written (oneDNN's 3D path) against the same weights as a Conv2d
+  over the N*T frames (what ConvBNAct(frame_wise=True) runs, no copy in this memory format).
+
+Shapes: EPAM-Net's first RGB and pose stages at 4 clips (224x224 RGB, 56x56 heatmaps), its last stages, and the
+embedded training config's small ones (16 clips, 64x64 RGB, 16x16 heatmaps)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from epamx.ops import batch_norm_act, batch_norm_act_reference
+
+CL = torch.channels_last_3d
+BN_SHAPES = {"rgb-stage1": (4, 54, 16, 56, 56), "pose-stage2": (4, 108, 48, 14, 14), "rgb-stage4": (4, 432, 16, 7, 7)}
+CONV_SHAPES = {"rgb-stage1": ((4, 54, 16, 56, 56), 1), "rgb-stage2-stride2": ((4, 108, 16, 56, 56), 2),
+               "pose-stage2": ((4, 108, 48, 14, 14), 1), "rgb-stage4": ((4, 432, 16, 7, 7), 1),
+               "pose-stage3": ((4, 216, 48, 7, 7), 1), "embedded-rgb-stage4": ((16, 432, 4, 2, 2), 1),
+               "embedded-pose-stage2": ((16, 108, 12, 4, 4), 1)}
+
+
+def _cpu_only(device):
+    if device.type != "cpu":
+        pytest.skip("the fused batch norm and the frame-wise convolution are the CPU training path")
+
+
+class _Gate(torch.nn.Module):
+    """X3D's squeeze-and-excitation MLP on the (N, C) channel means, bottleneck C / 16."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(channels, max(8, channels // 16))
+        self.fc2 = torch.nn.Linear(max(8, channels // 16), channels)
+
+    def forward(self, pooled):
+        return torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))
+
+
+@pytest.mark.parametrize("branch", ["relu", "se-silu"])
+@pytest.mark.parametrize("case", list(BN_SHAPES))
+def test_batch_norm_act(compare, device, case, branch):
+    _cpu_only(device)
+    shape = BN_SHAPES[case]
+    torch.manual_seed(0)
+    x = torch.randn(shape).contiguous(memory_format=CL).requires_grad_()
+    weight = (torch.rand(shape[1]) + 0.5).requires_grad_()
+    bias = torch.randn(shape[1]).requires_grad_()
+    gate = _Gate(shape[1]) if branch == "se-silu" else None
+    params = tuple(gate.parameters()) if gate is not None else ()
+    act = "silu" if gate is not None else "relu"
+    grad = torch.randn(shape).contiguous(memory_format=CL)
+
+    def run(fn):
+        def step():
+            x.grad = weight.grad = bias.grad = None
+            fn(x, weight, bias, None, None, 0.1, 1e-5, act, gate, params).backward(grad)
+        return step
+
+    copy_src = torch.empty(8 * x.numel() // 2, dtype=torch.float32)
+    copy_dst = torch.empty_like(copy_src)
+    nbytes = 8 * x.numel() * 4
+    compare("batch norm + activation fwd+bwd", f"{case} {shape} {branch} float32 channels_last_3d",
+            {"reference": run(batch_norm_act_reference), "fused": run(batch_norm_act),
+             "copy": lambda: copy_dst.copy_(copy_src)}, device=device, bytes_moved=nbytes)
+
+
+@pytest.mark.parametrize("case", list(CONV_SHAPES))
+def test_depthwise_convolution(compare, device, case):
+    _cpu_only(device)
+    shape, stride = CONV_SHAPES[case]
+    n, c, t, h, w = shape
+    torch.manual_seed(0)
+    x = torch.randn(shape).contiguous(memory_format=CL).requires_grad_()
+    weight = torch.randn(c, 1, 1, 3, 3).contiguous(memory_format=CL).requires_grad_()
+    grad = torch.randn_like(F.conv3d(x.detach(), weight.detach(), None, (1, stride, stride), (0, 1, 1), 1, c))
+
+    def conv3d():
+        return F.conv3d(x, weight, None, (1, stride, stride), (0, 1, 1), 1, c)
+
+    def frame_wise():
+        frames = x.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
+        y = F.conv2d(frames, weight.squeeze(2), None, stride, 1, 1, c)
+        return y.view(n, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    torch.testing.assert_close(frame_wise(), conv3d())
+
+    def run(fn):
+        def step():
+            x.grad = weight.grad = None
+            fn().backward(grad)
+        return step
+
+    compare("depthwise (1, 3, 3) convolution fwd+bwd", f"{case} {shape} stride {stride} float32 channels_last_3d",
+            {"conv3d": run(conv3d), "frame_wise": run(frame_wise)}, device=device, baseline="conv3d")
