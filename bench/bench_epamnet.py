@@ -13,7 +13,8 @@ every way to run it, so that every ratio is same-run:
 
 Goals (CPU, 2 threads): optimized >= 2x authors and >= 1.25x authors_channels_last; default >= 1.5x authors.
 Like with like: fused_contiguous vs reference, default vs reference_channels_last (the fused ops' gain in one
-memory format); default vs fused_contiguous is the memory-format gain alone.
+memory format); default vs fused_contiguous is the memory-format gain alone. test_epamnet_inference_compiled: the
+optimized model under torch.compile (inductor) against eager.
 
 Training step (forward, backward, clipping, SGD; batch 4 on a CPU, batch 12 with bf16 autocast on a GPU):
 authors as shipped, EPAMNet on the reference ops and on the fused ops in the same memory format, and the fused
@@ -83,6 +84,20 @@ def test_epamnet_inference_latency(compare, device):
             ratios=[("optimized", "authors_channels_last"), ("default", "authors_channels_last"),
                     ("fused_contiguous", "reference"), ("default", same_format),
                     ("default", "fused_contiguous"), ("optimized", "default")])
+
+
+def test_epamnet_inference_compiled(compare, device):
+    """What torch.compile (inductor, default mode) adds to the optimized model: one clip, compiled against eager in
+    the same run (the compile itself, 15 s to minutes, happens before timing and is not counted)."""
+    torch.manual_seed(0)
+    fast = optimize_for_inference(EPAMNet(num_classes=60).eval().to(device))
+    imgs, heatmaps = _clip(device, torch.contiguous_format)
+    impls = {"optimized": _no_grad(fast, imgs, heatmaps),
+             "optimized_inductor": _no_grad(torch.compile(fast), imgs, heatmaps)}
+    for got, expected in zip(impls["optimized_inductor"](), impls["optimized"]()):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    compare("EPAMNet inference, torch.compile", "1 clip, 60 classes", impls, device=device, baseline="optimized",
+            cuda_calls=5)
 
 
 def _inference_call(shift: str, batch: int):

@@ -1,4 +1,5 @@
-// Temporal shift, CPU kernels: at::parallel_for over frame planes (out of place) or shifted channels (in place).
+// Temporal shift, CPU kernels: at::parallel_for over frame planes (out of place; frames of pixel rows in
+// channels-last memory) or shifted channels (in place).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,9 +13,53 @@
 namespace epamx {
 namespace {
 
+// Copies `count` elements from `src`, or writes zeros where `src` is null (a frame outside the clip).
+template <typename bits_t>
+void copy_or_zero(bits_t* dst, const bits_t* src, int64_t count) {
+  if (src == nullptr) {
+    std::fill_n(dst, count, bits_t(0));
+  } else {
+    std::copy_n(src, count, dst);
+  }
+}
+
+// x dense in channels-last memory: [N, T, P, C], each pixel's channels one row. Output row (n, t, p) takes
+// channels [0, fold) from frame t + sign, [fold, 2 fold) from frame t - sign and the rest from frame t, all of the
+// same pixel, so every frame is assembled from three frames read in memory order, in the same memory format.
+at::Tensor shift_copy_channels_last_cpu(const at::Tensor& x, const ShiftLayout& L, int sign, at::MemoryFormat format,
+                                        const char* op) {
+  at::Tensor out = empty_for_overwrite(x.sizes(), x.options().memory_format(format));
+  const int64_t row = L.C, frame = L.P * L.C;
+  dispatch_by_unit(x.element_size(), op, [&]<typename bits_t>() {
+    const auto* src = static_cast<const bits_t*>(x.const_data_ptr());
+    auto* dst = static_cast<bits_t*>(out.mutable_data_ptr());
+    at::parallel_for(0, L.N * L.T, grain_for(frame), [&](int64_t begin, int64_t end) {
+      for (int64_t f = begin; f < end; ++f) {
+        const int64_t t = f % L.T;
+        const auto frame_at = [&](int64_t dt) -> const bits_t* {
+          return t + dt >= 0 && t + dt < L.T ? src + (f + dt) * frame : nullptr;
+        };
+        const bits_t *ahead = frame_at(sign), *behind = frame_at(-sign), *same = src + f * frame;
+        bits_t* o = dst + f * frame;
+        for (int64_t p = 0; p < L.P; ++p, o += row) {
+          const int64_t at = p * row;
+          copy_or_zero(o, ahead ? ahead + at : nullptr, L.fold);
+          copy_or_zero(o + L.fold, behind ? behind + at + L.fold : nullptr, L.fold);
+          std::copy_n(same + at + 2 * L.fold, row - 2 * L.fold, o + 2 * L.fold);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 at::Tensor shift_copy_cpu(const at::Tensor& x, int64_t fold_div, std::optional<int64_t> num_segments, int sign,
                           const char* op) {
   const ShiftLayout L = check_shift_args(x, fold_div, num_segments, op);
+  const at::MemoryFormat format = x.suggest_memory_format();
+  if (format != at::MemoryFormat::Contiguous && !x.is_contiguous() && x.is_contiguous(format) && x.numel() > 0) {
+    return shift_copy_channels_last_cpu(x, L, sign, format, op);
+  }
   // Strides of n, t and c are read as they are; only frame planes that are not dense are copied first.
   const at::Tensor in = shift_planes_dense(x, L) ? x : x.contiguous();
   at::Tensor out = empty_for_overwrite(x.sizes(), x.options());

@@ -88,6 +88,24 @@ def test_backward_op_is_the_adjoint(shape, layout, dtype, device):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", ALL_SHAPES, ids=_shape_id)
+def test_channels_last_forward_and_adjoint(shape, layout, dtype, device):
+    """Channels-last inputs (the models' CPU format) give channels-last results, every element written."""
+    x, fold_div, num_segments = make_input(shape, layout, dtype, device)
+    memory_format = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    x = x.contiguous(memory_format=memory_format).requires_grad_(True)
+    grad = make_input(shape, layout, dtype, device, seed=1)[0].contiguous(memory_format=memory_format)
+    want = temporal_shift_reference(x, fold_div, num_segments)
+    (want_grad,) = torch.autograd.grad(want, x, grad)
+    with poisoned_allocations():
+        out = temporal_shift(x.detach(), fold_div, num_segments)
+        back = torch.ops.epamx._temporal_shift_backward(grad, fold_div, num_segments)
+    assert out.is_contiguous(memory_format=memory_format) and back.is_contiguous(memory_format=memory_format)
+    assert_bitwise_equal(out, want.detach())
+    assert_bitwise_equal(back, want_grad)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", ALL_SHAPES, ids=_shape_id)
 def test_inplace_matches_out_of_place(shape, layout, dtype, device):
     x, fold_div, num_segments = make_input(shape, layout, dtype, device)
     y = x.clone()
