@@ -30,8 +30,9 @@ class ConvBNAct(nn.Module):
     """Conv3d (no bias) + BatchNorm3d + optional ReLU, named like mmcv's ConvModule.
 
     ``frame_wise``: where the input is in channels_last_3d memory, run the (1, kh, kw) convolution as a 2D
-    convolution over frames (same result). The stems use it: oneDNN's 3D path turns a batch-1 clip with 3 or
-    17 input channels down to PyTorch's slow reference convolution, its 2D path does not.
+    convolution over frames (same result). The stems use it (oneDNN's 3D path turns a batch-1 clip with 3 or
+    17 input channels down to PyTorch's slow reference convolution, its 2D path does not), and so do the blocks'
+    depthwise convolutions (oneDNN's 2D depthwise backward pass is several times faster than its 3D one).
 
     ``fused``: in training on a CPU, batch norm and ReLU run as one epamx op (epamx.nn.batch_norm_act), which
     saves only the convolution's output and needs no separate ReLU passes; False keeps the plain modules.
