@@ -31,6 +31,29 @@ inline at::Tensor affine_same_layout(const at::Tensor& t, const at::Tensor& like
   return t.contiguous(affine_memory_format(channels_last, like.dim()));
 }
 
+// The operands as every device's kernels read them: x as affine_input gives it, grad in x's layout, scale and
+// shift contiguous; grad, scale and shift stay undefined where the op has none.
+struct AffineOperands {
+  at::Tensor x, grad, scale, shift;
+  bool channels_last;
+
+  // Options of an elementwise output (affine_act's result, dx): x's, in the layout the kernels write.
+  at::TensorOptions output_options() const {
+    return x.options().memory_format(affine_memory_format(channels_last, x.dim()));
+  }
+};
+
+inline AffineOperands affine_operands(const at::Tensor& x_in, const at::Tensor* grad_in, const at::Tensor& scale_in,
+                                      const at::Tensor& shift_in) {
+  AffineOperands in;
+  in.x = affine_input(x_in);
+  in.channels_last = affine_channels_last(in.x);
+  if (grad_in) in.grad = affine_same_layout(*grad_in, in.x, in.channels_last);
+  if (scale_in.defined()) in.scale = scale_in.contiguous();
+  if (shift_in.defined()) in.shift = shift_in.contiguous();
+  return in;
+}
+
 template <typename index_t>
 AffineGeometry<index_t> affine_geometry(const at::Tensor& x, bool channels_last) {
   const int64_t N = x.size(0), C = x.size(1);

@@ -14,23 +14,33 @@
 namespace epamx {
 namespace {
 
+// The kernels' arguments for operands `in`; outputs and the backward op's coefficients are the caller's to set.
 template <typename scalar_t>
-AffineCpuArgs<scalar_t> affine_cpu_args(const at::Tensor& x, bool channels_last, int64_t act) {
+AffineCpuArgs<scalar_t> affine_cpu_args(const AffineOperands& in, int64_t act) {
+  using acc_t = at::opmath_type<scalar_t>;
   AffineCpuArgs<scalar_t> args{};
-  args.g = affine_geometry<int64_t>(x, channels_last);
-  args.act = static_cast<Activation>(act);
-  args.x = x.const_data_ptr<scalar_t>();
+  args.g = affine_geometry<int64_t>(in.x, in.channels_last);
+  args.act = act;
+  args.x = in.x.const_data_ptr<scalar_t>();
+  if (in.grad.defined()) args.grad = in.grad.const_data_ptr<scalar_t>();
+  if (in.scale.defined()) args.scale = in.scale.const_data_ptr<acc_t>();
+  if (in.shift.defined()) args.shift = in.shift.const_data_ptr<acc_t>();
   return args;
+}
+
+// The (N, C) float64 row sums the reductions write (every element).
+std::tuple<at::Tensor, at::Tensor> row_sum_outputs(const at::Tensor& x) {
+  const auto options = x.options().dtype(at::kDouble);
+  return {at::empty({x.size(0), x.size(1)}, options), at::empty({x.size(0), x.size(1)}, options)};
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_moments_cpu(const at::Tensor& x_in) {
   constexpr const char* op = "_channel_moments";
   check_affine_input(x_in, op);
-  const at::Tensor x = affine_input(x_in);
-  at::Tensor s1 = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kDouble));
-  at::Tensor s2 = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    auto args = affine_cpu_args<scalar_t>(x, affine_channels_last(x), 0);
+  const AffineOperands in = affine_operands(x_in, nullptr, {}, {});
+  auto [s1, s2] = row_sum_outputs(in.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), op, [&] {
+    auto args = affine_cpu_args<scalar_t>(in, 0);
     args.sum1 = s1.mutable_data_ptr<double>();
     args.sum2 = s2.mutable_data_ptr<double>();
     EPAMX_CPU_KERNEL_CALL(channel_moments_kernel<scalar_t>, args);
@@ -43,16 +53,11 @@ at::Tensor affine_act_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, co
   constexpr const char* op = "affine_act";
   check_affine_args(x_in, nullptr, scale_in, shift_in, op);
   check_activation(act, op);
-  const at::Tensor x = affine_input(x_in);
-  const bool cl = affine_channels_last(x);
-  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  at::Tensor out = empty_for_overwrite(x.sizes(), x.options().memory_format(affine_memory_format(cl, x.dim())));
-  if (x.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto args = affine_cpu_args<scalar_t>(x, cl, act);
-    args.scale = scale.const_data_ptr<acc_t>();
-    args.shift = shift.const_data_ptr<acc_t>();
+  const AffineOperands in = affine_operands(x_in, nullptr, scale_in, shift_in);
+  at::Tensor out = empty_for_overwrite(in.x.sizes(), in.output_options());
+  if (in.x.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), op, [&] {
+    auto args = affine_cpu_args<scalar_t>(in, act);
     args.out = out.mutable_data_ptr<scalar_t>();
     EPAMX_CPU_KERNEL_CALL(affine_act_kernel<scalar_t>, args);
   });
@@ -65,18 +70,10 @@ std::tuple<at::Tensor, at::Tensor> affine_act_backward_reduce_cpu(const at::Tens
   constexpr const char* op = "_affine_act_backward_reduce";
   check_affine_args(x_in, &grad_in, scale_in, shift_in, op);
   check_activation(act, op);
-  const at::Tensor x = affine_input(x_in);
-  const bool cl = affine_channels_last(x);
-  const at::Tensor grad = affine_same_layout(grad_in, x, cl);
-  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  at::Tensor s1 = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kDouble));
-  at::Tensor s2 = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto args = affine_cpu_args<scalar_t>(x, cl, act);
-    args.grad = grad.const_data_ptr<scalar_t>();
-    args.scale = scale.const_data_ptr<acc_t>();
-    args.shift = shift.const_data_ptr<acc_t>();
+  const AffineOperands in = affine_operands(x_in, &grad_in, scale_in, shift_in);
+  auto [s1, s2] = row_sum_outputs(in.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), op, [&] {
+    auto args = affine_cpu_args<scalar_t>(in, act);
     args.sum1 = s1.mutable_data_ptr<double>();
     args.sum2 = s2.mutable_data_ptr<double>();
     EPAMX_CPU_KERNEL_CALL(affine_act_backward_reduce_kernel<scalar_t>, args);
@@ -93,19 +90,13 @@ at::Tensor affine_act_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
   check_coefficient(coef_x_in, x_in, op, "coef_x");
   check_coefficient(coef_1_in, x_in, op, "coef_1");
   check_activation(act, op);
-  const at::Tensor x = affine_input(x_in);
-  const bool cl = affine_channels_last(x);
-  const at::Tensor grad = affine_same_layout(grad_in, x, cl);
-  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  const AffineOperands in = affine_operands(x_in, &grad_in, scale_in, shift_in);
   const at::Tensor cu = coef_u_in.contiguous(), cx = coef_x_in.contiguous(), c1 = coef_1_in.contiguous();
-  at::Tensor dx = empty_for_overwrite(x.sizes(), x.options().memory_format(affine_memory_format(cl, x.dim())));
-  if (x.numel() == 0) return dx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+  at::Tensor dx = empty_for_overwrite(in.x.sizes(), in.output_options());
+  if (in.x.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto args = affine_cpu_args<scalar_t>(x, cl, act);
-    args.grad = grad.const_data_ptr<scalar_t>();
-    args.scale = scale.const_data_ptr<acc_t>();
-    args.shift = shift.const_data_ptr<acc_t>();
+    auto args = affine_cpu_args<scalar_t>(in, act);
     args.coef_u = cu.const_data_ptr<acc_t>();
     args.coef_x = cx.const_data_ptr<acc_t>();
     args.coef_1 = c1.const_data_ptr<acc_t>();
@@ -130,22 +121,22 @@ std::vector<at::Tensor> batch_norm_act_run_thread_bodies(int64_t kind, const at:
   check_device_type(x_in, c10::DeviceType::CPU, op, "x");
   check_activation(act, op);
   TORCH_CHECK_VALUE(kind >= 0 && kind <= 3, op, ": kind must be 0..3, got ", kind);
-  const at::Tensor x = affine_input(x_in);
-  const bool cl = affine_channels_last(x);
-  const auto g = affine_geometry<int64_t>(x, cl);
+  if (grad_in) check_affine_grad(*grad_in, x_in, op);  // before grad is put in x's layout
+  const AffineOperands in = affine_operands(x_in, grad_in ? &*grad_in : nullptr, {}, {});
+  const at::Tensor &x = in.x, &grad = in.grad;
+  const auto g = affine_geometry<int64_t>(x, in.channels_last);
   const bool per_row = kind == 0 || kind == 2;
   const int64_t threads = per_row ? g.N * g.C : x.numel();
   const at::Tensor order = order_in.to(at::kLong).contiguous();
   TORCH_CHECK_VALUE(order.numel() == threads, op, ": order must list all ", threads, " thread indices, got ",
                     order.numel());
   TORCH_CHECK_VALUE(kind < 2 || grad_in.has_value(), op, ": kind ", kind, " needs grad");
-  if (grad_in) check_affine_grad(*grad_in, x, op);
-  const at::Tensor grad = grad_in ? affine_same_layout(*grad_in, x, cl) : at::Tensor();
   std::vector<at::Tensor> out;
   if (per_row) {
-    out = {at::empty({g.N, g.C}, x.options().dtype(at::kDouble)), at::empty({g.N, g.C}, x.options().dtype(at::kDouble))};
+    const auto [sum1, sum2] = row_sum_outputs(x);
+    out = {sum1, sum2};
   } else {
-    out = {at::empty(x.sizes(), x.options().memory_format(affine_memory_format(cl, x.dim())))};
+    out = {at::empty(x.sizes(), in.output_options())};
   }
   const int64_t* idx = order.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {

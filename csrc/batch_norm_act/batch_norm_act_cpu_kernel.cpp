@@ -218,7 +218,7 @@ void channel_moments_kernel(const AffineCpuArgs<scalar_t>& a) {
 template <typename scalar_t>
 void affine_act_kernel(const AffineCpuArgs<scalar_t>& a) {
   using IO = VecIO<scalar_t>;
-  dispatch_activation(static_cast<int64_t>(a.act), [&]<Activation A>() {
+  dispatch_activation(a.act, [&]<Activation A>() {
     for_each_vector<scalar_t>(a.g, [&](int64_t k, int64_t count, const auto& coef) {
       IO::store(a.out + k, activate<A>(IO::load(a.x + k, count) * coef(a.scale) + coef(a.shift)), count);
     });
@@ -228,7 +228,7 @@ void affine_act_kernel(const AffineCpuArgs<scalar_t>& a) {
 template <typename scalar_t>
 void affine_act_backward_reduce_kernel(const AffineCpuArgs<scalar_t>& a) {
   using IO = VecIO<scalar_t>;
-  dispatch_activation(static_cast<int64_t>(a.act), [&]<Activation A>() {
+  dispatch_activation(a.act, [&]<Activation A>() {
     row_sums(a, [&](const auto& xv, int64_t k, int64_t count, const auto& coef) {
       return activation_grad<A>(IO::load(a.grad + k, count), xv * coef(a.scale) + coef(a.shift));
     });
@@ -238,7 +238,7 @@ void affine_act_backward_reduce_kernel(const AffineCpuArgs<scalar_t>& a) {
 template <typename scalar_t>
 void affine_act_backward_kernel(const AffineCpuArgs<scalar_t>& a) {
   using IO = VecIO<scalar_t>;
-  dispatch_activation(static_cast<int64_t>(a.act), [&]<Activation A>() {
+  dispatch_activation(a.act, [&]<Activation A>() {
     for_each_vector<scalar_t>(a.g, [&](int64_t k, int64_t count, const auto& coef) {
       const auto xv = IO::load(a.x + k, count);
       const auto u = activation_grad<A>(IO::load(a.grad + k, count), xv * coef(a.scale) + coef(a.shift));

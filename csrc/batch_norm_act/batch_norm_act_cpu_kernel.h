@@ -15,7 +15,7 @@ template <typename scalar_t>
 struct AffineCpuArgs {
   using acc_t = at::opmath_type<scalar_t>;
   AffineGeometry<int64_t> g;
-  Activation act;
+  int64_t act;             // an Activation code, as the ops take it
   const scalar_t* x;
   const scalar_t* grad;    // the backward kernels only
   const acc_t* scale;      // not for the moments

@@ -76,13 +76,12 @@ at::Tensor affine_act_cuda(const at::Tensor& x_in, const at::Tensor& scale_in, c
   check_affine_args(x_in, nullptr, scale_in, shift_in, op);
   check_activation(act, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = affine_input(x_in);
-  const bool cl = affine_channels_last(x);
-  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(affine_memory_format(cl, x.dim())));
+  const AffineOperands in = affine_operands(x_in, nullptr, scale_in, shift_in);
+  const at::Tensor &x = in.x, &scale = in.scale, &shift = in.shift;
+  at::Tensor out = at::empty(x.sizes(), in.output_options());
   if (x.numel() == 0) return out;
   check_int32_indexing(x, op, "x");
-  const auto g = affine_geometry<int32_t>(x, cl);
+  const auto g = affine_geometry<int32_t>(x, in.channels_last);
   const int32_t threads = static_cast<int32_t>(x.numel());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
@@ -104,15 +103,13 @@ std::tuple<at::Tensor, at::Tensor> affine_act_backward_reduce_cuda(const at::Ten
   check_affine_args(x_in, &grad_in, scale_in, shift_in, op);
   check_activation(act, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = affine_input(x_in);
-  const bool cl = affine_channels_last(x);
-  const at::Tensor grad = affine_same_layout(grad_in, x, cl);
-  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  const AffineOperands in = affine_operands(x_in, &grad_in, scale_in, shift_in);
+  const at::Tensor &x = in.x, &grad = in.grad, &scale = in.scale, &shift = in.shift;
   at::Tensor sum_u = at::zeros({x.size(0), x.size(1)}, x.options().dtype(at::kDouble));
   at::Tensor sum_ux = at::zeros_like(sum_u);
   if (x.numel() == 0) return {sum_u, sum_ux};
   check_int32_indexing(x, op, "x");
-  const auto g = affine_geometry<int32_t>(x, cl);
+  const auto g = affine_geometry<int32_t>(x, in.channels_last);
   const int32_t threads = g.N * g.C;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
@@ -139,15 +136,13 @@ at::Tensor affine_act_backward_cuda(const at::Tensor& grad_in, const at::Tensor&
   check_coefficient(coef_1_in, x_in, op, "coef_1");
   check_activation(act, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = affine_input(x_in);
-  const bool cl = affine_channels_last(x);
-  const at::Tensor grad = affine_same_layout(grad_in, x, cl);
-  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  const AffineOperands in = affine_operands(x_in, &grad_in, scale_in, shift_in);
+  const at::Tensor &x = in.x, &grad = in.grad, &scale = in.scale, &shift = in.shift;
   const at::Tensor cu = coef_u_in.contiguous(), cx = coef_x_in.contiguous(), c1 = coef_1_in.contiguous();
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(affine_memory_format(cl, x.dim())));
+  at::Tensor dx = at::empty(x.sizes(), in.output_options());
   if (x.numel() == 0) return dx;
   check_int32_indexing(x, op, "x");
-  const auto g = affine_geometry<int32_t>(x, cl);
+  const auto g = affine_geometry<int32_t>(x, in.channels_last);
   const int32_t threads = static_cast<int32_t>(x.numel());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
