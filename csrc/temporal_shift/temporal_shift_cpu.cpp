@@ -23,9 +23,9 @@ void copy_or_zero(bits_t* dst, const bits_t* src, int64_t count) {
   }
 }
 
-// x dense in channels-last memory: [N, T, P, C], each pixel's channels one row. Output row (n, t, p) takes
-// channels [0, fold) from frame t + sign, [fold, 2 fold) from frame t - sign and the rest from frame t, all of the
-// same pixel, so every frame is assembled from three frames read in memory order, in the same memory format.
+// x dense in channels-last memory: [N, T, P, C], each pixel's channels one row. Output row (n, t, p) takes each
+// channel group (the two shifted ones, the rest) from the frame shift_source_frame names, same pixel, so every
+// frame is assembled from three frames read in memory order, in the same memory format.
 at::Tensor shift_copy_channels_last_cpu(const at::Tensor& x, const ShiftLayout& L, int sign, at::MemoryFormat format,
                                         const char* op) {
   at::Tensor out = empty_for_overwrite(x.sizes(), x.options().memory_format(format));
@@ -36,16 +36,18 @@ at::Tensor shift_copy_channels_last_cpu(const at::Tensor& x, const ShiftLayout& 
     at::parallel_for(0, L.N * L.T, grain_for(frame), [&](int64_t begin, int64_t end) {
       for (int64_t f = begin; f < end; ++f) {
         const int64_t t = f % L.T;
-        const auto frame_at = [&](int64_t dt) -> const bits_t* {
-          return t + dt >= 0 && t + dt < L.T ? src + (f + dt) * frame : nullptr;
+        // The frame channel c's group reads (shift_source_frame), or null where the shift pads with zeros.
+        const auto source = [&](int64_t c) -> const bits_t* {
+          const int64_t s = shift_source_frame<int64_t>(t, c, L.T, L.fold, sign);
+          return s < 0 ? nullptr : src + (f - t + s) * frame;
         };
-        const bits_t *ahead = frame_at(sign), *behind = frame_at(-sign), *same = src + f * frame;
+        const bits_t *first = source(0), *second = source(L.fold), *rest = source(2 * L.fold);
         bits_t* o = dst + f * frame;
         for (int64_t p = 0; p < L.P; ++p, o += row) {
           const int64_t at = p * row;
-          copy_or_zero(o, ahead ? ahead + at : nullptr, L.fold);
-          copy_or_zero(o + L.fold, behind ? behind + at + L.fold : nullptr, L.fold);
-          std::copy_n(same + at + 2 * L.fold, row - 2 * L.fold, o + 2 * L.fold);
+          copy_or_zero(o, first ? first + at : nullptr, L.fold);
+          copy_or_zero(o + L.fold, second ? second + at + L.fold : nullptr, L.fold);
+          std::copy_n(rest + at + 2 * L.fold, row - 2 * L.fold, o + 2 * L.fold);
         }
       }
     });
