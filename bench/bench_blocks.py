@@ -12,8 +12,8 @@ Shapes: EPAM-Net's first RGB and pose stages at 4 clips (224x224 RGB, 56x56 heat
 embedded training config's small ones (16 clips, 64x64 RGB, 16x16 heatmaps)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
+from epamx.models.xshiftnet import SqueezeExcite, _frame_wise_conv
 from epamx.ops import batch_norm_act, batch_norm_act_reference
 
 CL = torch.channels_last_3d
@@ -29,18 +29,6 @@ def _cpu_only(device):
         pytest.skip("the fused batch norm and the frame-wise convolution are the CPU training path")
 
 
-class _Gate(torch.nn.Module):
-    """X3D's squeeze-and-excitation MLP on the (N, C) channel means, bottleneck C / 16."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(channels, max(8, channels // 16))
-        self.fc2 = torch.nn.Linear(max(8, channels // 16), channels)
-
-    def forward(self, pooled):
-        return torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))
-
-
 @pytest.mark.parametrize("branch", ["relu", "se-silu"])
 @pytest.mark.parametrize("case", list(BN_SHAPES))
 def test_batch_norm_act(compare, device, case, branch):
@@ -50,9 +38,9 @@ def test_batch_norm_act(compare, device, case, branch):
     x = torch.randn(shape).contiguous(memory_format=CL).requires_grad_()
     weight = (torch.rand(shape[1]) + 0.5).requires_grad_()
     bias = torch.randn(shape[1]).requires_grad_()
-    gate = _Gate(shape[1]) if branch == "se-silu" else None
-    params = tuple(gate.parameters()) if gate is not None else ()
-    act = "silu" if gate is not None else "relu"
+    se = SqueezeExcite(shape[1], 1 / 16) if branch == "se-silu" else None  # X-ShiftNet's SE
+    gate, params = (se.gate, tuple(se.parameters())) if se is not None else (None, ())
+    act = "silu" if se is not None else "relu"
     grad = torch.randn(shape).contiguous(memory_format=CL)
 
     def run(fn):
@@ -73,25 +61,24 @@ def test_batch_norm_act(compare, device, case, branch):
 def test_depthwise_convolution(compare, device, case):
     _cpu_only(device)
     shape, stride = CONV_SHAPES[case]
-    n, c, t, h, w = shape
+    c = shape[1]
     torch.manual_seed(0)
     x = torch.randn(shape).contiguous(memory_format=CL).requires_grad_()
-    weight = torch.randn(c, 1, 1, 3, 3).contiguous(memory_format=CL).requires_grad_()
-    grad = torch.randn_like(F.conv3d(x.detach(), weight.detach(), None, (1, stride, stride), (0, 1, 1), 1, c))
+    conv = torch.nn.Conv3d(c, c, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1), groups=c,
+                           bias=False).to(memory_format=CL)
 
     def conv3d():
-        return F.conv3d(x, weight, None, (1, stride, stride), (0, 1, 1), 1, c)
+        return conv(x)
 
     def frame_wise():
-        frames = x.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
-        y = F.conv2d(frames, weight.squeeze(2), None, stride, 1, 1, c)
-        return y.view(n, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)
+        return _frame_wise_conv(conv, x)
 
+    grad = torch.randn_like(conv3d().detach())
     torch.testing.assert_close(frame_wise(), conv3d())
 
     def run(fn):
         def step():
-            x.grad = weight.grad = None
+            x.grad = conv.weight.grad = None
             fn().backward(grad)
         return step
 
