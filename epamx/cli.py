@@ -267,7 +267,7 @@ def _checkpoint_and_config(args: argparse.Namespace):
 
 def _eval(args: argparse.Namespace) -> int:
     from epamx.train import distributed, evaluate_checkpoint
-    from epamx.train.plots import plot_confusion_matrix
+    from epamx.plots import plot_confusion_matrix
 
     checkpoint, cfg = _checkpoint_and_config(args)
     split = args.split or cfg.data.val_split

@@ -226,7 +226,7 @@ def test_render_writes_a_picture(trained, tmp_path, capsys):
 
 
 def test_render_titles_name_the_annotated_class_only_where_there_is_one(trained, tmp_path, capsys, monkeypatch):
-    import epamx.train.plots as plots
+    import epamx.plots as plots
 
     root, run, _, _ = trained
     titles = []

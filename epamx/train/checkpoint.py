@@ -18,12 +18,14 @@ import io
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 import torch
+
+from epamx.errors import CheckpointError
+from epamx.records import atomic_write_bytes
 
 __all__ = ["CheckpointError", "FORMAT", "atomic_write_bytes", "capture_rng_state", "check_compatible",
            "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "restore_rng_state", "save_checkpoint",
@@ -31,46 +33,6 @@ __all__ = ["CheckpointError", "FORMAT", "atomic_write_bytes", "capture_rng_state
 
 FORMAT = "epamx-checkpoint-1"
 PathLike = Union[str, os.PathLike]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used here; the message names the file and what is wrong."""
-
-
-# ---- atomic files ------------------------------------------------------------------------------------------------
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # folders cannot be opened on some platforms (Windows); the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def _save_atomic(obj: Any, path: Path) -> Path:

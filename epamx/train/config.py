@@ -23,13 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
 from epamx.data.config import DataConfig, EmbeddedConfig
+from epamx.errors import ConfigError
 
 __all__ = ["Config", "ConfigError", "DataConfig", "EmbeddedConfig", "ModelConfig", "OptimConfig", "TrainConfig", "available_configs", "load_config",
            "config_from_dict", "parse_override", "to_toml"]
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key and where it came from."""
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ def render_attention(model: torch.nn.Module, cfg: Config, dataset: ClipDataset, 
     """A PNG of one clip: its RGB frames; the pose heatmaps (max over joints) at the same frames; the frames with
     EPAM-Net's pose-driven spatial attention S overlaid; the temporal attention A as a bar per frame; and the
     top-3 prediction. Needs a fused (EPAM-Net) checkpoint."""
-    from epamx.train.plots import _pyplot, save_figure
+    from epamx.plots import pyplot, save_figure
 
     if model_mode(model) != "fused":
         raise ValueError("render needs an EPAM-Net (fused) checkpoint: the single-stream models have no attention")
@@ -168,7 +168,7 @@ def render_attention(model: torch.nn.Module, cfg: Config, dataset: ClipDataset, 
                                            align_corners=False)[0, 0].cpu().numpy()
     a = temporal[0, 0, :, 0, 0].float().cpu().numpy()
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(4, t, figsize=(max(7.0, 1.2 * t), 5.6), squeeze=False,
                              gridspec_kw={"height_ratios": [1, 1, 1, 0.8]})
     for i in range(t):

@@ -672,7 +672,7 @@ def run_stage(cfg: Config, mode: str, out_dir=None, init_from: Sequence = (), *,
         save_checkpoint(final, final_path)
         _write_json(stage_dir / "metrics.json", {**evaluation.summary(), "class_names": class_names})
         (stage_dir / "per_class.txt").write_text(evaluation.per_class_table())
-        from epamx.train.plots import plot_confusion_matrix, plot_training_curves
+        from epamx.plots import plot_confusion_matrix, plot_training_curves
 
         plot_training_curves(stage_dir / "log.jsonl", stage_dir / "curves.png", title=f"{mode} stage")
         plot_confusion_matrix(evaluation.confusion(), stage_dir / "confusion.png", class_names,

@@ -90,7 +90,7 @@ def test_per_class_table():
 
 
 def test_plots_write_pngs(tmp_path):
-    from epamx.train.plots import plot_confusion_matrix, plot_training_curves
+    from epamx.plots import plot_confusion_matrix, plot_training_curves
 
     log = tmp_path / "log.jsonl"
     records = [{"type": "train", "epoch": 0, "iter": i, "step": i, "loss": 2.0 / i, "loss_rgb": 1.0 / i,

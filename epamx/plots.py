@@ -1,6 +1,8 @@
-"""PNG figures of a run: training curves from a stage's JSON-lines log, and confusion matrices (matplotlib, Agg)."""
+"""PNG figures: training curves from a stage's JSON-lines log, confusion matrices (matplotlib, Agg), and the
+matplotlib set-up every figure of epamx uses (``pyplot``, ``save_figure``)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -8,12 +10,13 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["plot_confusion_matrix", "plot_training_curves", "read_log"]
+__all__ = ["plot_confusion_matrix", "plot_training_curves", "pyplot", "read_log", "save_figure"]
 
 PathLike = Union[str, os.PathLike]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no screen needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -23,13 +26,17 @@ def _pyplot():
 
 
 def save_figure(fig, out_path: PathLike, dpi: int = 100) -> Path:
-    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    """Lay out, write atomically (creating the folder; the format from the file's suffix) and close a figure."""
+    from epamx.records import atomic_write_bytes
+
     fig.tight_layout()
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=dpi)
-    _pyplot().close(fig)
-    return out_path
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, dpi=dpi, format=out_path.suffix.lstrip(".") or "png")
+    finally:
+        pyplot().close(fig)
+    return atomic_write_bytes(out_path, buffer.getvalue())
 
 
 def read_log(path: PathLike) -> List[Dict]:
@@ -58,7 +65,7 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 def plot_training_curves(log_path: PathLike, out_path: PathLike, title: Optional[str] = None) -> Path:
     """Loss (per iteration, with a moving average), learning rate, and held-out accuracy per evaluation."""
-    plt = _pyplot()
+    plt = pyplot()
     records = read_log(log_path)
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
@@ -93,7 +100,7 @@ def plot_training_curves(log_path: PathLike, out_path: PathLike, title: Optional
 def plot_confusion_matrix(matrix: np.ndarray, out_path: PathLike, class_names: Optional[Sequence[str]] = None,
                           normalize: bool = True, title: Optional[str] = None) -> Path:
     """The confusion matrix (rows true, columns predicted), each row normalised to sum to 1 when ``normalize``."""
-    plt = _pyplot()
+    plt = pyplot()
     matrix = np.asarray(matrix)
     num_classes = matrix.shape[0]
     shown = matrix.astype(float)
