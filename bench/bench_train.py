@@ -1,5 +1,5 @@
 """Training throughput: clips/s of one full training step (forward, the streams' cross-entropy, backward, gradient
-clipping to norm 40, SGD with momentum and weight decay), as epamx.train.loop takes it, at the sizes of the
+clipping to norm 40, SGD with momentum and weight decay), as epamx.train.epoch takes it, at the sizes of the
 embedded config (epamx/configs/embedded.toml: batch 16, RGB 4 x 64 x 64, heatmaps of 17 joints 12 x 16 x 16) for
 each stage's model: the pose stream, the RGB stream and EPAM-Net. Each on the fused epamx ops against the same model
 with ``fused=False`` (the plain-PyTorch reference ops), in the same run; on a CPU both in channels_last_3d, as the
@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from epamx.models.streams import build_model, stream_logits
-from epamx.train import load_config
+from epamx.config import load_config
 
 CONFIG = load_config("embedded")
 NUM_CLASSES = 12  # the embedded dataset's
-MODELS = {"pose": "pose stream", "rgb": "RGB stream", "fused": "EPAM-Net"}
+MODELS = {"pose": "pose stream", "rgb": "RGB stream", "epamnet": "EPAM-Net"}
 
 
 def _case(device) -> str:
@@ -85,10 +85,10 @@ def test_training_step_layout(compare, record_metric, device):
     case compares, everything else is the same."""
     if device.type == "cuda":
         pytest.skip("the layouts are compared on a CPU (CUDA trains contiguous)")
-    impls = {layout: _training_step(device, "fused", True, layout == "channels_last_3d")
+    impls = {layout: _training_step(device, "epamnet", True, layout == "channels_last_3d")
              for layout in ("contiguous", "channels_last_3d")}
-    result = compare(f"training step, {MODELS['fused']}, fused", _case(device), impls, device=device,
+    result = compare(f"training step, {MODELS['epamnet']}, fused", _case(device), impls, device=device,
                      baseline="contiguous")
     ratio = result.ratio("channels_last_3d", "contiguous")
-    record_metric("training step channels_last_3d vs contiguous", f"{device.type}, {MODELS['fused']}, fused",
+    record_metric("training step channels_last_3d vs contiguous", f"{device.type}, {MODELS['epamnet']}, fused",
                   f"{ratio.median:.2f}x ({ratio.low:.2f}-{ratio.high:.2f}x)")

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-__all__ = ["JsonLog", "atomic_write_bytes", "atomic_write_text", "environment_info", "write_evaluation_report",
-           "write_json"]
+__all__ = ["JsonLog", "atomic_write_bytes", "atomic_write_text", "environment_info", "installation_info",
+           "write_evaluation_report", "write_json"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -89,6 +89,32 @@ def environment_info(world_size: int = 1) -> Dict[str, Any]:
     return info
 
 
+def installation_info() -> Dict[str, Any]:
+    """What ``epamx info`` prints: versions, the compiled backends and CPU kernels, threads, GPUs, operators."""
+    import torch
+
+    import epamx
+
+    build = epamx.build_info()
+    backends = ["CPU"] + ([f"CUDA (archs {build['cuda_archs']})"] if build["cuda"] else [])
+    return {
+        "epamx": epamx.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "compiled backends": backends,
+        "built against torch": build["torch_version"],
+        "compiler": build["cxx_compiler"],
+        "OpenMP": build["openmp"],
+        "CPU kernels": build["cpu_isa"],
+        "torch threads": torch.get_num_threads(),
+        "CUDA runtime (built)": build["cuda_runtime_version"],
+        "CUDA available": torch.cuda.is_available(),
+        "GPUs": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "operators": sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("epamx::")),
+    }
+
+
 class JsonLog:
     """A JSON-lines log (one record per line, flushed as written); ``enabled=False`` (every rank but 0) writes
     nothing. Reopened with ``keep_until_step``, records after that step (from the iterations a killed run did after
@@ -136,6 +162,6 @@ def write_evaluation_report(folder: PathLike, evaluation, title: str, extra: Opt
     folder = Path(folder)
     write_json(folder / "metrics.json", {**(extra or {}), **evaluation.summary(),
                                          "class_names": evaluation.class_names})
-    atomic_write_text(folder / "per_class.txt", evaluation.per_class_table() + "\n")
+    atomic_write_text(folder / "per_class.txt", evaluation.per_class_table())
     plot_confusion_matrix(evaluation.confusion(), folder / "confusion.png", evaluation.class_names, title=title)
     return folder

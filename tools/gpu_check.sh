@@ -219,7 +219,7 @@ stage_model() {
 
 stage_train() {
   local run_dir="$WORK/train" cache="$WORK/cache"
-  local args=(train --out "$run_dir" "data.cache_dir=\"$cache\"" train.pose_epochs=1 train.rgb_epochs=1 train.fused_epochs=1)
+  local args=(train --out "$run_dir" "data.cache_dir=\"$cache\"" train.pose_epochs=1 train.rgb_epochs=1 train.epamnet_epochs=1)
   if ! py -c "import av" 2>/dev/null; then
     NOTE="skipped: PyAV is not importable (carry its wheel in .whl/)"
     [ "$DRY" = 1 ] && show "$PYTHON" -m epamx "${args[@]}" --device cuda

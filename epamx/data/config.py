@@ -1,6 +1,6 @@
 """What the input pipeline reads and how: a frozen dataclass per TOML table ([data] and [data.embedded]).
 
-The training layer's config (epamx.train.config) nests these; they are defined here so that the data layer can be
+The run's config (epamx.config) nests these; they are defined here so that the data layer can be
 used without it.
 """
 from __future__ import annotations

@@ -86,8 +86,8 @@ class EPAMNet(nn.Module):
             if isinstance(m, (*FUSED_MODULES, SpatialTemporalAttention)):
                 m.fused = self._fused
 
-    def features(self, imgs: Tensor, heatmaps: Tensor) -> Tuple[Tensor, Tensor]:
-        """Attended RGB features (N, 432, T, 7, 7) and pose features (N, 216, T_p, 7, 7)."""
+    def _backbone_features(self, imgs: Tensor, heatmaps: Tensor) -> Tuple[Tensor, Tensor, int]:
+        """Both backbones' features and the pose frames per RGB frame, after checking the inputs."""
         if imgs.dim() != 5 or heatmaps.dim() != 5 or imgs.shape[0] != heatmaps.shape[0]:
             raise ValueError(f"EPAMNet: expected imgs (N, 3, T, H, W) and heatmaps (N, K, T_p, h, w) with the same N, "
                              f"got {tuple(imgs.shape)} and {tuple(heatmaps.shape)}")
@@ -102,7 +102,20 @@ class EPAMNet(nn.Module):
             raise ValueError(f"EPAMNet: the streams end at different sizes, RGB {tuple(rgb.shape[3:])} from "
                              f"{tuple(imgs.shape[3:])} and pose {tuple(pose.shape[3:])} from {tuple(heatmaps.shape[3:])}; "
                              f"RGB frames must be 4x the heatmap size (224x224 with 56x56)")
-        return self.attention_module(rgb, pose, t_stride=pose_frames // frames), pose
+        return rgb, pose, pose_frames // frames
+
+    def features(self, imgs: Tensor, heatmaps: Tensor) -> Tuple[Tensor, Tensor]:
+        """Attended RGB features (N, 432, T, 7, 7) and pose features (N, 216, T_p, 7, 7)."""
+        rgb, pose, stride = self._backbone_features(imgs, heatmaps)
+        return self.attention_module(rgb, pose, t_stride=stride), pose
+
+    def forward_with_attention(self, imgs: Tensor, heatmaps: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``forward``'s (rgb_logits, pose_logits) and the attention the pose features drove: the spatial map S
+        (N, 1, T, 7, 7) and the temporal weights A (N, 1, T, 1, 1), from one pass."""
+        rgb, pose, stride = self._backbone_features(imgs, heatmaps)
+        spatial, temporal = self.attention_module.maps(pose, stride)
+        attended = self.attention_module(rgb, pose, t_stride=stride)
+        return self.rgb_cls_head(attended), self.pose_cls_head(pose), spatial, temporal
 
     def forward(self, imgs: Tensor, heatmaps: Tensor) -> Tuple[Tensor, Tensor]:
         rgb, pose = self.features(imgs, heatmaps)

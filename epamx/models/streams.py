@@ -1,7 +1,7 @@
 """The single-stream models of the authors' two-stage protocol, and one way to build and call any of the three.
 
 Each stream is first trained alone (``RGBStream``, ``PoseStream``), then EPAM-Net is initialised from both and
-fine-tuned (docs/epamnet.md, "Training protocol"). The streams name their submodules exactly as
+fine-tuned (docs/epamnet.md, "Training protocol"). The three stages are named "pose", "rgb" and "epamnet". The streams name their submodules exactly as
 :class:`EPAMNet` does (``rgb_backbone``, ``rgb_cls_head``, ``pose_backbone``, ``pose_cls_head``), so their state
 dicts are subsets of EPAM-Net's and :func:`init_from` can move weights between all three.
 """
@@ -13,7 +13,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from epamx.models.checkpoint import convert_authors_state_dict
+from epamx.distributed import unwrap
+from epamx.errors import CheckpointError
+from epamx.models.checkpoint import read_checkpoint
 from epamx.models.epamnet import ClassificationHead, EPAMNet
 from epamx.models.memory_format import MemoryFormatPolicy
 from epamx.models.xshiftnet import XShiftNet
@@ -21,12 +23,12 @@ from epamx.models.xshiftnet import XShiftNet
 __all__ = ["MODES", "PoseStream", "RGBStream", "build_model", "init_from", "model_mode", "modalities",
            "stream_logits"]
 
-MODES = ("rgb", "pose", "fused")
+MODES = ("rgb", "pose", "epamnet")
 # The parts a model of each mode is made of (state-dict key prefixes).
 _PARTS = {
     "rgb": ("rgb_backbone", "rgb_cls_head"),
     "pose": ("pose_backbone", "pose_cls_head"),
-    "fused": ("rgb_backbone", "rgb_cls_head", "pose_backbone", "pose_cls_head", "attention_module"),
+    "epamnet": ("rgb_backbone", "rgb_cls_head", "pose_backbone", "pose_cls_head", "attention_module"),
 }
 
 
@@ -104,27 +106,22 @@ class PoseStream(nn.Module):
 
 def build_model(mode: str, num_classes: int, pose_channels: int = 17, fused: bool = True,
                 dropout: float = 0.5) -> nn.Module:
-    """The model a training stage of ``mode`` trains: "rgb" -> RGBStream, "pose" -> PoseStream, "fused" -> EPAMNet.
-    ``fused`` selects the fused epamx ops (True) or the plain-PyTorch reference path (False)."""
+    """The model a training stage of ``mode`` trains: "rgb" -> RGBStream, "pose" -> PoseStream, "epamnet" ->
+    EPAMNet. ``fused`` selects the fused epamx ops (True) or the plain-PyTorch reference path (False)."""
     if mode == "rgb":
         return RGBStream(num_classes, dropout=dropout, fused=fused)
     if mode == "pose":
         return PoseStream(num_classes, pose_channels, dropout=dropout, fused=fused)
-    if mode == "fused":
+    if mode == "epamnet":
         return EPAMNet(num_classes, pose_channels=pose_channels, fused=fused, dropout=dropout)
     raise ValueError(f"build_model: mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DistributedDataParallel (and DataParallel) keep the model as .module.
-    return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
-
-
 def model_mode(model: nn.Module) -> str:
-    """"rgb", "pose" or "fused" for an RGBStream, PoseStream or EPAMNet (possibly wrapped in DDP)."""
-    inner = _unwrap(model)
+    """"rgb", "pose" or "epamnet" for an RGBStream, PoseStream or EPAMNet (possibly wrapped in DDP)."""
+    inner = unwrap(model)
     if isinstance(inner, EPAMNet):
-        return "fused"
+        return "epamnet"
     if isinstance(inner, RGBStream):
         return "rgb"
     if isinstance(inner, PoseStream):
@@ -136,7 +133,7 @@ def modalities(mode: str) -> Tuple[str, ...]:
     """The inputs a stage of ``mode`` reads: ("rgb",), ("pose",) or ("rgb", "pose")."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    return {"rgb": ("rgb",), "pose": ("pose",), "fused": ("rgb", "pose")}[mode]
+    return {"rgb": ("rgb",), "pose": ("pose",), "epamnet": ("rgb", "pose")}[mode]
 
 
 def stream_logits(model: nn.Module, imgs: Optional[Tensor], heatmaps: Optional[Tensor]) -> Dict[str, Tensor]:
@@ -146,7 +143,7 @@ def stream_logits(model: nn.Module, imgs: Optional[Tensor], heatmaps: Optional[T
     The input a model does not use may be None.
     """
     mode = model_mode(model)
-    if mode == "fused":
+    if mode == "epamnet":
         rgb, pose = model(imgs, heatmaps)
         return {"rgb": rgb, "pose": pose}
     if mode == "rgb":
@@ -155,22 +152,6 @@ def stream_logits(model: nn.Module, imgs: Optional[Tensor], heatmaps: Optional[T
 
 
 # ---- initialising from checkpoints -----------------------------------------------------------------------------
-
-def _checkpoint_state_dict(checkpoint, path: str) -> Dict[str, Tensor]:
-    """The model state dict inside an epamx checkpoint ({'model': ...}), an authors' checkpoint
-    ({'model_state_dict': ...} or {'state_dict': ...}, keys maybe prefixed ``module.``) or a bare state dict,
-    under epamx's names."""
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path}: expected a checkpoint dict or a state dict, found {type(checkpoint).__name__}")
-    for wrapper in ("model", "model_state_dict", "state_dict"):
-        if isinstance(checkpoint.get(wrapper), Mapping):
-            checkpoint = checkpoint[wrapper]
-            break
-    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in checkpoint.items()):
-        raise ValueError(f"{path}: no model state dict found (expected a 'model', 'model_state_dict' or "
-                         f"'state_dict' entry, or a dict of tensors)")
-    return convert_authors_state_dict(checkpoint)
-
 
 def _describe_mismatch(key: str, have: torch.Size, want: torch.Size) -> str:
     if key.endswith("cls_head.fc_cls.weight") or key.endswith("cls_head.fc_cls.bias"):
@@ -189,29 +170,20 @@ def init_from(model: nn.Module, checkpoints: Union[str, os.PathLike, Sequence[Un
     A part (``rgb_backbone``, ``rgb_cls_head``, ``pose_backbone``, ``pose_cls_head``, ``attention_module``) is
     loaded from a checkpoint holding any of it, strictly; later checkpoints override earlier ones, and a checkpoint
     holding none of the model's parts is passed over (an RGB stream's, when training the pose stream), unless no
-    checkpoint holds any. Files are read with ``torch.load(weights_only=True)``. Raises ValueError naming the
-    file when a part's shapes differ (e.g. "checkpoint has 60 classes, model 120") or keys are missing or
-    unexpected. Returns {checkpoint: [parts loaded]}.
+    checkpoint holds any. Files are read by :func:`epamx.models.checkpoint.read_checkpoint`. Raises
+    CheckpointError naming the file when a part's shapes differ (e.g. "checkpoint has 60 classes, model 120") or
+    keys are missing or unexpected. Returns {checkpoint: [parts loaded]}.
     """
     if isinstance(checkpoints, (str, os.PathLike, Mapping)):
         checkpoints = [checkpoints]
-    inner = _unwrap(model)
+    inner = unwrap(model)
     parts = _PARTS[model_mode(inner)]
     own = inner.state_dict()
     loaded: Dict[str, List[str]] = {}
     found = set()
     for source in checkpoints:
-        if isinstance(source, Mapping):
-            name, checkpoint = "<state dict>", source
-        else:
-            name = os.fspath(source)
-            if not os.path.isfile(name):
-                raise FileNotFoundError(f"init_from: no such checkpoint: {name}")
-            try:
-                checkpoint = torch.load(name, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise ValueError(f"{name}: cannot be read as a weights-only checkpoint ({exc})") from exc
-        state = _checkpoint_state_dict(checkpoint, name)
+        checkpoint = read_checkpoint(source)
+        name, state = checkpoint.source, checkpoint.state_dict()
         taken = []
         for part in parts:
             prefix = part + "."
@@ -222,18 +194,18 @@ def init_from(model: nn.Module, checkpoints: Union[str, os.PathLike, Sequence[Un
             missing = sorted(set(want) - set(have))
             unexpected = sorted(set(have) - set(want))
             if missing or unexpected:
-                raise ValueError(f"{name}: its {part} differs from the model's: "
+                raise CheckpointError(f"{name}: its {part} differs from the model's: "
                                  f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
                                  f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
             for key, value in have.items():
                 if value.shape != want[key].shape:
-                    raise ValueError(f"{name}: {_describe_mismatch(key, value.shape, want[key].shape)}")
+                    raise CheckpointError(f"{name}: {_describe_mismatch(key, value.shape, want[key].shape)}")
             getattr(inner, part).load_state_dict({k[len(prefix):]: v for k, v in have.items()}, strict=True)
             taken.append(part)
         loaded[name] = taken
         found.update(k.split(".", 1)[0] for k in state)
     if loaded and not any(loaded.values()):
-        raise ValueError(f"{', '.join(loaded)}: {'holds' if len(loaded) == 1 else 'hold'} none of the parts of this "
+        raise CheckpointError(f"{', '.join(loaded)}: {'holds' if len(loaded) == 1 else 'hold'} none of the parts of this "
                          f"{model_mode(inner)} model ({', '.join(parts)}); found {', '.join(sorted(found)) or 'nothing'}")
     return loaded
 

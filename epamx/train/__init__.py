@@ -1,14 +1,17 @@
-"""Training and evaluating EPAM-Net: config, loop, checkpoints, distributed set-up, metrics, plots.
+"""Training EPAM-Net as the authors do: each stream alone, then EPAM-Net from both.
 
-    from epamx.train import load_config, run
+    from epamx.config import load_config
+    from epamx.train import run
     result = run(load_config("ntu60_xsub", ["data.ann_file=/data/ntu60_2d.pkl"]))
 
-One file per concern: ``config`` (TOML -> frozen dataclasses), ``loop`` (train_one_epoch, evaluate, run_stage,
-run), ``checkpoint`` (atomic, weights-only, resumable), ``distributed`` (torchrun's environment), ``metrics``,
-``plots``.
+One module per concern: ``epoch`` (train_one_epoch, the cosine schedule), ``stage`` (one stage as named steps),
+``protocol`` (the three stages), ``checkpoint`` (resumable training state), ``stage_log`` (JSON log and
+TensorBoard), ``signals`` (stopping cleanly). Evaluation is epamx.inference's; the config is epamx.config.
 """
-from epamx.train.config import Config, ConfigError, available_configs, load_config, to_toml
-from epamx.train.loop import Evaluation, StageResult, evaluate, evaluate_checkpoint, load_model, run, run_stage
+from epamx.train.epoch import EpochResult, cosine_schedule, train_one_epoch
+from epamx.train.protocol import STAGES, RunResult, run
+from epamx.train.signals import StopFlag, stop_on_signals
+from epamx.train.stage import StageResult, run_stage
 
-__all__ = ["Config", "ConfigError", "Evaluation", "StageResult", "available_configs", "evaluate",
-           "evaluate_checkpoint", "load_config", "load_model", "run", "run_stage", "to_toml"]
+__all__ = ["STAGES", "EpochResult", "RunResult", "StageResult", "StopFlag", "cosine_schedule", "run", "run_stage",
+           "stop_on_signals", "train_one_epoch"]

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from epamx.errors import CheckpointError
+from epamx.models.checkpoint import FORMAT, read_checkpoint
 from epamx.records import atomic_write_bytes
 
-__all__ = ["CheckpointError", "FORMAT", "atomic_write_bytes", "capture_rng_state", "check_compatible",
+__all__ = ["CheckpointError", "FORMAT", "capture_rng_state", "check_compatible",
            "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "restore_rng_state", "save_checkpoint",
            "write_latest"]
 
-FORMAT = "epamx-checkpoint-1"
 PathLike = Union[str, os.PathLike]
 
 
@@ -116,21 +116,10 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike, *, folder: Optiona
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``: plain data and tensors only; a file holding any
-    other pickled object is refused before it can run code."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # UnpicklingError for disallowed objects, RuntimeError/EOFError for torn files
-        raise CheckpointError(f"{path}: cannot be loaded as a weights-only checkpoint; epamx never unpickles "
-                              f"arbitrary objects ({type(exc).__name__}: {exc})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointError(f"{path}: not an epamx training checkpoint (format {found!r}, expected {FORMAT!r}); "
-                              f"to start from another model's weights use train.init_from")
-    return checkpoint
+    """An epamx checkpoint's dict (a training state or a stage's final weights), read by
+    :func:`epamx.models.read_checkpoint`: plain data and tensors only, anything else refused before it can run."""
+    checkpoint = read_checkpoint(path, map_location).require_epamx()
+    return {**checkpoint.data, "meta": checkpoint.meta}
 
 
 def check_compatible(checkpoint: Mapping[str, Any], path: PathLike, **expected: Any) -> None:

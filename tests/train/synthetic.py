@@ -86,6 +86,7 @@ def build_loader(dataset, batch_size: int, train: bool, seed: int, workers: int,
 
 class BatchTransform(nn.Module):
     """uint8 frames -> normalised float (N, 3, T, H, W), flipped where 'flip'; keypoints -> heatmaps."""
+    num_joints = 17
 
     def __init__(self, cfg, modalities=("rgb", "pose")):
         super().__init__()
@@ -131,8 +132,8 @@ TINY = {
 }
 
 
-def tiny_config(out_dir, mode: str = "fused", overrides=()):
-    from epamx.train.config import config_from_dict
+def tiny_config(out_dir, mode: str = "epamnet", overrides=()):
+    from epamx.config import config_from_dict
 
     raw = {k: dict(v) for k, v in TINY.items()}
     raw["train"].update(mode=mode, out_dir=str(out_dir))
@@ -153,8 +154,8 @@ def bn_free_stream(seed: int = 0) -> nn.Module:
 
 def train_bn_free(batch_size: int, rank: int = 0, world_size: int = 1):
     """One epoch of the BN-free stream on the stand-in data (CPU); returns the wrapped model."""
-    from epamx.train import distributed
-    from epamx.train.loop import cosine_schedule, train_one_epoch
+    from epamx import distributed
+    from epamx.train import cosine_schedule, train_one_epoch
 
     cfg = tiny_config("unused", "pose").data
     dataset = build_dataset(cfg, cfg.train_split, train=True, modalities=("pose",))
@@ -176,8 +177,8 @@ def main(argv) -> int:
     import signal
     from pathlib import Path
 
-    from epamx.train import distributed
-    from epamx.train.loop import run_stage
+    from epamx import distributed
+    from epamx.train import run_stage
 
     torch.set_num_threads(1)
     command, out_dir = argv[0], Path(argv[1])

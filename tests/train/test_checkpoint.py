@@ -107,7 +107,7 @@ class Payload:
 
 def test_code_running_pickle_is_refused_and_does_not_run(tmp_path, synthetic_data):
     marker = tmp_path / "marker"
-    evil = tmp_path / "run" / "fused" / "checkpoints" / "step_00000001.pt"
+    evil = tmp_path / "run" / "epamnet" / "checkpoints" / "step_00000001.pt"
     evil.parent.mkdir(parents=True)
     torch.save({"format": C.FORMAT, "meta": {}, "model": {"w": torch.zeros(1)}, "x": Payload(marker)}, evil)
     # the payload is live: a plain unpickler runs it
@@ -127,11 +127,11 @@ def test_code_running_pickle_is_refused_and_does_not_run(tmp_path, synthetic_dat
 
     # and as the checkpoint a run would resume from
     C.write_latest(evil.parent.parent, evil)
-    from epamx.train.loop import run_stage
+    from epamx.train import run_stage
 
-    cfg = synthetic_data.tiny_config(tmp_path / "run", "fused")
+    cfg = synthetic_data.tiny_config(tmp_path / "run", "epamnet")
     with pytest.raises(C.CheckpointError, match=str(evil)):
-        run_stage(cfg, "fused")
+        run_stage(cfg, "epamnet")
     assert not marker.exists()
 
 
@@ -145,10 +145,10 @@ def test_compatibility_errors_name_the_file_and_the_difference(tmp_path):
     path = tmp_path / "ck.pt"
     checkpoint = {"meta": {"mode": "rgb", "num_classes": 60, "pose_channels": 17}}
     with pytest.raises(C.CheckpointError) as err:
-        C.check_compatible(checkpoint, path, mode="fused", num_classes=120, pose_channels=17)
+        C.check_compatible(checkpoint, path, mode="epamnet", num_classes=120, pose_channels=17)
     assert str(path) in str(err.value)
     assert "checkpoint has 60 classes, model 120" in str(err.value)
-    assert "checkpoint's mode is 'rgb', this run's 'fused'" in str(err.value)
+    assert "checkpoint's mode is 'rgb', this run's 'epamnet'" in str(err.value)
     C.check_compatible(checkpoint, path, mode="rgb", num_classes=60)
 
 

@@ -4,7 +4,7 @@ import tomllib
 
 import pytest
 
-from epamx.train.config import (Config, ConfigError, ModelConfig, TrainConfig, available_configs, config_from_dict,
+from epamx.config import (Config, ConfigError, ModelConfig, TrainConfig, available_configs, config_from_dict,
                                 load_config, parse_override, to_toml)
 
 AUTHORS = ["ntu60_xsub", "ntu60_xview", "ntu120_xsub", "ntu120_xset", "pku_mmd", "toyota_cs"]
@@ -154,7 +154,7 @@ def test_configs_are_frozen():
 
 # ---- per-stage epochs and learning rates (0: the shared value) ---------------------------------------------------
 
-STAGES = ("pose", "rgb", "fused")
+STAGES = ("pose", "rgb", "epamnet")
 
 
 def test_stage_settings_inherit_the_shared_ones_by_default():
@@ -165,14 +165,14 @@ def test_stage_settings_inherit_the_shared_ones_by_default():
 
 def test_a_stage_setting_overrides_only_its_stage():
     config = config_from_dict({"train": {"epochs": 4, "rgb_epochs": 7}, "optim": {"lr_per_16": 0.01}},
-                              ["optim.fused_lr_per_16=0.002", "train.pose_epochs=1", "optim.pose_lr_per_16=3"])
+                              ["optim.epamnet_lr_per_16=0.002", "train.pose_epochs=1", "optim.pose_lr_per_16=3"])
     assert [config.train.stage_epochs(s) for s in STAGES] == [1, 7, 4]
     assert [config.optim.stage_lr_per_16(s) for s in STAGES] == [3.0, 0.01, 0.002]
     # 0 sets a stage back to the shared value
-    config = config_from_dict({"train": {"epochs": 4, "pose_epochs": 6, "rgb_epochs": 5, "fused_epochs": 2},
+    config = config_from_dict({"train": {"epochs": 4, "pose_epochs": 6, "rgb_epochs": 5, "epamnet_epochs": 2},
                                "optim": {"lr_per_16": 0.04, "pose_lr_per_16": 0.1, "rgb_lr_per_16": 0.05,
-                                         "fused_lr_per_16": 0.02}},
-                              ["train.fused_epochs=0", "optim.rgb_lr_per_16=0", "train.epochs=9"])
+                                         "epamnet_lr_per_16": 0.02}},
+                              ["train.epamnet_epochs=0", "optim.rgb_lr_per_16=0", "train.epochs=9"])
     assert [config.train.stage_epochs(s) for s in STAGES] == [6, 5, 9]
     assert [config.optim.stage_lr_per_16(s) for s in STAGES] == [0.1, 0.04, 0.02]
 
@@ -189,9 +189,9 @@ def test_the_shipped_stage_settings():
 
 @pytest.mark.parametrize("override, message", [
     ("train.pose_epochs=-1", "train.pose_epochs must be >= 0"),
-    ("train.fused_epochs=1.5", "train.fused_epochs must be an integer"),
+    ("train.epamnet_epochs=1.5", "train.epamnet_epochs must be an integer"),
     ("optim.rgb_lr_per_16=-0.1", "optim.rgb_lr_per_16 must be >= 0"),
-    ("optim.fused_lr_per_16=inf", "optim.fused_lr_per_16 must be finite"),
+    ("optim.epamnet_lr_per_16=inf", "optim.epamnet_lr_per_16 must be finite"),
     ("train.rgb_epoch=2", "unknown key 'rgb_epoch' in [train]; did you mean 'rgb_epochs'"),
     ("optim.pose_lr=0.1", "unknown key 'pose_lr' in [optim]; did you mean 'pose_lr_per_16'"),
 ])
@@ -206,3 +206,13 @@ def test_stage_settings_round_trip(tmp_path):
     text = to_toml(config)
     assert "rgb_epochs = 3" in text and "pose_lr_per_16 = 0.125" in text
     assert load_config(write(tmp_path, text)) == config
+
+
+def test_the_stage_s_old_name_is_read_as_an_alias_with_a_warning():
+    """The EPAM-Net stage was called "fused" (a word that now means only the C++ kernels): old configs still load."""
+    with pytest.warns(FutureWarning, match="train.fused_epochs is now train.epamnet_epochs"):
+        config = config_from_dict({"train": {"mode": "all", "fused_epochs": 3}})
+    assert config.train.epamnet_epochs == 3
+    with pytest.warns(FutureWarning, match="train.mode = 'fused' is now 'epamnet'"):
+        config = config_from_dict({"train": {"mode": "fused"}}, ["optim.fused_lr_per_16=0.5"])
+    assert config.train.mode == "epamnet" and config.optim.epamnet_lr_per_16 == 0.5

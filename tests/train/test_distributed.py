@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import synthetic
-from epamx.train.loop import evaluate, load_model, run_stage
+from epamx.inference import evaluate, load_model
+from epamx.train import run_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,25 +35,25 @@ def torchrun(out_dir: Path, *args):
 
 
 def test_two_processes_train_a_stage_and_only_rank_0_writes(tmp_path, synthetic_data):
-    outputs = torchrun(tmp_path, "stage", str(tmp_path), "fused", "train.epochs=1")
+    outputs = torchrun(tmp_path, "stage", str(tmp_path), "epamnet", "train.epochs=1")
     assert outputs[1][0] == ""  # rank 1 prints nothing
-    assert "[fused] epoch 1/1" in outputs[0][0] and "held-out top-1" in outputs[0][0]
+    assert "[epamnet] epoch 1/1" in outputs[0][0] and "held-out top-1" in outputs[0][0]
     assert "SyncBatchNorm needs CUDA" in outputs[0][1] and "SyncBatchNorm" not in outputs[1][1]
 
-    folder = tmp_path / "fused"
+    folder = tmp_path / "epamnet"
     records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     train = [r for r in records if r["type"] == "train"]
     # 24 clips, 2 per process per iteration: 6 iterations, each logged once, at the lr of a total batch of 4
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     assert train[0]["lr"] == pytest.approx(0.02 * 4 / 16)
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["epoch_001.pt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused", "logs", "weights.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epamnet", "logs", "weights.pt"]
 
     # the gathered evaluation is one process's evaluation of the saved weights, every clip once
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["num_samples"] == 24
     model, meta = load_model(folder / "final.pt")
-    cfg = synthetic.tiny_config(tmp_path, "fused").data
+    cfg = synthetic.tiny_config(tmp_path, "epamnet").data
     val = synthetic.build_dataset(cfg, cfg.val_split, train=False)
     single = evaluate(model, synthetic.build_loader(val, 5, train=False, seed=0, workers=0),
                       synthetic.BatchTransform(cfg), device=torch.device("cpu"))
@@ -61,8 +62,8 @@ def test_two_processes_train_a_stage_and_only_rank_0_writes(tmp_path, synthetic_
 
     # one process with the same total batch sees the same clips in the same order, at the same learning rates;
     # without SyncBatchNorm (CPU) each rank normalises over 2 clips instead of 4, so losses only approximate
-    one = run_stage(synthetic.tiny_config(tmp_path / "one", "fused", ["train.epochs=1", "train.batch_size=4"]),
-                    "fused")
+    one = run_stage(synthetic.tiny_config(tmp_path / "one", "epamnet", ["train.epochs=1", "train.batch_size=4"]),
+                    "epamnet")
     single_train = [json.loads(line) for line in (one.out_dir / "log.jsonl").read_text().splitlines()
                     if json.loads(line)["type"] == "train"]
     assert [r["lr"] for r in single_train] == pytest.approx([r["lr"] for r in train], rel=1e-12)

@@ -10,9 +10,11 @@ import torch
 
 from epamx.models import PoseStream
 from epamx.train.checkpoint import load_checkpoint
-from epamx.train.config import config_from_dict
-from epamx.train.loop import StopFlag, cosine_schedule, evaluate, resolve_amp, run, run_stage, train_one_epoch
-from epamx.train.metrics import stream_metrics
+from epamx.config import config_from_dict
+from epamx.errors import CheckpointError, ConfigError
+from epamx.inference import evaluate, resolve_amp
+from epamx.train import StopFlag, cosine_schedule, run, run_stage, train_one_epoch
+from epamx.inference.metrics import stream_metrics
 
 
 def _learning_rates(optimizer, scheduler, steps):
@@ -39,7 +41,21 @@ def test_warmup_rises_linearly_into_the_cosine():
     scheduler = cosine_schedule(optimizer, total_iters=100, warmup_iters=4)
     lrs = _learning_rates(optimizer, scheduler, 6)
     cos = [0.5 * (1 + math.cos(math.pi * t / 100)) for t in range(6)]
-    np.testing.assert_allclose(lrs, [0, cos[1] / 4, cos[2] / 2, cos[3] * 3 / 4, cos[4], cos[5]], rtol=1e-12)
+    # the first step already trains (at a quarter of the lr), the fourth at the full cosine value
+    np.testing.assert_allclose(lrs, [cos[0] / 4, cos[1] / 2, cos[2] * 3 / 4, cos[3], cos[4], cos[5]], rtol=1e-12)
+
+
+def test_cosine_schedule_takes_each_group_from_its_lr_to_the_floor():
+    params = [torch.zeros(1, requires_grad=True) for _ in range(2)]
+    optimizer = torch.optim.SGD([{"params": [params[0]], "lr": 0.1}, {"params": [params[1]], "lr": 0.4}], lr=0.1)
+    scheduler = cosine_schedule(optimizer, total_iters=8, min_lr=0.02)
+    for t in range(8):
+        for group, base in zip(optimizer.param_groups, (0.1, 0.4)):
+            expected = 0.02 + (base - 0.02) * 0.5 * (1 + math.cos(math.pi * t / 8))
+            assert group["lr"] == pytest.approx(expected, rel=1e-12)
+        optimizer.step()
+        scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.02, 0.02])
 
 
 def test_resolve_amp():
@@ -112,17 +128,17 @@ def test_evaluate_deduplicates_by_index(synthetic_data):
     assert result.primary == "pose" and result.confusion().sum() == len(dataset)
 
 
-def test_fused_stage_learns_above_chance_and_writes_its_records(tmp_path, synthetic_data, capsys):
-    cfg = synthetic_data.tiny_config(tmp_path, "fused", ["train.epochs=3", "train.checkpoint_every_iters=5",
+def test_epamnet_stage_learns_above_chance_and_writes_its_records(tmp_path, synthetic_data, capsys):
+    cfg = synthetic_data.tiny_config(tmp_path, "epamnet", ["train.epochs=3", "train.checkpoint_every_iters=5",
                                                          "train.keep_checkpoints=1"])
     result = run(cfg)
     assert not result.stopped
-    stage = result.stages["fused"]
+    stage = result.stages["epamnet"]
     chance = 1 / synthetic_data.NUM_CLASSES
-    assert stage.primary == "fused" and stage.metrics["fused"]["top1"] >= chance + 0.3, stage.metrics
-    assert set(stage.metrics) == {"rgb", "pose", "fused"}
+    assert stage.primary == "summed" and stage.metrics["summed"]["top1"] >= chance + 0.3, stage.metrics
+    assert set(stage.metrics) == {"rgb", "pose", "summed"}
 
-    folder = tmp_path / "fused"
+    folder = tmp_path / "epamnet"
     for name in ("final.pt", "log.jsonl", "latest", "config.toml", "environment.json", "metrics.json",
                  "per_class.txt", "curves.png", "confusion.png"):
         assert (folder / name).is_file(), name
@@ -143,26 +159,26 @@ def test_fused_stage_learns_above_chance_and_writes_its_records(tmp_path, synthe
     environment = json.loads((tmp_path / "environment.json").read_text())
     assert environment["torch"] == str(torch.__version__) and "epamx" in environment
     final = load_checkpoint(folder / "final.pt")
-    assert final["meta"]["mode"] == "fused" and final["meta"]["class_names"] == ["action_0", "action_1", "action_2"]
-    assert json.loads((tmp_path / "summary.json").read_text())["stages"]["fused"]["metrics"] == stage.metrics
+    assert final["meta"]["mode"] == "epamnet" and final["meta"]["class_names"] == ["action_0", "action_1", "action_2"]
+    assert json.loads((tmp_path / "summary.json").read_text())["stages"]["epamnet"]["metrics"] == stage.metrics
     out = capsys.readouterr().out
-    assert "[fused] held-out top1 (fused)" in out and f"Everything is in {tmp_path}" in out
+    assert "[epamnet] held-out top1 (summed)" in out and f"Everything is in {tmp_path}" in out
 
     # run again: the complete stage is not trained twice
     again = run(cfg)
-    assert again.stages["fused"].metrics == stage.metrics
+    assert again.stages["epamnet"].metrics == stage.metrics
     assert "already complete" in capsys.readouterr().out
 
 
 def test_the_three_stage_protocol(tmp_path, synthetic_data, capsys):
     cfg = synthetic_data.tiny_config(tmp_path, "all", ["train.epochs=1"])
     result = run(cfg)
-    assert list(result.stages) == ["pose", "rgb", "fused"]
+    assert list(result.stages) == ["pose", "rgb", "epamnet"]
     out = capsys.readouterr().out
     pose_final, rgb_final = tmp_path / "pose" / "final.pt", tmp_path / "rgb" / "final.pt"
-    assert f"[fused] initialised pose_backbone, pose_cls_head from {pose_final}" in out
-    assert f"[fused] initialised rgb_backbone, rgb_cls_head from {rgb_final}" in out
-    for mode in ("pose", "rgb", "fused"):
+    assert f"[epamnet] initialised pose_backbone, pose_cls_head from {pose_final}" in out
+    assert f"[epamnet] initialised rgb_backbone, rgb_cls_head from {rgb_final}" in out
+    for mode in ("pose", "rgb", "epamnet"):
         assert f"[{mode}] held-out top1" in out
         assert load_checkpoint(tmp_path / mode / "final.pt")["meta"]["mode"] == mode
     assert set(result.stages["pose"].metrics) == {"pose"} and set(result.stages["rgb"].metrics) == {"rgb"}
@@ -202,3 +218,47 @@ def test_a_diverged_loss_stops_training_with_the_step(synthetic_data):
     with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 1, iteration 1 \(step 1\)"):
         train_one_epoch(model, loader, transform, optimizer, cosine_schedule(optimizer, 10), mode="pose",
                         device=torch.device("cpu"), epoch=0)
+
+
+def test_a_run_folder_from_before_the_stage_had_its_name_is_explained(tmp_path, synthetic_data):
+    """A run folder whose EPAM-Net stage is in fused/ (its old name): resuming it says how, nothing is trained."""
+    (tmp_path / "fused" / "checkpoints").mkdir(parents=True)
+    cfg = synthetic_data.tiny_config(tmp_path, "epamnet")
+    with pytest.raises(CheckpointError, match=r"fused holds an EPAM-Net stage .* rename it to .*epamnet"):
+        run_stage(cfg, "epamnet")
+    assert not (tmp_path / "epamnet").exists()
+
+
+def test_tensorboard_gets_what_the_json_log_gets(tmp_path, synthetic_data):
+    pytest.importorskip("tensorboard", reason="train.tensorboard needs the optional tensorboard package")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = synthetic_data.tiny_config(tmp_path, "pose", ["train.epochs=2", "train.tensorboard=true"])
+    run_stage(cfg, "pose")
+    records = [json.loads(line) for line in (tmp_path / "pose" / "log.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "pose" / "tensorboard"))
+    events.Reload()
+    train = [r for r in records if r["type"] == "train"]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["step"] for r in train]
+    np.testing.assert_allclose([e.value for e in loss], [r["loss"] for r in train], rtol=1e-6)
+    assert {"train/lr", "train/clips_per_s", "train/grad_norm", "train/loss_pose"} <= set(events.Tags()["scalars"])
+    top1 = events.Scalars("held_out/top1/pose")
+    assert [e.value for e in top1] == pytest.approx([r["metrics"]["pose"]["top1"] for r in records
+                                                     if r["type"] == "eval"])
+
+
+def test_tensorboard_without_the_package_is_a_config_error(tmp_path, synthetic_data, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    cfg = synthetic_data.tiny_config(tmp_path, "pose", ["train.tensorboard=true"])
+    with pytest.raises(ConfigError, match="train.tensorboard = true needs the tensorboard package"):
+        run_stage(cfg, "pose")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from epamx.train.metrics import (classification_metrics, confusion_matrix, mean_class_accuracy, per_class_accuracy,
+from epamx.inference.metrics import (classification_metrics, confusion_matrix, mean_class_accuracy, per_class_accuracy,
                                  per_class_table, stream_metrics, topk_accuracy)
 
 # 6 clips, 4 classes. Ranked classes per row (best first) and the label:
@@ -61,13 +61,13 @@ def test_ties_go_to_the_lower_class():
     assert topk_accuracy(scores, np.array([1, 2]), 1) == 0.0
 
 
-def test_stream_metrics_adds_the_fused_sum():
+def test_stream_metrics_adds_the_summed_scores():
     rgb = np.array([[2.0, 0.0], [0.0, 1.0]])
     pose = np.array([[0.0, 3.0], [0.0, 1.0]])
     labels = np.array([1, 1])
     result = stream_metrics({"rgb": rgb, "pose": pose}, labels)
     assert result["rgb"]["top1"] == 0.5 and result["pose"]["top1"] == 1.0
-    assert result["fused"]["top1"] == 1.0  # [2, 3] and [0, 2]
+    assert result["summed"]["top1"] == 1.0  # [2, 3] and [0, 2]
     assert set(stream_metrics({"pose": pose}, labels)) == {"pose"}
 
 
@@ -96,7 +96,7 @@ def test_plots_write_pngs(tmp_path):
     records = [{"type": "train", "epoch": 0, "iter": i, "step": i, "loss": 2.0 / i, "loss_rgb": 1.0 / i,
                 "loss_pose": 1.0 / i, "lr": 0.01 * (1 - i / 20)} for i in range(1, 21)]
     records.append({"type": "eval", "epoch": 1, "step": 20,
-                    "metrics": {"rgb": {"top1": 0.5}, "pose": {"top1": 0.6}, "fused": {"top1": 0.7}}})
+                    "metrics": {"rgb": {"top1": 0.5}, "pose": {"top1": 0.6}, "summed": {"top1": 0.7}}})
     log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"type": "train", "ste')  # torn last line
     for path in (plot_training_curves(log, tmp_path / "curves.png"),
                  plot_confusion_matrix(confusion_matrix(SCORES.argmax(1), LABELS, 4), tmp_path / "cm.png",

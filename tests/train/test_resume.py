@@ -12,7 +12,7 @@ import torch
 
 import synthetic
 from epamx.train.checkpoint import latest_checkpoint, load_checkpoint
-from epamx.train.loop import run_stage
+from epamx.train import run_stage
 
 # 24 clips, batch 2: 12 iterations per epoch, 24 in all; a step checkpoint every 5.
 OVERRIDES = ["train.epochs=2", "train.checkpoint_every_iters=5"]
@@ -25,7 +25,7 @@ def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     with pytest.MonkeyPatch.context() as mp:
         synthetic.install(mp)
-        result = run_stage(synthetic.tiny_config(out, "fused", OVERRIDES), "fused")
+        result = run_stage(synthetic.tiny_config(out, "epamnet", OVERRIDES), "epamnet")
     torch.set_num_threads(threads)
     return result
 
@@ -49,22 +49,22 @@ def sigint_at(step):
 
 
 def test_stopped_twice_and_resumed_equals_uninterrupted(tmp_path, synthetic_data, uninterrupted, capsys):
-    cfg = synthetic_data.tiny_config(tmp_path, "fused", OVERRIDES)
+    cfg = synthetic_data.tiny_config(tmp_path, "epamnet", OVERRIDES)
     handler = signal.getsignal(signal.SIGINT)
-    first = run_stage(cfg, "fused", on_iteration=sigint_at(7))  # mid-epoch, between step checkpoints
+    first = run_stage(cfg, "epamnet", on_iteration=sigint_at(7))  # mid-epoch, between step checkpoints
     assert first.stopped and first.resume_from.name == "step_00000007.pt"
     out = capsys.readouterr()
     assert "SIGINT" in out.err and "Run the same command again to resume" in out.out
     assert signal.getsignal(signal.SIGINT) is handler  # ours is uninstalled
-    second = run_stage(cfg, "fused", on_iteration=sigint_at(12))  # the last iteration of the first epoch
+    second = run_stage(cfg, "epamnet", on_iteration=sigint_at(12))  # the last iteration of the first epoch
     assert second.stopped
     assert load_checkpoint(second.resume_from)["iter"] == 12
-    final = run_stage(cfg, "fused")
+    final = run_stage(cfg, "epamnet")
     assert not final.stopped
     assert_same_weights(load_checkpoint(final.final_checkpoint)["model"],
                         load_checkpoint(uninterrupted.final_checkpoint)["model"])
     assert final.metrics == uninterrupted.metrics
-    assert log_without_timings(tmp_path / "fused" / "log.jsonl") == log_without_timings(
+    assert log_without_timings(tmp_path / "epamnet" / "log.jsonl") == log_without_timings(
         uninterrupted.out_dir / "log.jsonl")
 
 
@@ -75,11 +75,11 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tmp_path, uninte
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                         os.environ.get("PYTHONPATH", "")]),
            "SYNTHETIC_KILL_AT_STEP": "18"}
-    command = [sys.executable, str(script), "stage", str(tmp_path), "fused", *OVERRIDES]
+    command = [sys.executable, str(script), "stage", str(tmp_path), "epamnet", *OVERRIDES]
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert latest_checkpoint(tmp_path / "fused").name == "step_00000015.pt"
-    steps = [r["step"] for r in log_without_timings(tmp_path / "fused" / "log.jsonl") if r["type"] == "train"]
+    assert latest_checkpoint(tmp_path / "epamnet").name == "step_00000015.pt"
+    steps = [r["step"] for r in log_without_timings(tmp_path / "epamnet" / "log.jsonl") if r["type"] == "train"]
     assert steps[-1] == 18  # it did run past the checkpoint before dying
 
     env["SYNTHETIC_KILL_AT_STEP"] = "0"
@@ -88,7 +88,7 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tmp_path, uninte
     assert "resuming from" in resumed.stdout and "step_00000015.pt" in resumed.stdout
     assert_same_weights(torch.load(tmp_path / "weights.pt", weights_only=True),
                         load_checkpoint(uninterrupted.final_checkpoint)["model"])
-    assert log_without_timings(tmp_path / "fused" / "log.jsonl") == log_without_timings(
+    assert log_without_timings(tmp_path / "epamnet" / "log.jsonl") == log_without_timings(
         uninterrupted.out_dir / "log.jsonl")
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from epamx.train.checkpoint import load_checkpoint
-from epamx.train.loop import run
+from epamx.train import run
 
 BATCH = 4
 ITERS = 24 // BATCH  # the stand-in's 24 training clips
@@ -39,12 +39,12 @@ def test_each_stage_of_the_protocol_runs_its_own_epochs_at_its_own_lr(tmp_path, 
         f"train.batch_size={BATCH}", "train.epochs=1", "optim.lr_per_16=0.02",
         "train.pose_epochs=3", "optim.pose_lr_per_16=0.08",        # both its own
         "optim.rgb_lr_per_16=0.04",                                # its own lr, the shared epochs
-        "train.fused_epochs=2"])                                   # its own epochs, the shared lr
+        "train.epamnet_epochs=2"])                                   # its own epochs, the shared lr
     result = run(cfg)
-    assert list(result.stages) == ["pose", "rgb", "fused"] and not result.stopped
+    assert list(result.stages) == ["pose", "rgb", "epamnet"] and not result.stopped
     assert_stage(tmp_path / "pose", epochs=3, lr_per_16=0.08)
     assert_stage(tmp_path / "rgb", epochs=1, lr_per_16=0.04)
-    assert_stage(tmp_path / "fused", epochs=2, lr_per_16=0.02)
+    assert_stage(tmp_path / "epamnet", epochs=2, lr_per_16=0.02)
 
 
 def test_a_single_stage_takes_its_settings_too(tmp_path, synthetic_data):

@@ -98,14 +98,14 @@ def test_errors_name_the_file_and_the_mismatch(tmp_path):
 def test_build_model_and_stream_logits():
     imgs, heatmaps = torch.randn(IMGS), torch.rand(HEATMAPS)
     for mode, cls, keys in (("rgb", RGBStream, ["rgb"]), ("pose", PoseStream, ["pose"]),
-                            ("fused", EPAMNet, ["rgb", "pose"])):
+                            ("epamnet", EPAMNet, ["rgb", "pose"])):
         model = build_model(mode, 5, fused=False, dropout=0.0).eval()
         assert isinstance(model, cls) and model_mode(model) == mode and not model.fused
         with torch.no_grad():
             out = stream_logits(model, imgs if "rgb" in modalities(mode) else None,
                                 heatmaps if "pose" in modalities(mode) else None)
         assert list(out) == keys and all(v.shape == (2, 5) for v in out.values())
-    with pytest.raises(ValueError, match="mode must be one of rgb, pose, fused"):
+    with pytest.raises(ValueError, match="mode must be one of rgb, pose, epamnet"):
         build_model("all", 5)
     with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
         RGBStream(0)

@@ -5,9 +5,9 @@ import signal
 
 import torch
 
-from epamx.train import load_config
+from epamx.config import load_config
 from epamx.train.checkpoint import load_checkpoint
-from epamx.train.loop import run_stage
+from epamx.train import run_stage
 
 
 def tiny_embedded(tmp_path, name):
@@ -20,8 +20,8 @@ def tiny_embedded(tmp_path, name):
 
 
 def test_a_stage_on_the_embedded_dataset_resumes_exactly(tmp_path):
-    whole = run_stage(tiny_embedded(tmp_path, "whole"), "fused")
-    assert set(whole.metrics) == {"rgb", "pose", "fused"}
+    whole = run_stage(tiny_embedded(tmp_path, "whole"), "epamnet")
+    assert set(whole.metrics) == {"rgb", "pose", "summed"}
     assert load_checkpoint(whole.final_checkpoint)["meta"]["num_classes"] == 12
 
     cfg = tiny_embedded(tmp_path, "parts")
@@ -30,8 +30,8 @@ def test_a_stage_on_the_embedded_dataset_resumes_exactly(tmp_path):
         if record["step"] == 5:
             os.kill(os.getpid(), signal.SIGINT)
 
-    assert run_stage(cfg, "fused", on_iteration=sigint_at_step_5).stopped
-    resumed = run_stage(cfg, "fused")
+    assert run_stage(cfg, "epamnet", on_iteration=sigint_at_step_5).stopped
+    resumed = run_stage(cfg, "epamnet")
     a = load_checkpoint(whole.final_checkpoint)["model"]
     b = load_checkpoint(resumed.final_checkpoint)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -19,6 +19,7 @@ import math
 import os
 import tomllib
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
@@ -52,21 +53,21 @@ class OptimConfig:
     min_lr: float = 0.0              # the cosine's floor
     pose_lr_per_16: float = 0.0      # per-stage lr_per_16 for mode "all" and single stages (0: lr_per_16)
     rgb_lr_per_16: float = 0.0
-    fused_lr_per_16: float = 0.0
+    epamnet_lr_per_16: float = 0.0
 
     def stage_lr_per_16(self, mode: str) -> float:
-        """lr_per_16 of a stage ("pose", "rgb", "fused"): its own value where set, else lr_per_16."""
+        """lr_per_16 of a stage ("pose", "rgb", "epamnet"): its own value where set, else lr_per_16."""
         return getattr(self, f"{mode}_lr_per_16") or self.lr_per_16
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The protocol and the run's mechanics."""
-    mode: str = "all"                # "rgb", "pose" or "fused" alone; "all": pose, then rgb, then fused from both
+    mode: str = "all"                # "rgb", "pose" or "epamnet" alone; "all": pose, rgb, then EPAM-Net from both
     epochs: int = 10                 # per stage
     pose_epochs: int = 0             # per-stage epochs (0: epochs)
     rgb_epochs: int = 0
-    fused_epochs: int = 0
+    epamnet_epochs: int = 0
     batch_size: int = 12             # per process (the authors: 12 per GPU)
     workers: int = 4                 # DataLoader worker processes per training process
     seed: int = 0
@@ -81,9 +82,10 @@ class TrainConfig:
     resume: bool = True              # continue from out_dir's latest checkpoints when there are any
     deterministic: bool = False      # torch.use_deterministic_algorithms, no cuDNN autotuning
     progress: bool = True            # a tqdm progress bar (rank 0)
+    tensorboard: bool = False        # also log to <stage folder>/tensorboard (needs the tensorboard package)
 
     def stage_epochs(self, mode: str) -> int:
-        """Epochs of a stage ("pose", "rgb", "fused"): its own value where set, else epochs."""
+        """Epochs of a stage ("pose", "rgb", "epamnet"): its own value where set, else epochs."""
         return getattr(self, f"{mode}_epochs") or self.epochs
 
 
@@ -96,17 +98,41 @@ class Config:
 
 
 _CHOICES = {
-    ("train", "mode"): ("rgb", "pose", "fused", "all"),
+    ("train", "mode"): ("rgb", "pose", "epamnet", "all"),
     ("train", "amp"): ("auto", "bf16", "fp16", "off"),
     ("train", "metric"): ("top1", "top5", "mean_class_accuracy"),
     ("model", "channels_last"): (True, False, "auto"),
 }
 _POSITIVE = {("model", "pose_channels"), ("train", "epochs"), ("train", "batch_size"), ("optim", "lr_per_16")}
 _NON_NEGATIVE = {("model", "num_classes"), ("train", "workers"), ("train", "eval_every_epochs"),
-                 ("train", "pose_epochs"), ("train", "rgb_epochs"), ("train", "fused_epochs"),
-                 ("optim", "pose_lr_per_16"), ("optim", "rgb_lr_per_16"), ("optim", "fused_lr_per_16"),
+                 ("train", "pose_epochs"), ("train", "rgb_epochs"), ("train", "epamnet_epochs"),
+                 ("optim", "pose_lr_per_16"), ("optim", "rgb_lr_per_16"), ("optim", "epamnet_lr_per_16"),
                  ("train", "checkpoint_every_iters"), ("train", "keep_checkpoints"), ("optim", "weight_decay"),
                  ("optim", "momentum"), ("optim", "warmup_iters"), ("optim", "clip_grad"), ("optim", "min_lr")}
+
+
+# The EPAM-Net stage was called "fused" before it had a name of its own ("fused" now means only the C++ kernels,
+# model.fused). Configs and overrides that still say so are read with the new names, with a warning.
+_KEY_ALIASES = {("train", "fused_epochs"): "epamnet_epochs", ("optim", "fused_lr_per_16"): "epamnet_lr_per_16"}
+_VALUE_ALIASES = {("train", "mode"): {"fused": "epamnet"}}
+
+
+def _alias(path: Tuple[str, ...], key: str, source: str) -> str:
+    new = _KEY_ALIASES.get(path + (key,))
+    if new is None:
+        return key
+    warnings.warn(f"{source}: {'.'.join(path + (key,))} is now {'.'.join(path + (new,))} (the EPAM-Net stage is "
+                  f"called 'epamnet'); read as that", FutureWarning, stacklevel=4)
+    return new
+
+
+def _alias_value(path: Tuple[str, ...], value: Any, source: str) -> Any:
+    aliases = _VALUE_ALIASES.get(path)
+    if not aliases or not isinstance(value, str) or value not in aliases:
+        return value
+    warnings.warn(f"{source}: {'.'.join(path)} = {value!r} is now {aliases[value]!r} (the EPAM-Net stage); read as "
+                  f"that", FutureWarning, stacklevel=4)
+    return aliases[value]
 
 
 # ---- parsing and validation --------------------------------------------------------------------------------------
@@ -171,6 +197,8 @@ def _build(cls, table: Dict[str, Any], path: Tuple[str, ...], source: str):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in table.items():
+        key = _alias(path, key, source)
+        value = _alias_value(path + (key,), value, source)
         if key not in names:
             raise ConfigError(f"{source}: unknown key '{key}' in {where}{_suggest(key, names)}")
         tp = hints[key]
@@ -213,6 +241,7 @@ def _apply_override(raw: Dict[str, Any], text: str) -> None:
     path, value = parse_override(text)
     cls, table = Config, raw
     for i, part in enumerate(path):
+        part = _alias(path[:i], part, f"override {text!r}")
         names = [f.name for f in dataclasses.fields(cls)]
         if part not in names:
             where = f"[{'.'.join(path[:i])}]" if i else "the top level"

@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "all_gather_objects", "any_rank", "barrier", "broadcast_buffers", "get_rank",
+from epamx.errors import ConfigError
+
+__all__ = ["DistInfo", "all_gather_objects", "barrier", "broadcast_buffers", "get_rank",
            "get_world_size", "init_distributed", "is_main", "resolve_device", "teardown", "unwrap", "wrap_model"]
 
 
@@ -44,17 +46,21 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """"auto": cuda:<local_rank> when CUDA is available, else cpu; "cuda" means cuda:<local_rank>."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"train.device = {device!r} is not a device torch knows (auto, cpu, cuda, cuda:1, "
+                          f"...)") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device = {device!r}, but CUDA is not available here")
+            raise ConfigError(f"train.device = {device!r}, but torch sees no CUDA GPU here (--device cpu)")
         if resolved.index is None:
             resolved = torch.device("cuda", local_rank)
     return resolved
@@ -127,8 +133,8 @@ def wrap_model(model: nn.Module, info: DistInfo, sync_bn: bool = False) -> nn.Mo
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The model inside a DistributedDataParallel (or DataParallel) wrapper, or the model itself."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
 def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
@@ -146,15 +152,3 @@ def all_gather_objects(obj: Any) -> List[Any]:
     gathered: List[Optional[Any]] = [None] * get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
-    """True on every rank when ``flag`` is true on any (so all ranks stop at the same iteration)."""
-    if get_world_size() == 1:
-        return bool(flag)
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-            else torch.device("cpu")
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())

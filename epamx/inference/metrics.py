@@ -9,8 +9,12 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["classification_metrics", "confusion_matrix", "mean_class_accuracy", "per_class_accuracy",
+__all__ = ["SUMMED", "classification_metrics", "confusion_matrix", "mean_class_accuracy", "per_class_accuracy",
            "per_class_table", "stream_metrics", "topk_accuracy"]
+
+
+# EPAM-Net's prediction: the RGB head's and the pose head's logits summed (equal weights).
+SUMMED = "summed"
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -69,10 +73,10 @@ def classification_metrics(scores, labels) -> Dict[str, float]:
 
 
 def stream_metrics(logits: Mapping[str, np.ndarray], labels) -> Dict[str, Dict[str, float]]:
-    """Metrics of each stream's logits, plus 'fused' (rgb + pose logits, EPAM-Net's prediction) when both exist."""
+    """Metrics of each stream's logits, plus 'summed' (rgb + pose logits, EPAM-Net's prediction) when both exist."""
     result = {name: classification_metrics(scores, labels) for name, scores in logits.items()}
-    if "rgb" in logits and "pose" in logits and "fused" not in logits:
-        result["fused"] = classification_metrics(_as_numpy(logits["rgb"]) + _as_numpy(logits["pose"]), labels)
+    if "rgb" in logits and "pose" in logits and SUMMED not in logits:
+        result[SUMMED] = classification_metrics(_as_numpy(logits["rgb"]) + _as_numpy(logits["pose"]), labels)
     return result
 
 

@@ -1,0 +1,129 @@
+"""The model's inputs for chosen clips: entries of an annotation pickle with their videos or frame folders, or one
+video plus a keypoints file, read through the training pipeline in test mode (epamx.data), and the device-side
+transform that turns a batch of them into (imgs, heatmaps, labels).
+
+A keypoints file is a .npz or .pkl holding 'keypoint' (M, T, V, 2) in the video's pixels, optionally
+'keypoint_score' (M, T, V), 'img_shape' (h, w) and the annotated 'label'.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from epamx.config import Config
+import epamx.data as data
+from epamx.data import BatchTransform, ClipDataset, collate_clips, load_annotations, read_video
+from epamx.data.annotations import AnnotationError, safe_load_pickle, validate_annotation
+from epamx.errors import ConfigError, DataError, DataFileNotFound
+from epamx.models.streams import modalities
+
+__all__ = ["build_batch_transform", "clip_batch", "clip_from_video", "clips", "clips_from_annotations"]
+
+
+def build_batch_transform(cfg: Config, mode: str, device: torch.device) -> BatchTransform:
+    """The device-side transform for a model of ``mode``, on ``device``; the config's heatmap channels must be the
+    skeleton's joints."""
+    transform = data.BatchTransform(cfg.data, modalities(mode))
+    joints = transform.num_joints
+    if "pose" in transform.modalities and joints is not None and joints != cfg.model.pose_channels:
+        raise ConfigError(f"model.pose_channels = {cfg.model.pose_channels}, but data.skeleton "
+                          f"{cfg.data.skeleton!r} renders {joints} heatmap channels")
+    return transform.to(device)
+
+
+def clip_batch(transform: BatchTransform, dataset: ClipDataset, indices: Sequence[int], device: torch.device,
+               channels_last: bool = False) -> Tuple[Dict[str, Any], Tuple]:
+    """The collated batch of ``dataset[indices]`` and the model's inputs made from it."""
+    batch = collate_clips([dataset[i] for i in indices])
+    return batch, transform(batch, device, channels_last)
+
+
+def _dataset(cfg: Config, annotations: List[Dict[str, Any]], class_names: Sequence[str], mode: str,
+             video_root: str = "", video_suffix: Optional[str] = None, frame_root: str = "",
+             precropped: Optional[bool] = None) -> ClipDataset:
+    d = cfg.data
+    if not (video_root or frame_root) and d.dataset == "embedded":
+        from epamx.data.embedded import build_embedded
+
+        paths = build_embedded(d, progress=False)
+        video_root, frame_root = paths.get("video_root", ""), paths.get("frame_root", "")
+    return ClipDataset(annotations, class_names, train=False, modalities=modalities(mode),
+                       video_root=video_root or ("" if frame_root else d.video_root),
+                       video_suffix=d.video_suffix if video_suffix is None else video_suffix,
+                       frame_root=frame_root or d.frame_root, frame_template=d.frame_template,
+                       rgb_precropped=d.rgb_precropped if precropped is None else precropped,
+                       clip_len=d.clip_len, rgb_every=d.rgb_every, frame_size=d.frame_size,
+                       max_persons=d.max_persons)
+
+
+def clips_from_annotations(cfg: Config, class_names: Sequence[str], mode: str, ann_file: str,
+                           samples: Sequence[str] = (), split: Optional[str] = None, video_root: str = "",
+                           frame_root: str = "") -> ClipDataset:
+    """Entries ``samples`` (frame_dirs) or ``split`` of an annotation pickle, read as for evaluation."""
+    annotations = load_annotations(ann_file, list(samples) if samples else split)
+    return _dataset(cfg, annotations, class_names, mode, video_root, frame_root=frame_root)
+
+
+def _read_keypoints(keypoints: str) -> Dict[str, Any]:
+    if not os.path.isfile(keypoints):
+        raise DataFileNotFound(f"keypoints file {keypoints} does not exist")
+    if keypoints.endswith(".npz"):
+        try:
+            with np.load(keypoints, allow_pickle=False) as f:
+                entry = {k: f[k] for k in f.files}
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{keypoints}: not a readable .npz file ({exc})") from exc
+    else:
+        entry = safe_load_pickle(keypoints)
+    if not isinstance(entry, dict) or "keypoint" not in entry:
+        raise AnnotationError(f"{keypoints}: expected a dict (or .npz) with 'keypoint' (M, T, V, 2)")
+    return dict(entry)
+
+
+def clip_from_video(cfg: Config, class_names: Sequence[str], mode: str, video: str, keypoints: str,
+                    precropped: bool = False) -> ClipDataset:
+    """One clip from a video file and a keypoints file (see the module docstring)."""
+    video_path = Path(video)
+    if not video_path.is_file():
+        raise DataFileNotFound(f"video {video} does not exist")
+    entry = _read_keypoints(keypoints)
+    if "img_shape" not in entry:
+        h, w = read_video(video_path, [0]).shape[1:3]
+        entry["img_shape"] = (h, w)
+    elif isinstance(entry["img_shape"], np.ndarray):
+        entry["img_shape"] = tuple(int(v) for v in entry["img_shape"])
+    entry.setdefault("total_frames", int(np.asarray(entry["keypoint"]).shape[1]))
+    name = video_path.name
+    stem = name.split(".")[0]
+    # a label past the class names is none: render then claims no annotated class for the clip
+    entry.setdefault("label", len(class_names))
+    entry["frame_dir"] = stem
+    ann = validate_annotation(entry, keypoints, 0)
+    return _dataset(cfg, [ann], class_names, mode, str(video_path.parent), name[len(stem):], precropped=precropped)
+
+
+def clips(cfg: Config, class_names: Sequence[str], mode: str, *, video: Optional[str] = None,
+          keypoints: Optional[str] = None, precropped: bool = False, ann_file: Optional[str] = None,
+          samples: Sequence[str] = (), split: Optional[str] = None, video_root: str = "",
+          frame_root: str = "") -> ClipDataset:
+    """The clips a user asked for: a video with its keypoints, or entries (``samples``, else ``split``, else the
+    config's held-out split) of ``ann_file`` (default: the config's dataset)."""
+    if video or keypoints:
+        if not (video and keypoints):
+            raise DataError("a video and its keypoints file go together (--video with --keypoints)")
+        return clip_from_video(cfg, class_names, mode, video, keypoints, precropped=precropped)
+    if ann_file is None:
+        if cfg.data.dataset == "embedded":
+            from epamx.data.embedded import build_embedded
+
+            ann_file = build_embedded(cfg.data, progress=False)["ann_file"]
+        else:
+            ann_file = cfg.data.ann_file
+    if not split and not samples:
+        split = cfg.data.val_split
+    return clips_from_annotations(cfg, class_names, mode, ann_file, samples, split, video_root=video_root,
+                                  frame_root=frame_root)

@@ -1,0 +1,36 @@
+"""Top-k classes of chosen clips (``epamx predict``)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import torch
+
+from epamx.config import Config
+from epamx.data import ClipDataset
+from epamx.inference.inputs import build_batch_transform, clip_batch
+from epamx.models.streams import model_mode, stream_logits
+
+__all__ = ["predict"]
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, cfg: Config, dataset: ClipDataset, top_k: int = 5, batch_size: int = 8,
+            device: torch.device = torch.device("cpu")) -> List[Dict[str, Any]]:
+    """Top-k classes of every clip of ``dataset``: [{'frame_dir', 'top': [(class, score), ...], 'streams':
+    {stream: top class}}], scores the softmax of the summed logits (rgb + pose) or of the single stream's."""
+    transform = build_batch_transform(cfg, model_mode(model), device)
+    names = dataset.class_names
+    results = []
+    for start in range(0, len(dataset), batch_size):
+        indices = list(range(start, min(start + batch_size, len(dataset))))
+        batch, (imgs, heatmaps, _) = clip_batch(transform, dataset, indices, device)
+        logits = stream_logits(model, imgs, heatmaps)
+        probs = sum(logits.values()).float().softmax(-1)
+        scores, classes = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        for i, frame_dir in enumerate(batch["frame_dir"]):
+            results.append({
+                "frame_dir": frame_dir,
+                "top": [(names[c], round(float(s), 4)) for c, s in zip(classes[i].tolist(), scores[i].tolist())],
+                "streams": {s: names[int(v[i].argmax())] for s, v in logits.items()},
+            })
+    return results
