@@ -35,10 +35,10 @@ class EPAMNet(nn.Module):
         fused: run on the fused epamx ops (default), or False for the plain-PyTorch reference path.
         dropout: of both heads.
         heatmap_size: the size raw keypoints are rendered at by ``forward_keypoints`` (56).
-        memory_format: the memory format the model computes in: "auto" (default: channels_last_3d on CPU, where
-            oneDNN runs the convolutions about 1.7x faster, contiguous on CUDA), "channels_last_3d",
-            "contiguous", or "preserve" (whatever the inputs and weights come in). ``forward`` converts the inputs,
-            and the weights once; the logits do not depend on it beyond float rounding.
+        memory_format: the memory format the model computes in: "auto" (default: channels_last_3d on CPU,
+            contiguous on CUDA; why: docs/performance.md, Memory formats), "channels_last_3d", "contiguous", or
+            "preserve" (whatever the inputs and weights come in). ``forward`` converts the inputs, and the
+            weights once; the logits do not depend on it beyond float rounding. Other values raise ValueError.
 
     ``forward(imgs (N, 3, T, H, W), heatmaps (N, K, T_p, h, w))`` returns ``(rgb_logits, pose_logits)``;
     T_p must be a multiple of T (48 pose frames for 16 RGB frames) and both streams must end at the same
@@ -47,7 +47,7 @@ class EPAMNet(nn.Module):
     (``pose_renderer``, an :class:`epamx.nn.PoseHeatmaps` set as the authors' pipeline: crop to the persons' box
     clipped to the image, resize, optional flip, render with eps 1e-4), as epamx.data.BatchTransform does.
 
-    For the fastest inference, :func:`epamx.models.optimize_for_inference` returns a copy with batch norm folded
+    For inference only, :func:`epamx.models.optimize_for_inference` returns a faster copy with batch norm folded
     into the convolutions.
     """
 

@@ -1,12 +1,8 @@
-"""Which memory format a model runs in, chosen per device so that users get the fast one without asking.
+"""Which memory format a model runs in, chosen per device so that users get the fast one without asking:
+``"auto"`` is ``channels_last_3d`` on CPUs and contiguous elsewhere (why: docs/performance.md, Memory formats).
 
-On CPUs, oneDNN runs EPAM-Net's 3D convolutions about 1.7x faster in ``channels_last_3d`` than in contiguous
-memory (it skips a layout conversion around every convolution; bench/results has the measurements). On CUDA the
-contiguous format is kept: channels-last has not been measured faster there.
-
-A model holding a :class:`MemoryFormatPolicy` converts its inputs in ``forward`` and, once, its own weights
-(weights and inputs must agree, or oneDNN converts the weights on every call). The logits are the same as in
-contiguous memory up to float rounding.
+A model holding a :class:`MemoryFormatPolicy` converts its inputs in ``forward`` and, once, its own weights, so
+that the two agree. The logits are the same as in contiguous memory up to float rounding.
 """
 from __future__ import annotations
 
@@ -23,7 +19,8 @@ _FORMATS = {"channels_last_3d": torch.channels_last_3d, "contiguous": torch.cont
 
 
 def preferred_memory_format(device: Union[torch.device, str]) -> torch.memory_format:
-    """channels_last_3d on CPU, contiguous elsewhere (the measured faster format for each)."""
+    """channels_last_3d on CPU (measured faster there), contiguous elsewhere (channels-last has not been measured
+    faster on CUDA); see docs/performance.md, Memory formats."""
     return torch.channels_last_3d if torch.device(device).type == "cpu" else torch.contiguous_format
 
 

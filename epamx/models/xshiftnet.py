@@ -29,13 +29,12 @@ def _frame_wise_conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
 class ConvBNAct(nn.Module):
     """Conv3d (no bias) + BatchNorm3d + optional ReLU, named like mmcv's ConvModule.
 
-    ``frame_wise``: where the input is in channels_last_3d memory, run the (1, kh, kw) convolution as a 2D
-    convolution over frames (same result). The stems use it (oneDNN's 3D path turns a batch-1 clip with 3 or
-    17 input channels down to PyTorch's slow reference convolution, its 2D path does not), and so do the blocks'
-    depthwise convolutions (oneDNN's 2D depthwise backward pass is several times faster than its 3D one).
+    ``frame_wise``: where the input and the weight are in channels_last_3d memory, run a (1, kh, kw) convolution
+    (temporal stride 1, no temporal padding) as a 2D convolution over the frames (same result). The stems and the
+    blocks' depthwise convolutions use it; why: docs/performance.md, X-ShiftNet blocks.
 
-    ``fused``: in training on a CPU, batch norm and ReLU run as one epamx op (epamx.nn.batch_norm_act), which
-    saves only the convolution's output and needs no separate ReLU passes; False keeps the plain modules.
+    ``fused``: in training on a CPU, batch norm and ReLU run as one epamx op (epamx.nn.batch_norm_act); False
+    keeps the plain modules.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=1, stride=1, padding=0, groups: int = 1,
@@ -96,16 +95,15 @@ class XShiftBlock(nn.Module):
     """shift -> 1x1x1 conv+BN+ReLU -> (1,3,3) depthwise conv+BN (spatial stride) -> [SE] -> Swish -> 1x1x1 conv+BN,
     plus the unshifted input (through a 1x1x1 conv+BN where the shape changes), then ReLU.
 
-    Without autograd (inference), the input is shifted in place around the first convolution and restored
-    exactly afterwards, so no shifted copy is allocated; the result is bit for bit the same. Set
-    ``inplace_shift = False`` to always allocate the shifted copy.
+    When the input needs no gradient (inference) and the shift is fused, outside torch.compile, the input is
+    shifted in place around the first convolution and restored exactly afterwards; the result is bit for bit the
+    same. Set ``inplace_shift = False`` to always allocate the shifted copy.
 
     In training on a CPU with ``fused`` (the default), each batch norm runs fused with what follows it
-    (epamx.nn.batch_norm_act): ReLU after the first, SE and Swish after the depthwise convolution. Only the
-    convolutions' outputs are saved for backward, not the normalised, gated or activated tensors; and the shift is
-    done in place around the first convolution in the backward pass too (TemporalShift.conv), so the shifted copy
-    is neither allocated nor saved. The depthwise convolution runs frame by frame in channels_last_3d memory
-    (ConvBNAct's ``frame_wise``), where oneDNN's 2D backward pass is several times faster than its 3D one.
+    (epamx.nn.batch_norm_act): ReLU after the first, SE and Swish after the depthwise convolution; and the shift
+    is done in place around the first convolution in the backward pass too (TemporalShift.conv). The depthwise
+    convolution runs frame by frame in channels_last_3d memory (ConvBNAct's ``frame_wise``). What these buy:
+    docs/performance.md, X-ShiftNet blocks and the fused training path.
     """
 
     def __init__(self, in_channels: int, planes: int, out_channels: int, spatial_stride: int = 1, fold_div: int = 8,
@@ -173,7 +171,8 @@ class XShiftNet(nn.Module):
         se_style: "half" (SE in blocks 0, 2, 4, ... of a stage), "all", or "none".
         se_ratio: SE bottleneck ratio before X3D's rounding.
         use_swish: Swish after the depthwise convolution.
-        fused: temporal shifts on the fused epamx op, or False for the plain-PyTorch reference path.
+        fused: the fused epamx ops (temporal shifts; in CPU training, batch norm with what follows it), or False
+            for the plain-PyTorch reference path.
 
     Input (N, C_in, T, H, W), any T, H, W; output (N, feat_dim, T, H', W'), each stride-2 step taking ceil(H / 2).
     """

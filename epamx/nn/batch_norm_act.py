@@ -13,18 +13,18 @@ __all__ = ["batch_norm_act", "fused_batch_norm_applies"]
 
 def fused_batch_norm_applies(bn: nn.Module, x: Tensor) -> bool:
     """Whether :func:`batch_norm_act` runs ``bn`` on x as the fused op: a plain nn.BatchNorm1d/2d/3d in training
-    mode normalising with batch statistics, on a CPU tensor, outside torch.compile (which fuses on its own).
-    SyncBatchNorm, eval mode and a folded-away batch norm (nn.Identity) keep their own forward; so does CUDA,
-    where cuDNN's batch norm is already fast and the epamx kernels' reductions are not tuned."""
+    mode normalising with batch statistics, on a CPU tensor, outside torch.compile. SyncBatchNorm, eval mode, a
+    folded-away batch norm (nn.Identity), CUDA tensors and compiled graphs keep ``bn``'s own forward (why CUDA
+    and torch.compile do: docs/performance.md, Operators)."""
     return (type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and bn.training
             and x.device.type == "cpu" and not torch.compiler.is_compiling())
 
 
 def batch_norm_act(bn: nn.modules.batchnorm._BatchNorm, x: Tensor, activation: str = "identity",
                    gate: Optional[Callable[[Tensor], Tensor]] = None, gate_params: Sequence[Tensor] = ()) -> Tensor:
-    """``act(bn(x) * gate(mean_S bn(x)))`` in training mode, as :func:`epamx.ops.batch_norm_act`: saves only x,
-    reads it twice forward and (with the gradient) twice backward. ``bn``'s running statistics and
-    ``num_batches_tracked`` are updated as its own forward would; check :func:`fused_batch_norm_applies` first.
+    """``act(bn(x) * gate(mean_S bn(x)))`` in training mode, as :func:`epamx.ops.batch_norm_act` (saves only x
+    for backward). ``bn``'s running statistics and ``num_batches_tracked`` are updated as its own forward would;
+    check :func:`fused_batch_norm_applies` first.
     """
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.track_running_stats and bn.num_batches_tracked is not None:

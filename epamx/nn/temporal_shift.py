@@ -59,10 +59,9 @@ class TemporalShift(nn.Module):
     def shifted_in_place(self, x: Tensor) -> Iterator[Tensor]:
         """Shift ``x`` in place for the duration of a ``with`` block, then restore it bit for bit.
 
-        For inference, where a block needs the shifted tensor only briefly (its first convolution) and the
-        unshifted one afterwards (the residual): no shifted copy is allocated. The two frames the shift drops
-        (2 * fold channel planes per clip) are saved and put back after the opposite shift. Not differentiable;
-        layout "NCTHW" only.
+        The two frames the shift drops (2 * fold channel planes per clip) are saved and put back after the
+        opposite shift. Not differentiable; layout "NCTHW" only (ValueError otherwise). What it saves:
+        docs/performance.md, X-ShiftNet blocks.
         """
         if self.layout != "NCTHW":
             raise ValueError("TemporalShift.shifted_in_place supports layout 'NCTHW' only")
@@ -79,15 +78,14 @@ class TemporalShift(nn.Module):
             x[:, fold:2 * fold, -1:] = dropped_last
 
     def conv(self, conv: nn.Conv3d, x: Tensor) -> Tensor:
-        """``conv(self(x))`` for training, without keeping the shifted copy: the forward pass shifts ``x`` in
-        place around the convolution and restores it bit for bit (as :meth:`shifted_in_place`); the backward pass
-        shifts it again for the weight gradient and takes the input gradient back through the opposite shift in
-        place. Autograd saves ``x`` itself, which the block keeps anyway for its residual, so a block saves one
-        input-sized tensor less and allocates none for the shift. ``x`` must be dense (contiguous or
-        channels-last); ``x``'s version counter is left as it was, since ``x`` ends up unchanged.
+        """``conv(self(x))`` for training, without keeping the shifted copy: ``x`` is shifted in place around the
+        convolution in the forward and the backward pass and restored bit for bit each time; autograd saves ``x``
+        itself. ``x``'s version counter is left as it was, since ``x`` ends up unchanged. This path is
+        differentiable once (no double backward).
 
-        Fused path only; other modules fall back to ``conv(self(x))``. Not for torch.compile (the in-place
-        round trip is invisible to its functionalisation); the caller falls back there.
+        Falls back to ``conv(self(x))`` when the module is not fused or not "NCTHW", when ``x`` is not dense
+        (contiguous or channels_last_3d), and under torch.compile (the in-place round trip is invisible to its
+        functionalisation). What it saves: docs/performance.md, X-ShiftNet blocks.
         """
         if (not self.fused or self.layout != "NCTHW" or torch.compiler.is_compiling()
                 or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last_3d))):

@@ -4,9 +4,9 @@
 
 x is (N, C, T, H, W), the spatial map S (N, 1, T, H, W) broadcasts over channels, the temporal map A
 (N, 1, T, 1, 1) over channels and space. Computed in float32 for half and bfloat16 inputs (float64 for float64)
-and rounded once. The backward pass reads x and the incoming gradient once and saves nothing but the inputs:
-dx = g * (1 + S*A), dS = A * sum_c g*x, dA = sum_{c,h,w} g*x*S. That backward op is differentiable in turn (in
-plain torch ops and itself), so gradients of any order are exact.
+and rounded once. The backward pass saves only the inputs: dx = g * (1 + S*A), dS = A * sum_c g*x,
+dA = sum_{c,h,w} g*x*S. That backward op is differentiable in turn (in plain torch ops and itself), so gradients
+of any order are exact. (Performance: docs/performance.md, Operators.)
 """
 from __future__ import annotations
 

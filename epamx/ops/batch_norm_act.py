@@ -5,11 +5,8 @@
 
 BN uses the batch statistics, so BN(x) = a[c] * x + b[c] (a = weight / sqrt(var + eps), b = bias - mean * a), and
 with the gate's per-sample factor the whole chain is act(x * scale[n, c] + shift[n, c]): one per-(n, c) affine
-map and an activation, the op ``affine_act``. The forward pass reads x twice (its per-(n, c) moments, then
-``affine_act``); the backward pass reads (grad, x) twice (per-(n, c) sums of the activation's input gradient, then
-the input gradient as coef_u * u + coef_x * x + coef_1 with per-(n, c) coefficients); everything in between is
-arithmetic on (N, C) tensors. Only x is saved: the normalised tensor, the gated one and the activation's input
-are never stored, and the activation's derivative is recomputed from x (no separate ReLU/SiLU backward pass).
+map and an activation, the op ``affine_act``. Only x is saved for backward (the activation's derivative is
+recomputed from it); the passes over memory this costs and saves: docs/performance.md, Operators.
 
 The reductions accumulate in float64, so the batch variance comes from E[x^2] - E[x]^2 without cancellation
 trouble at these sizes. Results match :func:`batch_norm_act_reference` (F.batch_norm, the gate, the activation)

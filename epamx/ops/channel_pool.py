@@ -1,15 +1,16 @@
 """Max and mean over channels of every t_stride-th frame, in one pass (CBAM's channel pooling, with EPAM-Net's
-temporal subsampling of the pose features fused in so no strided copy is made).
+temporal subsampling of the pose features fused in).
 
     out[:, 0] = x[:, :, ::t_stride].max(dim=1)     out[:, 1] = x[:, :, ::t_stride].mean(dim=1)
 
-x (N, C, T, H, W) -> (N, 2, ceil(T / t_stride), H, W), in x's memory format (contiguous or channels_last_3d, whose
-contiguous channels the CPU kernels reduce directly). The mean accumulates in float32 for half and bfloat16.
+x (N, C, T, H, W) -> (N, 2, ceil(T / t_stride), H, W), in x's memory format (contiguous or channels_last_3d).
+The mean accumulates in float32 for half and bfloat16.
 The maximum follows torch.max: NaN propagates, and among equal maxima (ties) the first channel is the arg-max;
 the backward pass sends the max gradient to that channel only (as torch.max's gradient does) and the mean
-gradient, divided by C, to every channel. Frames the pooling skips get zero gradient. The backward pass
-recomputes the arg-max from x, so only the input is saved. It is differentiable in turn: linear in the incoming
+gradient, divided by C, to every channel. Frames the pooling skips get zero gradient. The backward pass saves
+only the input (it recomputes the arg-max from x). It is differentiable in turn: linear in the incoming
 gradient, and constant in x wherever the arg-max is unique (the second derivative in x is 0, as torch.max's is).
+Why the pooling and the frame selection are one op: docs/performance.md, Operators.
 """
 from __future__ import annotations
 

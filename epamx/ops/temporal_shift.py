@@ -4,9 +4,9 @@ With fold = C // fold_div, output frame t of channel c is input frame t + 1 for 
 c in [fold, 2 * fold), frame t otherwise, and zero where that frame does not exist (no wrap-around).
 
 Layouts: a 5-D input is (N, C, T, H, W), as in EPAM-Net; a 4-D input is (N*T, C, H, W) with
-``num_segments = T``, as in TSM. Any strides are accepted: the kernels read the N, C and T strides as they are,
-and a tensor whose (H, W) frames are not dense (a spatial slice, channels_last_3d) is first copied to a
-contiguous one. The out-of-place result is always contiguous.
+``num_segments = T``, as in TSM. Any strides are accepted. The out-of-place result is contiguous, or in the
+input's channels-last format (channels_last, channels_last_3d) for a channels-last input. How each layout is
+read: docs/performance.md, Operators.
 
 Edge cases: fold_div must be an int with 1 <= fold <= C / 2, so 2 <= fold_div <= C (a fold of 0 would silently
 make the shift the identity, so it raises; only an input with C = 0 channels takes any fold_div >= 1). With T = 1
