@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from epamx.errors import DataError, DataFileNotFound
+
 __all__ = ["AnnotationError", "UnsafePickleError", "class_names_of", "dump_annotations", "load_annotation_file",
            "load_annotations",
            "read_label_map", "safe_load_pickle", "validate_annotation"]
@@ -31,11 +33,12 @@ __all__ = ["AnnotationError", "UnsafePickleError", "class_names_of", "dump_annot
 PathLike = Union[str, os.PathLike]
 
 
-class AnnotationError(ValueError):
-    """An annotation file or entry does not hold what the format requires."""
+class AnnotationError(DataError):
+    """An annotation file or entry does not hold what the format requires; the message names the file (and the
+    entry)."""
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(pickle.UnpicklingError, AnnotationError):
     """A pickle asked for a type outside the annotation format (and was refused before anything ran)."""
 
 
@@ -93,7 +96,7 @@ def safe_load_pickle(path_or_file: Union[PathLike, io.BufferedIOBase]) -> Any:
     if isinstance(path_or_file, (str, os.PathLike)):
         source = os.fspath(path_or_file)
         if not os.path.exists(source):
-            raise FileNotFoundError(f"annotation file {source} does not exist")
+            raise DataFileNotFound(f"annotation file {source} does not exist")
         with open(source, "rb") as f:
             return _load(f, source)
     return _load(path_or_file, getattr(path_or_file, "name", "<annotation stream>"))
@@ -105,7 +108,7 @@ def _load(f, source: str) -> Any:
     except UnsafePickleError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise AnnotationError(f"{source}: not a readable annotation pickle ({type(e).__name__}: {e})") from None
+        raise AnnotationError(f"{source}: not a readable annotation pickle ({type(e).__name__}: {e})") from e
 
 
 def validate_annotation(ann: Any, source: str, position: int) -> Dict[str, Any]:
@@ -228,9 +231,15 @@ def class_names_of(path: PathLike) -> Optional[List[str]]:
 
 
 def read_label_map(path: PathLike) -> List[str]:
-    """Class names from a text file, one per line (line i names label i)."""
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
+    """Class names from a text file, one per line (line i names label i). Raises DataFileNotFound for a missing
+    file, AnnotationError for one that is not UTF-8 text or names no class."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError as e:
+        raise DataFileNotFound(f"label map {os.fspath(path)} does not exist") from e
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{os.fspath(path)}: the label map is not UTF-8 text ({e})") from e
     if not names:
         raise AnnotationError(f"{os.fspath(path)}: the label map is empty (expected one class name per line)")
     return names

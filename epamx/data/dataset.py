@@ -31,6 +31,7 @@ from epamx.data.decoding import read_frame_folder, read_video
 from epamx.data.sampler import ClipSampler, sample_seed
 from epamx.data.sampling import rgb_frame_indices, uniform_sample_frames
 from epamx.data.transforms import compact_box, crop_resize_frames, select_persons
+from epamx.errors import DataError, DataFileNotFound
 
 __all__ = ["ClipDataset", "SampleError", "build_dataset", "build_loader", "collate_clips"]
 
@@ -38,7 +39,7 @@ log = logging.getLogger("epamx.data")
 MODALITIES = ("rgb", "pose")
 
 
-class SampleError(RuntimeError):
+class SampleError(DataError):
     """A sample could not be read; the message names the sample and the file."""
 
 
@@ -108,7 +109,7 @@ class ClipDataset(torch.utils.data.Dataset):
             if self.skip_bad:
                 log.warning("skipped %s", message)
                 return None
-            raise SampleError(message) from None
+            raise SampleError(message) from e
 
     def _load(self, index: int, ann: Dict[str, Any], rng: np.random.RandomState) -> Dict[str, Any]:
         inds = uniform_sample_frames(ann["total_frames"], self.clip_len, test_mode=not self.train, rng=rng)
@@ -198,20 +199,20 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, modalities: Sequence
         ann_file = paths["ann_file"]
         video_root, frame_root = paths.get("video_root", ""), paths.get("frame_root", "")
     elif cfg.dataset != "posec3d":
-        raise ValueError(f"data.dataset must be 'embedded' or 'posec3d', got {cfg.dataset!r}")
+        raise DataError(f"data.dataset must be 'embedded' or 'posec3d', got {cfg.dataset!r}")
     if not ann_file:
-        raise ValueError("data.ann_file is empty: give the PoseC3D annotation pickle (e.g. data.ann_file=ntu60_2d.pkl)")
+        raise DataError("data.ann_file is empty: give the PoseC3D annotation pickle (e.g. data.ann_file=ntu60_2d.pkl)")
     if not os.path.exists(ann_file):
-        raise FileNotFoundError(f"data.ann_file {ann_file} does not exist")
+        raise DataFileNotFound(f"data.ann_file {ann_file} does not exist")
     if "rgb" in modalities:
         root = video_root or frame_root
         if not root:
-            raise ValueError("the RGB stream needs data.video_root (videos) or data.frame_root (JPEG frame folders)")
+            raise DataError("the RGB stream needs data.video_root (videos) or data.frame_root (JPEG frame folders)")
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"data.{'video_root' if video_root else 'frame_root'} {root} is not a folder")
+            raise DataFileNotFound(f"data.{'video_root' if video_root else 'frame_root'} {root} is not a folder")
     annotations, file_classes = load_annotation_file(ann_file, split, num_classes=num_classes)
     if not annotations:
-        raise ValueError(f"{ann_file}: split {split!r} is empty")
+        raise DataError(f"{ann_file}: split {split!r} is empty")
     names = _class_names(cfg, file_classes, [a["label"] for a in annotations])
     if num_classes is not None and len(names) < num_classes:
         names += [f"class_{i}" for i in range(len(names), num_classes)]

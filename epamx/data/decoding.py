@@ -12,6 +12,8 @@ from typing import Iterator, Sequence, Tuple, Union
 
 import numpy as np
 
+from epamx.errors import DataError, DataFileNotFound
+
 __all__ = ["DecodeError", "decode_video", "read_video", "read_frame_folder", "video_frame_count", "write_video", "write_frame_folder"]
 
 PathLike = Union[str, os.PathLike]
@@ -20,8 +22,8 @@ PathLike = Union[str, os.PathLike]
 _SHORT_VIDEO_TOLERANCE = 0.1
 
 
-class DecodeError(RuntimeError):
-    """A video or frame could not be read."""
+class DecodeError(DataError):
+    """A video or frame could not be read; the message names the file."""
 
 
 def _needed(indices: Sequence[int]) -> np.ndarray:
@@ -35,12 +37,12 @@ def _needed(indices: Sequence[int]) -> np.ndarray:
 
 def decode_video(path: PathLike) -> Iterator[Tuple[object, object]]:
     """The frames of a video's first video stream, decoded in order: yields (av.VideoFrame, its stream). Errors
-    while opening or decoding become DecodeError (FileNotFoundError for a missing file), naming the file."""
+    while opening or decoding become DecodeError (DataFileNotFound for a missing file), naming the file."""
     import av
 
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"video {path} does not exist")
+        raise DataFileNotFound(f"video {path} does not exist")
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -51,9 +53,9 @@ def decode_video(path: PathLike) -> Iterator[Tuple[object, object]]:
                 yield frame, stream
     except (av.error.FFmpegError, OSError) as e:
         if isinstance(e, FileNotFoundError):
-            raise
+            raise DataFileNotFound(f"video {path} does not exist") from e
         raise DecodeError(f"{path}: cannot decode video ({type(e).__name__}: {e}); the file may be corrupt or "
-                          f"truncated") from None
+                          f"truncated") from e
 
 
 def read_video(path: PathLike, indices: Sequence[int]) -> np.ndarray:
@@ -87,15 +89,9 @@ def read_video(path: PathLike, indices: Sequence[int]) -> np.ndarray:
 
 
 def video_frame_count(path: PathLike) -> int:
-    """Frames in a video, counted by decoding it (container metadata is often missing or wrong)."""
-    import av
-
-    path = os.fspath(path)
-    try:
-        with av.open(path) as container:
-            return sum(1 for _ in container.decode(video=0))
-    except (av.error.FFmpegError, OSError) as e:
-        raise DecodeError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from None
+    """Frames in a video, counted by decoding it (container metadata is often missing or wrong). Raises
+    DataFileNotFound or DecodeError, naming the file."""
+    return sum(1 for _ in decode_video(path))
 
 
 def read_frame_folder(folder: PathLike, indices: Sequence[int], template: str = "img_{:05d}.jpg") -> np.ndarray:
@@ -106,7 +102,7 @@ def read_frame_folder(folder: PathLike, indices: Sequence[int], template: str = 
     idx = _needed(indices)
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"frame folder {folder} does not exist")
+        raise DataFileNotFound(f"frame folder {folder} does not exist")
     cache = {}
     out = []
     for i in idx.tolist():
@@ -115,11 +111,11 @@ def read_frame_folder(folder: PathLike, indices: Sequence[int], template: str = 
             try:
                 with Image.open(path) as img:
                     cache[i] = np.asarray(img.convert("RGB"))
-            except FileNotFoundError:
-                raise FileNotFoundError(f"frame {path} does not exist (frame {i} of {folder}, template "
-                                        f"{template!r})") from None
+            except FileNotFoundError as e:
+                raise DataFileNotFound(f"frame {path} does not exist (frame {i} of {folder}, template "
+                                       f"{template!r})") from e
             except (UnidentifiedImageError, OSError, SyntaxError) as e:
-                raise DecodeError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+                raise DecodeError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
         out.append(cache[i])
     shapes = {f.shape for f in out}
     if len(shapes) != 1:

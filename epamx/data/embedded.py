@@ -24,6 +24,7 @@ from epamx.data.annotations import dump_annotations
 from epamx.data.config import DataConfig, EmbeddedConfig
 from epamx.data.decoding import write_frame_folder, write_video
 from epamx.data.scenes import CLASSES, render_clip
+from epamx.errors import DataError
 
 __all__ = ["build_embedded", "embedded_dir", "CLASSES"]
 
@@ -59,11 +60,11 @@ def _make_clip(job) -> Dict:
 
 def _validate(spec: EmbeddedConfig) -> None:
     if spec.format not in ("video", "frames"):
-        raise ValueError(f"data.embedded.format must be 'video' or 'frames', got {spec.format!r}")
+        raise DataError(f"data.embedded.format must be 'video' or 'frames', got {spec.format!r}")
     if spec.image_size < 16 or spec.image_size % 2:
-        raise ValueError(f"data.embedded.image_size must be even and >= 16, got {spec.image_size}")
+        raise DataError(f"data.embedded.image_size must be even and >= 16, got {spec.image_size}")
     if spec.frames < 1 or spec.train_per_class < 1 or spec.val_per_class < 1:
-        raise ValueError(f"data.embedded: frames, train_per_class and val_per_class must be >= 1, got "
+        raise DataError(f"data.embedded: frames, train_per_class and val_per_class must be >= 1, got "
                          f"{spec.frames}, {spec.train_per_class}, {spec.val_per_class}")
 
 

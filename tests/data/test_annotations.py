@@ -11,6 +11,7 @@ import pytest
 
 from epamx.data import AnnotationError, UnsafePickleError, dump_annotations, load_annotations, safe_load_pickle
 from epamx.data.annotations import class_names_of, read_label_map
+from epamx.errors import DataError, DataFileNotFound, EpamxError
 from fakes import make_annotation, write_pickle
 
 
@@ -242,8 +243,9 @@ def test_truncated_and_garbage_pickles(tmp_path, protocol):
     data = path.read_bytes()
     for cut in (len(data) // 3, len(data) - 1):
         path.write_bytes(data[:cut])
-        with pytest.raises(AnnotationError, match=re.escape(str(path)) + ": not a readable annotation pickle"):
+        with pytest.raises(AnnotationError, match=re.escape(str(path)) + ": not a readable annotation pickle") as info:
             load_annotations(path)
+        assert info.value.__cause__ is not None, "the unpickler's error is kept"
     path.write_bytes(b"")
     with pytest.raises(AnnotationError, match=re.escape(str(path))):
         load_annotations(path)
@@ -253,5 +255,19 @@ def test_truncated_and_garbage_pickles(tmp_path, protocol):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "none.pkl"))):
+    with pytest.raises(DataFileNotFound, match=re.escape(str(tmp_path / "none.pkl"))):
         load_annotations(tmp_path / "none.pkl")
+    with pytest.raises(DataFileNotFound, match=re.escape(str(tmp_path / "labels.txt"))):
+        read_label_map(tmp_path / "labels.txt")
+    (tmp_path / "labels.txt").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(AnnotationError, match=re.escape(str(tmp_path / "labels.txt")) + ".*not UTF-8"):
+        read_label_map(tmp_path / "labels.txt")
+
+
+def test_the_errors_are_data_errors():
+    assert issubclass(AnnotationError, DataError) and issubclass(DataFileNotFound, FileNotFoundError)
+    assert issubclass(UnsafePickleError, pickle.UnpicklingError) and issubclass(UnsafePickleError, AnnotationError)
+    from epamx.data import DecodeError, SampleError
+    from epamx.data.annotations import AnnotationError as same
+    assert same is AnnotationError and issubclass(DecodeError, DataError) and issubclass(SampleError, DataError)
+    assert all(issubclass(e, EpamxError) for e in (AnnotationError, UnsafePickleError, DecodeError, SampleError))

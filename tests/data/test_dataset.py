@@ -13,6 +13,7 @@ from epamx.data import (BatchTransform, ClipDataset, DataConfig, SampleError, bu
                         collate_clips, load_annotations, read_video, uniform_sample_frames, write_video)
 from epamx.data.sampler import sample_seed
 from epamx.data.transforms import crop_resize_frames
+from epamx.errors import DataError, DataFileNotFound
 from fakes import frame_numbers, make_annotation, write_numbered_dataset, write_pickle
 from references import mmcompact_box, pil_crop_resize
 
@@ -202,8 +203,9 @@ def test_bad_samples_are_errors_naming_the_sample_and_the_file(broken):
     for index in (1, 3):
         path = os.path.join(paths["video_root"], f"clip{index:02d}.mp4")
         with pytest.raises(SampleError, match=re.escape(f"sample {index} ('clip{index:02d}'): ") + ".*"
-                           + re.escape(path)):
+                           + re.escape(path)) as info:
             ds[index]
+        assert isinstance(info.value.__cause__, DataError) and path in str(info.value.__cause__), "the cause is kept"
     loader = build_loader(ds, batch_size=2, train=False, workers=2)
     assert "sample 1 ('clip01')" in _loader_error(loader)
     del loader
@@ -289,14 +291,23 @@ def test_build_dataset_from_a_posec3d_config(numbered, tmp_path):
     unnamed = build_dataset(DataConfig(dataset="posec3d", ann_file=paths["ann_file"], video_root=paths["video_root"]),
                             "all", train=True, num_classes=5)
     assert unnamed.class_names == [f"class_{i}" for i in range(5)]
-    with pytest.raises(FileNotFoundError, match="data.ann_file"):
+    with pytest.raises(DataFileNotFound, match="data.ann_file"):
         build_dataset(DataConfig(dataset="posec3d", ann_file=str(tmp_path / "none.pkl")), "all", train=False)
-    with pytest.raises(ValueError, match="data.ann_file is empty"):
+    with pytest.raises(DataError, match="data.ann_file is empty"):
         build_dataset(DataConfig(dataset="posec3d"), "all", train=False)
-    with pytest.raises(FileNotFoundError, match="data.video_root"):
+    with pytest.raises(DataFileNotFound, match="data.video_root"):
         build_dataset(DataConfig(dataset="posec3d", ann_file=paths["ann_file"], video_root=str(tmp_path / "none")),
                       "all", train=False)
-    with pytest.raises(ValueError, match="'embedded' or 'posec3d'"):
+    with pytest.raises(DataError, match="'embedded' or 'posec3d'"):
+        build_dataset(DataConfig(dataset="kinetics"), "all", train=False)
+    with pytest.raises(DataError, match="the RGB stream needs data.video_root"):
+        build_dataset(DataConfig(dataset="posec3d", ann_file=paths["ann_file"]), "all", train=False)
+    empty = write_pickle(tmp_path / "empty_split.pkl", {"split": {"all": []}, "annotations": anns})
+    with pytest.raises(DataError, match=re.escape(f"{empty}: split 'all' is empty")):
+        build_dataset(DataConfig(dataset="posec3d", ann_file=str(empty)), "all", train=False, modalities=("pose",))
+    with pytest.raises(DataFileNotFound, match=re.escape(str(tmp_path / "none.txt"))):
+        build_dataset(DataConfig(dataset="posec3d", ann_file=paths["ann_file"], label_map=str(tmp_path / "none.txt")),
+                      "all", train=False, modalities=("pose",))
         build_dataset(DataConfig(dataset="kinetics"), "all", train=False)
     assert len(build_dataset(DataConfig(dataset="posec3d", ann_file=paths["ann_file"]), "all", train=False,
                              modalities=("pose",))) == len(LENGTHS)
