@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from epamx.data.annotations import load_annotation_file, read_label_map
+from epamx.data.annotations import check_labels, inferred_class_count, load_annotation_file, read_label_map
+from epamx.data.batch_transform import SKELETONS
 from epamx.data.config import DataConfig
 from epamx.data.decoding import read_frame_folder, read_video
 from epamx.data.sampler import ClipSampler, sample_seed
@@ -178,12 +179,23 @@ def collate_clips(samples: List[Optional[Dict[str, Any]]]) -> Optional[Dict[str,
     return batch
 
 
-def _class_names(cfg: DataConfig, file_classes: Optional[List[str]], labels: Sequence[int]) -> List[str]:
+def _class_names(cfg: DataConfig, ann_file: str, file_classes: Optional[List[str]],
+                 annotations: List[Dict[str, Any]], num_classes: Optional[int]) -> List[str]:
+    """data.label_map's names, else the pickle's 'classes', else class_<i> (as many as ``num_classes`` or the labels
+    imply); every label must have a name. Padded with class_<i> up to ``num_classes``."""
     if getattr(cfg, "label_map", ""):
-        return read_label_map(cfg.label_map)
-    if file_classes is not None:
-        return file_classes
-    return [f"class_{i}" for i in range(max(labels) + 1)] if labels else []
+        names = read_label_map(cfg.label_map)
+        check_labels(annotations, len(names), ann_file, f"data.label_map {cfg.label_map} names")
+    elif file_classes is not None:
+        names = file_classes
+        check_labels(annotations, len(names), ann_file, "the file's 'classes' list names")
+    else:
+        names = []
+    if num_classes is None and not names:
+        num_classes = inferred_class_count(annotations, ann_file)
+    if num_classes is not None and len(names) < num_classes:
+        names += [f"class_{i}" for i in range(len(names), num_classes)]
+    return names
 
 
 def build_dataset(cfg: DataConfig, split: str, train: bool, modalities: Sequence[str] = MODALITIES,
@@ -200,6 +212,8 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, modalities: Sequence
         video_root, frame_root = paths.get("video_root", ""), paths.get("frame_root", "")
     elif cfg.dataset != "posec3d":
         raise DataError(f"data.dataset must be 'embedded' or 'posec3d', got {cfg.dataset!r}")
+    if cfg.skeleton not in SKELETONS:
+        raise DataError(f"data.skeleton must be one of {sorted(SKELETONS)}, got {cfg.skeleton!r}")
     if not ann_file:
         raise DataError("data.ann_file is empty: give the PoseC3D annotation pickle (e.g. data.ann_file=ntu60_2d.pkl)")
     if not os.path.exists(ann_file):
@@ -210,12 +224,11 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, modalities: Sequence
             raise DataError("the RGB stream needs data.video_root (videos) or data.frame_root (JPEG frame folders)")
         if not os.path.isdir(root):
             raise DataFileNotFound(f"data.{'video_root' if video_root else 'frame_root'} {root} is not a folder")
-    annotations, file_classes = load_annotation_file(ann_file, split, num_classes=num_classes)
+    annotations, file_classes = load_annotation_file(ann_file, split, num_classes=num_classes,
+                                                     num_joints=SKELETONS[cfg.skeleton][0])
     if not annotations:
         raise DataError(f"{ann_file}: split {split!r} is empty")
-    names = _class_names(cfg, file_classes, [a["label"] for a in annotations])
-    if num_classes is not None and len(names) < num_classes:
-        names += [f"class_{i}" for i in range(len(names), num_classes)]
+    names = _class_names(cfg, ann_file, file_classes, annotations, num_classes)
     return ClipDataset(annotations, names, train, modalities, video_root, cfg.video_suffix, frame_root,
                        cfg.frame_template, cfg.rgb_precropped, cfg.clip_len, cfg.rgb_every, cfg.frame_size,
                        cfg.max_persons, cfg.flip_prob, cfg.skip_bad)

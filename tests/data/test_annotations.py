@@ -132,6 +132,15 @@ BAD = {
     "frame count": (_set("total_frames", 10), "'keypoint' has 9 frames but 'total_frames' is 10"),
     "zero frames": (_set("total_frames", 0), "'total_frames' must be an int >= 1"),
     "bad img_shape": (_set("img_shape", (0, 64)), "'img_shape' must be positive"),
+    "infinite img_shape": (_set("img_shape", (float("inf"), 64)), re.escape("'img_shape' must be (h, w), got (inf")),
+    "text img_shape": (_set("img_shape", "48"), re.escape("'img_shape' must be (h, w), got '48'")),
+    "huge img_shape": (_set("img_shape", (2 ** 70, 64)), "'img_shape' must be positive \\(and below 2\\*\\*31\\)"),
+    "complex keypoints": (_set("keypoint", lambda a: a["keypoint"] * 1j), "'keypoint' must be a real .*complex"),
+    "ragged keypoints": (_set("keypoint", lambda a: [a["keypoint"][0].tolist(), [[1.0, 2.0]]]),
+                         "'keypoint' is not an array"),
+    "complex scores": (_set("keypoint_score", lambda a: a["keypoint_score"] + 0j), "'keypoint_score' must be a real"),
+    "huge frame count": (lambda a: a.update(keypoint=np.zeros((0, 0, 17, 2), np.float32), keypoint_score=None,
+                                            total_frames=2 ** 70), "'total_frames' must be an int >= 1"),
 }
 
 
@@ -144,6 +153,29 @@ def test_invalid_annotations_name_the_file_and_the_sample(tmp_path, case):
         load_annotations(path)
     assert str(path) in str(info.value)
     assert "annotation 1" in str(info.value) and "S017C003P020R002A060" in str(info.value)
+
+
+def test_the_joint_count_is_checked(tmp_path):
+    good = make_annotation(np.random.RandomState(6), "S001C001P001R001A001", 0, frames=9)
+    five = make_annotation(np.random.RandomState(7), "S017C003P020R002A060", 1, frames=9, joints=5)
+    path = write_pickle(tmp_path / "five.pkl", {"split": {"all": ["S001C001P001R001A001"]},
+                                                "annotations": [good, five]})
+    with pytest.raises(AnnotationError, match=re.escape(f"{path}: annotation 1 ('S017C003P020R002A060'): 'keypoint' "
+                                                        "has 5 joints per person, but the skeleton has 17")):
+        load_annotations(path, num_joints=17)
+    with pytest.raises(AnnotationError, match=re.escape(str(path)) + ".*'S017C003P020R002A060' has 5 joints per "
+                       "person, but 'S001C001P001R001A001' has 17: every annotation .* same skeleton"):
+        load_annotations(path)
+    assert len(load_annotations(path, "all", num_joints=None)) == 1, "only the split's annotations must agree"
+    assert len(load_annotations(path, [five["frame_dir"]])) == 1
+
+
+def test_split_lists_of_the_wrong_type(tmp_path):
+    anns = _annotations(9)
+    for value in (None, 3, {"a": 1}):
+        path = write_pickle(tmp_path / "split.pkl", {"split": {"train": value}, "annotations": anns})
+        with pytest.raises(AnnotationError, match=re.escape(f"{path}: split 'train' must be a list of frame_dirs")):
+            load_annotations(path, "train")
 
 
 def test_an_entry_without_frame_dir_is_named_by_position(tmp_path):
