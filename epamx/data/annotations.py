@@ -20,12 +20,12 @@ import io
 import math
 import os
 import pickle
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from epamx.errors import DataError, DataFileNotFound
+from epamx.records import atomic_write_bytes
 
 __all__ = ["AnnotationError", "UnsafePickleError", "check_labels", "class_names_of", "dump_annotations",
            "inferred_class_count", "load_annotation_file", "load_annotations", "read_label_map", "safe_load_pickle",
@@ -339,12 +339,9 @@ def read_label_map(path: PathLike) -> List[str]:
 
 def dump_annotations(path: PathLike, annotations: List[Dict[str, Any]], split: Dict[str, List[str]],
                      classes: Optional[Sequence[str]] = None) -> None:
-    """Write annotations in the PoseC3D format (atomically: a temporary file renamed into place)."""
-    path = Path(path)
+    """Write annotations in the PoseC3D format (pickle protocol 4), atomically (epamx.records.atomic_write_bytes):
+    ``path`` holds the old file or the whole new one, never a torn one."""
     data: Dict[str, Any] = {"split": split, "annotations": annotations}
     if classes is not None:
         data["classes"] = list(classes)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        pickle.dump(data, f, protocol=4)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, pickle.dumps(data, protocol=4))

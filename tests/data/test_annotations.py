@@ -104,6 +104,16 @@ def test_dump_annotations_and_class_names(tmp_path):
     assert read_label_map(labels) == ["drink", "wave"]
 
 
+def test_a_failed_dump_leaves_the_old_file(tmp_path):
+    anns = _annotations(4)
+    path = tmp_path / "out.pkl"
+    dump_annotations(path, anns, {"train": [anns[0]["frame_dir"]]})
+    before = path.read_bytes()
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        dump_annotations(path, [dict(anns[0], extra=lambda: None)], {})
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["out.pkl"]
+
+
 def _broken(mutation):
     ann = make_annotation(np.random.RandomState(5), "S017C003P020R002A060", 3, persons=2, frames=9)
     mutation(ann)
