@@ -93,7 +93,8 @@ class _AnnotationUnpickler(pickle.Unpickler):
 
 
 def safe_load_pickle(path_or_file: Union[PathLike, io.BufferedIOBase]) -> Any:
-    """Unpickle an annotation file, admitting only the types the format holds (see the module docstring)."""
+    """Unpickle an annotation file, admitting only the types the format holds (see the module docstring). Raises
+    DataFileNotFound, UnsafePickleError (a refused type) or AnnotationError (not a pickle), naming the file."""
     if isinstance(path_or_file, (str, os.PathLike)):
         source = os.fspath(path_or_file)
         if not os.path.exists(source):

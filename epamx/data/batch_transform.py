@@ -30,10 +30,11 @@ class BatchTransform(nn.Module):
 
     imgs: float32 (N, 3, T, H, W) normalised RGB, flipped where ``batch['flip']`` (None without 'imgs');
     heatmaps: float32 (N, K, T_p, h, w) rendered from the keypoints (None if ``"pose"`` is not in modalities);
-    labels: int64 (N,). With ``channels_last`` both come in channels_last_3d memory (what oneDNN runs fastest).
+    labels: int64 (N,). With ``channels_last`` both come in channels_last_3d memory.
 
     ``cfg.skeleton`` names the joint layout: "coco17", "ntu25", or "any" (any joint count; a flip then mirrors the
     coordinates without swapping left and right joints, so set ``flip_prob = 0`` unless the skeleton is symmetric).
+    An unknown skeleton, or keypoints with another joint count, raise DataError.
     """
 
     def __init__(self, cfg: DataConfig, modalities: Sequence[str] = ("rgb", "pose")):

@@ -57,6 +57,10 @@ class ClipDataset(torch.utils.data.Dataset):
             they are cropped to the persons' box over the whole video and resized here.
         clip_len, rgb_every, frame_size, max_persons, flip_prob: as in DataConfig.
         skip_bad: return None for an unreadable sample (collate drops it and counts it) instead of raising.
+
+    ``dataset[index]`` or ``dataset[(index, seed)]`` (what ClipSampler yields) is one clip; a sample that cannot be
+    read raises SampleError naming the sample and the file, with the decoder's error as its cause. Settings out of
+    range raise ValueError.
     """
 
     def __init__(self, annotations: List[Dict[str, Any]], class_names: Sequence[str], train: bool,
@@ -149,8 +153,9 @@ class ClipDataset(torch.utils.data.Dataset):
 
 
 def collate_clips(samples: List[Optional[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
-    """Stack clips into a batch; samples that could not be read (None, with skip_bad) are dropped and counted in
-    'skipped'. Returns None if the whole batch was unreadable."""
+    """Stack clips into a batch (the keys of a clip, each stacked along a new first dimension N; 'frame_dir' a
+    list); samples that could not be read (None, with skip_bad) are dropped and counted in 'skipped'. Returns None
+    if the whole batch was unreadable; raises SampleError for clips that cannot share a batch."""
     kept = [s for s in samples if s is not None]
     if not kept:
         return None
@@ -202,7 +207,13 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, modalities: Sequence
                   num_classes: Optional[int] = None, progress: bool = True) -> ClipDataset:
     """The dataset ``cfg`` describes, for ``split`` ("train"/"val" or the pickle's own names; the config's
     train_split / val_split are what the training command passes). The embedded dataset is generated (and cached)
-    on first use."""
+    on first use.
+
+    Class names: data.label_map's, else the pickle's 'classes', else class_<i> for ``num_classes`` or, when that is
+    None, for the count the labels imply (epamx.data.annotations.inferred_class_count, which refuses a label far
+    beyond the others); padded with class_<i> up to ``num_classes``. Every label must be below the class count.
+    Raises DataError (AnnotationError for the file's content) or DataFileNotFound, naming the key or the file and
+    the sample."""
     video_root, frame_root, ann_file = cfg.video_root, cfg.frame_root, cfg.ann_file
     if cfg.dataset == "embedded":
         from epamx.data.embedded import build_embedded

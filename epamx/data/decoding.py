@@ -1,8 +1,6 @@
-"""RGB frames from videos (PyAV, which bundles FFmpeg) and from folders of JPEG frames (Pillow).
-
-Only the frames a clip samples are converted to RGB arrays: the decoder walks the video once, in order, and stops
-after the last sampled frame. Uniform sampling spans the whole video, so seeking would not skip any packets; the
-saving that matters is not converting (and not keeping) the frames in between.
+"""RGB frames from videos (PyAV, which bundles FFmpeg) and from folders of JPEG frames (Pillow), and the writers
+of both. Frames are uint8 (T, H, W, 3) RGB. A missing file raises DataFileNotFound, an unreadable one DecodeError,
+both naming the file; a video is decoded once, in order, up to the last frame asked for (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -14,7 +12,8 @@ import numpy as np
 
 from epamx.errors import DataError, DataFileNotFound
 
-__all__ = ["DecodeError", "decode_video", "read_video", "read_frame_folder", "video_frame_count", "write_video", "write_frame_folder"]
+__all__ = ["DecodeError", "decode_video", "read_frame_folder", "read_video", "video_frame_count", "write_frame_folder",
+           "write_video"]
 
 PathLike = Union[str, os.PathLike]
 # A video may end a few frames before the annotation's total_frames (NTU's videos and skeletons disagree by a frame
@@ -59,7 +58,9 @@ def decode_video(path: PathLike) -> Iterator[Tuple[object, object]]:
 
 
 def read_video(path: PathLike, indices: Sequence[int]) -> np.ndarray:
-    """Frames ``indices`` (0-based, any order, repeats allowed) of a video -> uint8 (len(indices), H, W, 3) RGB."""
+    """Frames ``indices`` (0-based, any order, repeats allowed) of a video -> uint8 (len(indices), H, W, 3) RGB.
+    Frames a little past the video's end (up to a tenth of it) repeat its last frame. Raises DataFileNotFound or
+    DecodeError naming the file, ValueError for empty or negative indices."""
     path = os.fspath(path)
     idx = _needed(indices)
     wanted = set(idx.tolist())
@@ -96,7 +97,8 @@ def video_frame_count(path: PathLike) -> int:
 
 def read_frame_folder(folder: PathLike, indices: Sequence[int], template: str = "img_{:05d}.jpg") -> np.ndarray:
     """Frames ``indices`` (0-based) from ``folder/template.format(index + 1)`` (mmaction's img_00001.jpg naming)
-    -> uint8 (len(indices), H, W, 3) RGB."""
+    -> uint8 (len(indices), H, W, 3) RGB. Raises DataFileNotFound (the folder or a frame) or DecodeError (an
+    unreadable image, frames of different sizes), naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     idx = _needed(indices)
@@ -126,8 +128,9 @@ def read_frame_folder(folder: PathLike, indices: Sequence[int], template: str = 
 def write_video(path: PathLike, frames: np.ndarray, fps: int = 30, crf: int = 18, preset: str = "veryfast",
                 threads: int = 0) -> None:
     """uint8 (T, H, W, 3) RGB frames -> an H.264 video (yuv420p; H and W even; any container FFmpeg knows from the
-    suffix). ``crf``/``preset``: x264's quality and speed (veryfast encodes 48 frames of 64x64 in about 25 ms);
-    ``threads``: encoder threads (0: x264 decides). Written to a temporary name and renamed, so a killed writer never leaves a truncated file behind."""
+    suffix). ``crf``/``preset``: x264's quality and speed; ``threads``: encoder threads (0: x264 decides). Written
+    to a temporary name and renamed, so a killed writer never leaves a truncated file behind. Raises ValueError for
+    frames of another dtype or shape, or an odd side."""
     import av
 
     frames = np.asarray(frames)

@@ -3,8 +3,8 @@ from a seed on first use and cached on disk, in the same formats as the real dat
 pickle, and an H.264 video or a JPEG folder per clip), so that training on it exercises the real input path.
 
 Its twelve classes (epamx.data.scenes) are built so that the pose and RGB streams are complementary: each stream
-alone can tell at most 10 of the 12 apart, the two together all 12. Generation of the default size (12 classes x
-64 clips of 48 frames at 64x64) takes about 20 s on two cores.
+alone can tell at most 10 of the 12 apart, the two together all 12. Settings outside what it can generate
+(data.embedded.*) raise DataError.
 """
 from __future__ import annotations
 

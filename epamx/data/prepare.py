@@ -95,7 +95,9 @@ def prepare_videos(ann_file: PathLike, video_root: Optional[PathLike], out_dir: 
         skip_bad: list unreadable clips in 'failed' and go on, instead of stopping at the first with a SampleError.
 
     Returns a dict: 'done' (clips written), 'skipped_existing', 'failed' (list of {'frame_dir', 'error'}),
-    'seconds', 'clips_per_s' (written clips per second).
+    'seconds', 'clips_per_s' (written clips per second). Raises DataFileNotFound for a missing root,
+    AnnotationError for the annotations, DataError for a size H.264 cannot encode or outputs that would replace the
+    inputs, and (without ``skip_bad``) SampleError for the first unreadable clip, naming it and its file.
     """
     start = time.perf_counter()
     if not isinstance(size, int) or size < 2 or size % 2:
