@@ -17,25 +17,29 @@ dtypes and scalars) and refuses anything else before it can run, naming the file
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["AnnotationError", "UnsafePickleError", "class_names_of", "dump_annotations", "load_annotation_file",
-           "load_annotations",
-           "read_label_map", "safe_load_pickle", "validate_annotation"]
+from epamx.errors import DataError, DataFileNotFound
+from epamx.records import atomic_write_bytes
+
+__all__ = ["AnnotationError", "UnsafePickleError", "check_labels", "class_names_of", "dump_annotations",
+           "inferred_class_count", "load_annotation_file", "load_annotations", "read_label_map", "safe_load_pickle",
+           "validate_annotation"]
 
 PathLike = Union[str, os.PathLike]
 
 
-class AnnotationError(ValueError):
-    """An annotation file or entry does not hold what the format requires."""
+class AnnotationError(DataError):
+    """An annotation file or entry does not hold what the format requires; the message names the file (and the
+    entry)."""
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(pickle.UnpicklingError, AnnotationError):
     """A pickle asked for a type outside the annotation format (and was refused before anything ran)."""
 
 
@@ -89,11 +93,12 @@ class _AnnotationUnpickler(pickle.Unpickler):
 
 
 def safe_load_pickle(path_or_file: Union[PathLike, io.BufferedIOBase]) -> Any:
-    """Unpickle an annotation file, admitting only the types the format holds (see the module docstring)."""
+    """Unpickle an annotation file, admitting only the types the format holds (see the module docstring). Raises
+    DataFileNotFound, UnsafePickleError (a refused type) or AnnotationError (not a pickle), naming the file."""
     if isinstance(path_or_file, (str, os.PathLike)):
         source = os.fspath(path_or_file)
         if not os.path.exists(source):
-            raise FileNotFoundError(f"annotation file {source} does not exist")
+            raise DataFileNotFound(f"annotation file {source} does not exist")
         with open(source, "rb") as f:
             return _load(f, source)
     return _load(path_or_file, getattr(path_or_file, "name", "<annotation stream>"))
@@ -105,12 +110,18 @@ def _load(f, source: str) -> Any:
     except UnsafePickleError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise AnnotationError(f"{source}: not a readable annotation pickle ({type(e).__name__}: {e})") from None
+        raise AnnotationError(f"{source}: not a readable annotation pickle ({type(e).__name__}: {e})") from e
 
 
-def validate_annotation(ann: Any, source: str, position: int) -> Dict[str, Any]:
+# Sizes beyond any real video; bounding them keeps frame indices and image sides exact in int32 and float32.
+_MAX_SIZE = 2 ** 31 - 1
+
+
+def validate_annotation(ann: Any, source: str, position: int, num_joints: Optional[int] = None) -> Dict[str, Any]:
     """Check one annotation entry and return it normalised: keypoint float32 (M, T, V, 2), keypoint_score float32
-    (M, T, V) (ones where the file has none), label int, total_frames int, img_shape (h, w) ints."""
+    (M, T, V) (ones where the file has none), label int >= 0, total_frames int in [1, 2**31), img_shape (h, w) ints
+    in [1, 2**31). ``num_joints`` (the skeleton's, None for any) checks V. Keypoints and scores may be any real
+    dtype and hold NaN (a missing joint). Raises AnnotationError naming ``source`` and the entry."""
     where = f"{source}: annotation {position}"
     if not isinstance(ann, dict):
         raise AnnotationError(f"{where}: expected a dict, got {type(ann).__name__}")
@@ -118,47 +129,79 @@ def validate_annotation(ann: Any, source: str, position: int) -> Dict[str, Any]:
         where += f" ({ann['frame_dir']!r})"
     for key in ("frame_dir", "label", "keypoint"):
         if key not in ann:
-            raise AnnotationError(f"{where}: missing key {key!r} (has {sorted(ann)})")
-    out = dict(ann)
+            raise AnnotationError(f"{where}: missing key {key!r} (has {sorted(map(str, ann))})")
     if not isinstance(ann["frame_dir"], str) or not ann["frame_dir"]:
         raise AnnotationError(f"{where}: 'frame_dir' must be a non-empty string, got {ann['frame_dir']!r}")
-    label = ann["label"]
-    if isinstance(label, (np.ndarray, np.generic)) and np.ndim(label) == 0:
-        label = label.item()
-    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
-        raise AnnotationError(f"{where}: 'label' must be an int >= 0, got {ann['label']!r}")
-    out["label"] = int(label)
-    kp = np.asarray(ann["keypoint"])
-    if kp.ndim != 4 or kp.shape[-1] != 2 or not np.issubdtype(kp.dtype, np.number):
-        raise AnnotationError(f"{where}: 'keypoint' must be a numeric array (M persons, T frames, V joints, 2), got "
-                              f"shape {kp.shape} dtype {kp.dtype}")
-    out["keypoint"] = kp.astype(np.float32, copy=False)
-    m, t, v, _ = kp.shape
-    if ann.get("keypoint_score") is None:
-        out["keypoint_score"] = np.ones((m, t, v), dtype=np.float32)
-    else:
-        score = np.asarray(ann["keypoint_score"])
-        if score.shape != (m, t, v) or not np.issubdtype(score.dtype, np.number):
-            raise AnnotationError(f"{where}: 'keypoint_score' must be a numeric array of shape (M, T, V) = "
-                                  f"{(m, t, v)} to match 'keypoint', got shape {score.shape} dtype {score.dtype}")
-        out["keypoint_score"] = score.astype(np.float32, copy=False)
+    out = dict(ann)
+    out["label"] = _label(ann["label"], where)
+    out["keypoint"], out["keypoint_score"] = _keypoints(ann["keypoint"], ann.get("keypoint_score"), num_joints, where)
+    m, t = out["keypoint"].shape[:2]
     total = ann.get("total_frames", t)
-    if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < 1:
-        raise AnnotationError(f"{where}: 'total_frames' must be an int >= 1, got {total!r}")
+    if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or not 1 <= total <= _MAX_SIZE:
+        raise AnnotationError(f"{where}: 'total_frames' must be an int >= 1 (and below 2**31), got {total!r}")
     if m and t != total:
         raise AnnotationError(f"{where}: 'keypoint' has {t} frames but 'total_frames' is {total}")
     out["total_frames"] = int(total)
-    shape = ann.get("img_shape", ann.get("original_shape"))
+    out["img_shape"] = _image_shape(ann.get("img_shape", ann.get("original_shape")), where)
+    return out
+
+
+def _label(label: Any, where: str) -> int:
+    if isinstance(label, (np.ndarray, np.generic)) and np.ndim(label) == 0:
+        label = label.item()
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
+        raise AnnotationError(f"{where}: 'label' must be an int >= 0, got {label!r}")
+    return int(label)
+
+
+# Integer and floating dtypes only: a complex array would lose its imaginary part, and bool, string or object
+# arrays hold no coordinates or scores.
+_REAL_KINDS = "iuf"
+
+
+def _array(value: Any, key: str, where: str) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError, RecursionError) as e:  # ragged or self-referencing nested lists
+        raise AnnotationError(f"{where}: {key!r} is not an array ({type(e).__name__}: {e})") from e
+
+
+def _keypoints(keypoint: Any, score: Any, num_joints: Optional[int], where: str) -> Tuple[np.ndarray, np.ndarray]:
+    kp = _array(keypoint, "keypoint", where)
+    if kp.ndim != 4 or kp.shape[-1] != 2 or kp.dtype.kind not in _REAL_KINDS:
+        raise AnnotationError(f"{where}: 'keypoint' must be a real numeric array (M persons, T frames, V joints, 2), "
+                              f"got shape {kp.shape} dtype {kp.dtype}")
+    m, t, v, _ = kp.shape
+    if num_joints is not None and v != num_joints:
+        raise AnnotationError(f"{where}: 'keypoint' has {v} joints per person, but the skeleton has {num_joints} "
+                              f"(data.skeleton: coco17 for 17 joints, ntu25 for 25, any for others)")
+    if score is None:
+        return kp.astype(np.float32, copy=False), np.ones((m, t, v), dtype=np.float32)
+    scores = _array(score, "keypoint_score", where)
+    if scores.shape != (m, t, v) or scores.dtype.kind not in _REAL_KINDS:
+        raise AnnotationError(f"{where}: 'keypoint_score' must be a real numeric array of shape (M, T, V) = "
+                              f"{(m, t, v)} to match 'keypoint', got shape {scores.shape} dtype {scores.dtype}")
+    return kp.astype(np.float32, copy=False), scores.astype(np.float32, copy=False)
+
+
+def _is_size(value: Any) -> bool:
+    """An int, or a finite float (truncated to an int)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    return isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating)) and math.isfinite(value))
+
+
+def _image_shape(shape: Any, where: str) -> Tuple[int, int]:
     if shape is None:
         raise AnnotationError(f"{where}: missing key 'img_shape' (the frames' (h, w)) and 'original_shape'")
-    try:
-        h, w = (int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise AnnotationError(f"{where}: 'img_shape' must be (h, w), got {shape!r}") from None
-    if h < 1 or w < 1:
-        raise AnnotationError(f"{where}: 'img_shape' must be positive, got {shape!r}")
-    out["img_shape"] = (h, w)
-    return out
+    is_sequence = isinstance(shape, (tuple, list)) or (isinstance(shape, np.ndarray) and shape.ndim == 1)
+    sides = list(shape) if is_sequence else []
+    if len(sides) != 2 or not all(_is_size(s) for s in sides):
+        raise AnnotationError(f"{where}: 'img_shape' must be (h, w), got {shape!r}")
+    h, w = (int(s) for s in sides)
+    if not (1 <= h <= _MAX_SIZE and 1 <= w <= _MAX_SIZE):
+        raise AnnotationError(f"{where}: 'img_shape' must be positive (and below 2**31), got {shape!r}")
+    return h, w
 
 
 def _split_names(split: Union[str, Sequence[str]], data: Any, source: str) -> Optional[List[str]]:
@@ -169,24 +212,34 @@ def _split_names(split: Union[str, Sequence[str]], data: Any, source: str) -> Op
         if not isinstance(splits, dict):
             raise AnnotationError(f"{source}: asked for split {split!r}, but the file has no 'split' dict")
         if split not in splits:
-            raise AnnotationError(f"{source}: no split {split!r}; the file has {sorted(splits)}")
-        return [str(s) for s in splits[split]]
+            raise AnnotationError(f"{source}: no split {split!r}; the file has {sorted(map(str, splits))}")
+        names = splits[split]
+        if not isinstance(names, (list, tuple, np.ndarray)):
+            raise AnnotationError(f"{source}: split {split!r} must be a list of frame_dirs, got "
+                                  f"{type(names).__name__}")
+        return [str(s) for s in names]
     if os.path.isfile(split):
-        with open(split, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
+        try:
+            with open(split, encoding="utf-8") as f:
+                return [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise AnnotationError(f"{split}: a split file lists frame_dirs as UTF-8 text, one per line ({e})") from e
     raise AnnotationError(f"{source} is a plain list of annotations: give the split as a list of frame_dirs or a text "
                           f"file of them (one per line); {split!r} is neither an existing file nor a split name")
 
 
 def load_annotations(path: PathLike, split: Union[str, Sequence[str], None] = None,
-                     num_classes: Optional[int] = None) -> List[Dict[str, Any]]:
-    """The validated annotations of ``split`` (a split name, a list of frame_dirs, a text file of them, or None for
-    every annotation), in the split's order. ``num_classes`` checks every label is below it."""
-    return load_annotation_file(path, split, num_classes)[0]
+                     num_classes: Optional[int] = None, num_joints: Optional[int] = None) -> List[Dict[str, Any]]:
+    """The validated annotations (``validate_annotation``) of ``split`` (a split name, a list of frame_dirs, a text
+    file of them, or None for every annotation), in the split's order; every one has the same joint count V.
+    ``num_classes`` checks every label is below it, ``num_joints`` that V is it. Raises AnnotationError (or
+    DataFileNotFound), naming the file and the entry."""
+    return load_annotation_file(path, split, num_classes, num_joints)[0]
 
 
 def load_annotation_file(path: PathLike, split: Union[str, Sequence[str], None] = None,
-                         num_classes: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Optional[List[str]]]:
+                         num_classes: Optional[int] = None, num_joints: Optional[int] = None
+                         ) -> Tuple[List[Dict[str, Any]], Optional[List[str]]]:
     """``load_annotations`` and the file's class names (``class_names_of``) from one read of the file."""
     source = os.fspath(path)
     data = safe_load_pickle(source)
@@ -199,7 +252,7 @@ def load_annotation_file(path: PathLike, split: Union[str, Sequence[str], None] 
         entries = data
     if not isinstance(entries, list):
         raise AnnotationError(f"{source}: 'annotations' must be a list, got {type(entries).__name__}")
-    anns = [validate_annotation(a, source, i) for i, a in enumerate(entries)]
+    anns = [validate_annotation(a, source, i, num_joints) for i, a in enumerate(entries)]
     if split is not None:
         names = _split_names(split, data, source)
         by_name = {a["frame_dir"]: a for a in anns}
@@ -208,12 +261,55 @@ def load_annotation_file(path: PathLike, split: Union[str, Sequence[str], None] 
             raise AnnotationError(f"{source}: split {split if isinstance(split, str) else '(given)'} names "
                                   f"{len(missing)} frame_dirs with no annotation, e.g. {missing[:3]}")
         anns = [by_name[n] for n in names]
+    _check_same_joints(anns, source)
     if num_classes is not None:
-        for a in anns:
-            if a["label"] >= num_classes:
-                raise AnnotationError(f"{source}: annotation {a['frame_dir']!r} has label {a['label']}, but the model "
-                                      f"has {num_classes} classes (labels 0..{num_classes - 1})")
+        check_labels(anns, num_classes, source, "the model has")
     return anns, _classes(data)
+
+
+def _check_same_joints(annotations: List[Dict[str, Any]], source: str) -> None:
+    if not annotations:
+        return
+    first = annotations[0]
+    joints = first["keypoint"].shape[2]
+    for a in annotations:
+        if a["keypoint"].shape[2] != joints:
+            raise AnnotationError(f"{source}: annotation {a['frame_dir']!r} has {a['keypoint'].shape[2]} joints per "
+                                  f"person, but {first['frame_dir']!r} has {joints}: every annotation of a dataset "
+                                  f"must use the same skeleton")
+
+
+def check_labels(annotations: List[Dict[str, Any]], num_classes: int, source: str, origin: str) -> None:
+    """Raise AnnotationError, naming ``source`` and the entry, for a label >= ``num_classes``; ``origin`` says where
+    the count comes from, completing "but <origin> <num_classes> classes" (e.g. "the model has")."""
+    for a in annotations:
+        if a["label"] >= num_classes:
+            labels = f" (labels 0..{num_classes - 1})" if num_classes else ""
+            raise AnnotationError(f"{source}: annotation {a['frame_dir']!r} has label {a['label']}, but {origin} "
+                                  f"{num_classes} classes{labels}")
+
+
+def inferred_class_count(annotations: List[Dict[str, Any]], source: str) -> int:
+    """The class count the labels imply when nothing else gives it: the largest label + 1.
+
+    The largest label is trusted only while the classes it leaves without any clip are at most
+    max(64, the number of distinct labels): a training split that holds every class, or lacks up to half of them
+    (or up to 64), always passes; a label far beyond the others (a typo, a corrupt entry, 10**9) would make a
+    model with that many outputs and is an AnnotationError naming the file, the entry and the label. A dataset
+    whose split really lacks most classes gives its class count (model.num_classes) or names (data.label_map).
+    """
+    if not annotations:
+        return 0
+    labels = {a["label"] for a in annotations}
+    count = max(labels) + 1
+    if count - len(labels) > max(64, len(labels)):
+        far = max(annotations, key=lambda a: a["label"])
+        raise AnnotationError(
+            f"{source}: annotation {far['frame_dir']!r} has label {far['label']}, far beyond the others: the "
+            f"{len(labels)} distinct labels would make {count} classes, {count - len(labels)} of them without a clip. "
+            f"If the dataset has that many classes, give their count (model.num_classes) or their names "
+            f"(data.label_map, one per line); otherwise the label is wrong")
+    return count
 
 
 def _classes(data: Any) -> Optional[List[str]]:
@@ -228,9 +324,15 @@ def class_names_of(path: PathLike) -> Optional[List[str]]:
 
 
 def read_label_map(path: PathLike) -> List[str]:
-    """Class names from a text file, one per line (line i names label i)."""
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
+    """Class names from a text file, one per line (line i names label i). Raises DataFileNotFound for a missing
+    file, AnnotationError for one that is not UTF-8 text or names no class."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError as e:
+        raise DataFileNotFound(f"label map {os.fspath(path)} does not exist") from e
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{os.fspath(path)}: the label map is not UTF-8 text ({e})") from e
     if not names:
         raise AnnotationError(f"{os.fspath(path)}: the label map is empty (expected one class name per line)")
     return names
@@ -238,12 +340,9 @@ def read_label_map(path: PathLike) -> List[str]:
 
 def dump_annotations(path: PathLike, annotations: List[Dict[str, Any]], split: Dict[str, List[str]],
                      classes: Optional[Sequence[str]] = None) -> None:
-    """Write annotations in the PoseC3D format (atomically: a temporary file renamed into place)."""
-    path = Path(path)
+    """Write annotations in the PoseC3D format (pickle protocol 4), atomically (epamx.records.atomic_write_bytes):
+    ``path`` holds the old file or the whole new one, never a torn one."""
     data: Dict[str, Any] = {"split": split, "annotations": annotations}
     if classes is not None:
         data["classes"] = list(classes)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        pickle.dump(data, f, protocol=4)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, pickle.dumps(data, protocol=4))

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from epamx.data.config import DataConfig
+from epamx.errors import DataError
 from epamx.nn import PoseHeatmaps
 from epamx.ops import COCO17_FLIP_PAIRS, NTU25_FLIP_PAIRS
 
@@ -29,16 +30,17 @@ class BatchTransform(nn.Module):
 
     imgs: float32 (N, 3, T, H, W) normalised RGB, flipped where ``batch['flip']`` (None without 'imgs');
     heatmaps: float32 (N, K, T_p, h, w) rendered from the keypoints (None if ``"pose"`` is not in modalities);
-    labels: int64 (N,). With ``channels_last`` both come in channels_last_3d memory (what oneDNN runs fastest).
+    labels: int64 (N,). With ``channels_last`` both come in channels_last_3d memory.
 
     ``cfg.skeleton`` names the joint layout: "coco17", "ntu25", or "any" (any joint count; a flip then mirrors the
     coordinates without swapping left and right joints, so set ``flip_prob = 0`` unless the skeleton is symmetric).
+    An unknown skeleton, or keypoints with another joint count, raise DataError.
     """
 
     def __init__(self, cfg: DataConfig, modalities: Sequence[str] = ("rgb", "pose")):
         super().__init__()
         if cfg.skeleton not in SKELETONS:
-            raise ValueError(f"data.skeleton must be one of {sorted(SKELETONS)}, got {cfg.skeleton!r}")
+            raise DataError(f"data.skeleton must be one of {sorted(SKELETONS)}, got {cfg.skeleton!r}")
         self.modalities = tuple(modalities)
         self.num_joints, flip_pairs = SKELETONS[cfg.skeleton]
         self.heatmaps = PoseHeatmaps(size=cfg.heatmap_size, sigma=cfg.sigma, eps=cfg.eps, padding=0.25,
@@ -61,8 +63,9 @@ class BatchTransform(nn.Module):
         if "pose" in self.modalities:
             kp = batch["keypoint"].to(device, non_blocking=True)
             if self.num_joints is not None and kp.shape[-2] != self.num_joints:
-                raise ValueError(f"BatchTransform: the keypoints have {kp.shape[-2]} joints but data.skeleton is "
-                                 f"{self.num_joints}-joint; set data.skeleton to match the annotations")
+                raise DataError(f"BatchTransform: the keypoints have {kp.shape[-2]} joints but data.skeleton is "
+                                f"{self.num_joints}-joint (clips {list(batch.get('frame_dir', []))[:3]}); set "
+                                f"data.skeleton to match the annotations")
             scores = batch["keypoint_score"].to(device, non_blocking=True)
             img_shape = batch["img_shape"].to(device)
             heatmaps = self.heatmaps(kp, scores, img_shape, flip)

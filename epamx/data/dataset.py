@@ -25,12 +25,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from epamx.data.annotations import load_annotation_file, read_label_map
+from epamx.data.annotations import check_labels, inferred_class_count, load_annotation_file, read_label_map
+from epamx.data.batch_transform import SKELETONS
 from epamx.data.config import DataConfig
 from epamx.data.decoding import read_frame_folder, read_video
 from epamx.data.sampler import ClipSampler, sample_seed
 from epamx.data.sampling import rgb_frame_indices, uniform_sample_frames
 from epamx.data.transforms import compact_box, crop_resize_frames, select_persons
+from epamx.errors import DataError, DataFileNotFound
 
 __all__ = ["ClipDataset", "SampleError", "build_dataset", "build_loader", "collate_clips"]
 
@@ -38,7 +40,7 @@ log = logging.getLogger("epamx.data")
 MODALITIES = ("rgb", "pose")
 
 
-class SampleError(RuntimeError):
+class SampleError(DataError):
     """A sample could not be read; the message names the sample and the file."""
 
 
@@ -55,6 +57,10 @@ class ClipDataset(torch.utils.data.Dataset):
             they are cropped to the persons' box over the whole video and resized here.
         clip_len, rgb_every, frame_size, max_persons, flip_prob: as in DataConfig.
         skip_bad: return None for an unreadable sample (collate drops it and counts it) instead of raising.
+
+    ``dataset[index]`` or ``dataset[(index, seed)]`` (what ClipSampler yields) is one clip; a sample that cannot be
+    read raises SampleError naming the sample and the file, with the decoder's error as its cause. Settings out of
+    range raise ValueError.
     """
 
     def __init__(self, annotations: List[Dict[str, Any]], class_names: Sequence[str], train: bool,
@@ -108,7 +114,7 @@ class ClipDataset(torch.utils.data.Dataset):
             if self.skip_bad:
                 log.warning("skipped %s", message)
                 return None
-            raise SampleError(message) from None
+            raise SampleError(message) from e
 
     def _load(self, index: int, ann: Dict[str, Any], rng: np.random.RandomState) -> Dict[str, Any]:
         inds = uniform_sample_frames(ann["total_frames"], self.clip_len, test_mode=not self.train, rng=rng)
@@ -147,8 +153,9 @@ class ClipDataset(torch.utils.data.Dataset):
 
 
 def collate_clips(samples: List[Optional[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
-    """Stack clips into a batch; samples that could not be read (None, with skip_bad) are dropped and counted in
-    'skipped'. Returns None if the whole batch was unreadable."""
+    """Stack clips into a batch (the keys of a clip, each stacked along a new first dimension N; 'frame_dir' a
+    list); samples that could not be read (None, with skip_bad) are dropped and counted in 'skipped'. Returns None
+    if the whole batch was unreadable; raises SampleError for clips that cannot share a batch."""
     kept = [s for s in samples if s is not None]
     if not kept:
         return None
@@ -177,19 +184,36 @@ def collate_clips(samples: List[Optional[Dict[str, Any]]]) -> Optional[Dict[str,
     return batch
 
 
-def _class_names(cfg: DataConfig, file_classes: Optional[List[str]], labels: Sequence[int]) -> List[str]:
+def _class_names(cfg: DataConfig, ann_file: str, file_classes: Optional[List[str]],
+                 annotations: List[Dict[str, Any]], num_classes: Optional[int]) -> List[str]:
+    """data.label_map's names, else the pickle's 'classes', else class_<i> (as many as ``num_classes`` or the labels
+    imply); every label must have a name. Padded with class_<i> up to ``num_classes``."""
     if getattr(cfg, "label_map", ""):
-        return read_label_map(cfg.label_map)
-    if file_classes is not None:
-        return file_classes
-    return [f"class_{i}" for i in range(max(labels) + 1)] if labels else []
+        names = read_label_map(cfg.label_map)
+        check_labels(annotations, len(names), ann_file, f"data.label_map {cfg.label_map} names")
+    elif file_classes is not None:
+        names = file_classes
+        check_labels(annotations, len(names), ann_file, "the file's 'classes' list names")
+    else:
+        names = []
+    if num_classes is None and not names:
+        num_classes = inferred_class_count(annotations, ann_file)
+    if num_classes is not None and len(names) < num_classes:
+        names += [f"class_{i}" for i in range(len(names), num_classes)]
+    return names
 
 
 def build_dataset(cfg: DataConfig, split: str, train: bool, modalities: Sequence[str] = MODALITIES,
                   num_classes: Optional[int] = None, progress: bool = True) -> ClipDataset:
     """The dataset ``cfg`` describes, for ``split`` ("train"/"val" or the pickle's own names; the config's
     train_split / val_split are what the training command passes). The embedded dataset is generated (and cached)
-    on first use."""
+    on first use.
+
+    Class names: data.label_map's, else the pickle's 'classes', else class_<i> for ``num_classes`` or, when that is
+    None, for the count the labels imply (epamx.data.annotations.inferred_class_count, which refuses a label far
+    beyond the others); padded with class_<i> up to ``num_classes``. Every label must be below the class count.
+    Raises DataError (AnnotationError for the file's content) or DataFileNotFound, naming the key or the file and
+    the sample."""
     video_root, frame_root, ann_file = cfg.video_root, cfg.frame_root, cfg.ann_file
     if cfg.dataset == "embedded":
         from epamx.data.embedded import build_embedded
@@ -198,23 +222,24 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, modalities: Sequence
         ann_file = paths["ann_file"]
         video_root, frame_root = paths.get("video_root", ""), paths.get("frame_root", "")
     elif cfg.dataset != "posec3d":
-        raise ValueError(f"data.dataset must be 'embedded' or 'posec3d', got {cfg.dataset!r}")
+        raise DataError(f"data.dataset must be 'embedded' or 'posec3d', got {cfg.dataset!r}")
+    if cfg.skeleton not in SKELETONS:
+        raise DataError(f"data.skeleton must be one of {sorted(SKELETONS)}, got {cfg.skeleton!r}")
     if not ann_file:
-        raise ValueError("data.ann_file is empty: give the PoseC3D annotation pickle (e.g. data.ann_file=ntu60_2d.pkl)")
+        raise DataError("data.ann_file is empty: give the PoseC3D annotation pickle (e.g. data.ann_file=ntu60_2d.pkl)")
     if not os.path.exists(ann_file):
-        raise FileNotFoundError(f"data.ann_file {ann_file} does not exist")
+        raise DataFileNotFound(f"data.ann_file {ann_file} does not exist")
     if "rgb" in modalities:
         root = video_root or frame_root
         if not root:
-            raise ValueError("the RGB stream needs data.video_root (videos) or data.frame_root (JPEG frame folders)")
+            raise DataError("the RGB stream needs data.video_root (videos) or data.frame_root (JPEG frame folders)")
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"data.{'video_root' if video_root else 'frame_root'} {root} is not a folder")
-    annotations, file_classes = load_annotation_file(ann_file, split, num_classes=num_classes)
+            raise DataFileNotFound(f"data.{'video_root' if video_root else 'frame_root'} {root} is not a folder")
+    annotations, file_classes = load_annotation_file(ann_file, split, num_classes=num_classes,
+                                                     num_joints=SKELETONS[cfg.skeleton][0])
     if not annotations:
-        raise ValueError(f"{ann_file}: split {split!r} is empty")
-    names = _class_names(cfg, file_classes, [a["label"] for a in annotations])
-    if num_classes is not None and len(names) < num_classes:
-        names += [f"class_{i}" for i in range(len(names), num_classes)]
+        raise DataError(f"{ann_file}: split {split!r} is empty")
+    names = _class_names(cfg, ann_file, file_classes, annotations, num_classes)
     return ClipDataset(annotations, names, train, modalities, video_root, cfg.video_suffix, frame_root,
                        cfg.frame_template, cfg.rgb_precropped, cfg.clip_len, cfg.rgb_every, cfg.frame_size,
                        cfg.max_persons, cfg.flip_prob, cfg.skip_bad)

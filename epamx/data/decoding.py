@@ -1,8 +1,6 @@
-"""RGB frames from videos (PyAV, which bundles FFmpeg) and from folders of JPEG frames (Pillow).
-
-Only the frames a clip samples are converted to RGB arrays: the decoder walks the video once, in order, and stops
-after the last sampled frame. Uniform sampling spans the whole video, so seeking would not skip any packets; the
-saving that matters is not converting (and not keeping) the frames in between.
+"""RGB frames from videos (PyAV, which bundles FFmpeg) and from folders of JPEG frames (Pillow), and the writers
+of both. Frames are uint8 (T, H, W, 3) RGB. A missing file raises DataFileNotFound, an unreadable one DecodeError,
+both naming the file; a video is decoded once, in order, up to the last frame asked for (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -12,7 +10,10 @@ from typing import Iterator, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["DecodeError", "decode_video", "read_video", "read_frame_folder", "video_frame_count", "write_video", "write_frame_folder"]
+from epamx.errors import DataError, DataFileNotFound
+
+__all__ = ["DecodeError", "decode_video", "read_frame_folder", "read_video", "video_frame_count", "write_frame_folder",
+           "write_video"]
 
 PathLike = Union[str, os.PathLike]
 # A video may end a few frames before the annotation's total_frames (NTU's videos and skeletons disagree by a frame
@@ -20,8 +21,8 @@ PathLike = Union[str, os.PathLike]
 _SHORT_VIDEO_TOLERANCE = 0.1
 
 
-class DecodeError(RuntimeError):
-    """A video or frame could not be read."""
+class DecodeError(DataError):
+    """A video or frame could not be read; the message names the file."""
 
 
 def _needed(indices: Sequence[int]) -> np.ndarray:
@@ -35,12 +36,12 @@ def _needed(indices: Sequence[int]) -> np.ndarray:
 
 def decode_video(path: PathLike) -> Iterator[Tuple[object, object]]:
     """The frames of a video's first video stream, decoded in order: yields (av.VideoFrame, its stream). Errors
-    while opening or decoding become DecodeError (FileNotFoundError for a missing file), naming the file."""
+    while opening or decoding become DecodeError (DataFileNotFound for a missing file), naming the file."""
     import av
 
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"video {path} does not exist")
+        raise DataFileNotFound(f"video {path} does not exist")
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -51,13 +52,15 @@ def decode_video(path: PathLike) -> Iterator[Tuple[object, object]]:
                 yield frame, stream
     except (av.error.FFmpegError, OSError) as e:
         if isinstance(e, FileNotFoundError):
-            raise
+            raise DataFileNotFound(f"video {path} does not exist") from e
         raise DecodeError(f"{path}: cannot decode video ({type(e).__name__}: {e}); the file may be corrupt or "
-                          f"truncated") from None
+                          f"truncated") from e
 
 
 def read_video(path: PathLike, indices: Sequence[int]) -> np.ndarray:
-    """Frames ``indices`` (0-based, any order, repeats allowed) of a video -> uint8 (len(indices), H, W, 3) RGB."""
+    """Frames ``indices`` (0-based, any order, repeats allowed) of a video -> uint8 (len(indices), H, W, 3) RGB.
+    Frames a little past the video's end (up to a tenth of it) repeat its last frame. Raises DataFileNotFound or
+    DecodeError naming the file, ValueError for empty or negative indices."""
     path = os.fspath(path)
     idx = _needed(indices)
     wanted = set(idx.tolist())
@@ -87,26 +90,21 @@ def read_video(path: PathLike, indices: Sequence[int]) -> np.ndarray:
 
 
 def video_frame_count(path: PathLike) -> int:
-    """Frames in a video, counted by decoding it (container metadata is often missing or wrong)."""
-    import av
-
-    path = os.fspath(path)
-    try:
-        with av.open(path) as container:
-            return sum(1 for _ in container.decode(video=0))
-    except (av.error.FFmpegError, OSError) as e:
-        raise DecodeError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from None
+    """Frames in a video, counted by decoding it (container metadata is often missing or wrong). Raises
+    DataFileNotFound or DecodeError, naming the file."""
+    return sum(1 for _ in decode_video(path))
 
 
 def read_frame_folder(folder: PathLike, indices: Sequence[int], template: str = "img_{:05d}.jpg") -> np.ndarray:
     """Frames ``indices`` (0-based) from ``folder/template.format(index + 1)`` (mmaction's img_00001.jpg naming)
-    -> uint8 (len(indices), H, W, 3) RGB."""
+    -> uint8 (len(indices), H, W, 3) RGB. Raises DataFileNotFound (the folder or a frame) or DecodeError (an
+    unreadable image, frames of different sizes), naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     idx = _needed(indices)
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"frame folder {folder} does not exist")
+        raise DataFileNotFound(f"frame folder {folder} does not exist")
     cache = {}
     out = []
     for i in idx.tolist():
@@ -115,11 +113,11 @@ def read_frame_folder(folder: PathLike, indices: Sequence[int], template: str = 
             try:
                 with Image.open(path) as img:
                     cache[i] = np.asarray(img.convert("RGB"))
-            except FileNotFoundError:
-                raise FileNotFoundError(f"frame {path} does not exist (frame {i} of {folder}, template "
-                                        f"{template!r})") from None
+            except FileNotFoundError as e:
+                raise DataFileNotFound(f"frame {path} does not exist (frame {i} of {folder}, template "
+                                       f"{template!r})") from e
             except (UnidentifiedImageError, OSError, SyntaxError) as e:
-                raise DecodeError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+                raise DecodeError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
         out.append(cache[i])
     shapes = {f.shape for f in out}
     if len(shapes) != 1:
@@ -130,8 +128,9 @@ def read_frame_folder(folder: PathLike, indices: Sequence[int], template: str = 
 def write_video(path: PathLike, frames: np.ndarray, fps: int = 30, crf: int = 18, preset: str = "veryfast",
                 threads: int = 0) -> None:
     """uint8 (T, H, W, 3) RGB frames -> an H.264 video (yuv420p; H and W even; any container FFmpeg knows from the
-    suffix). ``crf``/``preset``: x264's quality and speed (veryfast encodes 48 frames of 64x64 in about 25 ms);
-    ``threads``: encoder threads (0: x264 decides). Written to a temporary name and renamed, so a killed writer never leaves a truncated file behind."""
+    suffix). ``crf``/``preset``: x264's quality and speed; ``threads``: encoder threads (0: x264 decides). Written
+    to a temporary name and renamed, so a killed writer never leaves a truncated file behind. Raises ValueError for
+    frames of another dtype or shape, or an odd side."""
     import av
 
     frames = np.asarray(frames)

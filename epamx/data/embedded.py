@@ -3,8 +3,8 @@ from a seed on first use and cached on disk, in the same formats as the real dat
 pickle, and an H.264 video or a JPEG folder per clip), so that training on it exercises the real input path.
 
 Its twelve classes (epamx.data.scenes) are built so that the pose and RGB streams are complementary: each stream
-alone can tell at most 10 of the 12 apart, the two together all 12. Generation of the default size (12 classes x
-64 clips of 48 frames at 64x64) takes about 20 s on two cores.
+alone can tell at most 10 of the 12 apart, the two together all 12. Settings outside what it can generate
+(data.embedded.*) raise DataError.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from epamx.data.annotations import dump_annotations
 from epamx.data.config import DataConfig, EmbeddedConfig
 from epamx.data.decoding import write_frame_folder, write_video
 from epamx.data.scenes import CLASSES, render_clip
+from epamx.errors import DataError
 
 __all__ = ["build_embedded", "embedded_dir", "CLASSES"]
 
@@ -59,11 +60,11 @@ def _make_clip(job) -> Dict:
 
 def _validate(spec: EmbeddedConfig) -> None:
     if spec.format not in ("video", "frames"):
-        raise ValueError(f"data.embedded.format must be 'video' or 'frames', got {spec.format!r}")
+        raise DataError(f"data.embedded.format must be 'video' or 'frames', got {spec.format!r}")
     if spec.image_size < 16 or spec.image_size % 2:
-        raise ValueError(f"data.embedded.image_size must be even and >= 16, got {spec.image_size}")
+        raise DataError(f"data.embedded.image_size must be even and >= 16, got {spec.image_size}")
     if spec.frames < 1 or spec.train_per_class < 1 or spec.val_per_class < 1:
-        raise ValueError(f"data.embedded: frames, train_per_class and val_per_class must be >= 1, got "
+        raise DataError(f"data.embedded: frames, train_per_class and val_per_class must be >= 1, got "
                          f"{spec.frames}, {spec.train_per_class}, {spec.val_per_class}")
 
 

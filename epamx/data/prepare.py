@@ -23,6 +23,7 @@ from epamx.data.annotations import load_annotations
 from epamx.data.dataset import SampleError
 from epamx.data.decoding import DecodeError, decode_video, read_frame_folder, write_video
 from epamx.data.transforms import compact_box, crop_resize_frames
+from epamx.errors import DataError, DataFileNotFound
 
 __all__ = ["prepare_videos"]
 
@@ -71,7 +72,7 @@ def _prepare_one(job: Tuple) -> Tuple[int, str, Optional[str]]:
 def _output(out_dir: Path, frame_dir: str, suffix: str) -> Path:
     out = out_dir / (frame_dir + suffix)
     if not os.path.abspath(out).startswith(os.path.join(os.path.abspath(out_dir), "")):
-        raise ValueError(f"frame_dir {frame_dir!r} would write {out}, outside {out_dir}")
+        raise DataError(f"frame_dir {frame_dir!r} would write {out}, outside {out_dir}")
     return out
 
 
@@ -94,20 +95,22 @@ def prepare_videos(ann_file: PathLike, video_root: Optional[PathLike], out_dir: 
         skip_bad: list unreadable clips in 'failed' and go on, instead of stopping at the first with a SampleError.
 
     Returns a dict: 'done' (clips written), 'skipped_existing', 'failed' (list of {'frame_dir', 'error'}),
-    'seconds', 'clips_per_s' (written clips per second).
+    'seconds', 'clips_per_s' (written clips per second). Raises DataFileNotFound for a missing root,
+    AnnotationError for the annotations, DataError for a size H.264 cannot encode or outputs that would replace the
+    inputs, and (without ``skip_bad``) SampleError for the first unreadable clip, naming it and its file.
     """
     start = time.perf_counter()
     if not isinstance(size, int) or size < 2 or size % 2:
-        raise ValueError(f"prepare_videos: size must be an even int >= 2 (H.264 in yuv420p), got {size!r}")
+        raise DataError(f"prepare_videos: size must be an even int >= 2 (H.264 in yuv420p), got {size!r}")
     if video_root is None and frame_root is None:
         raise ValueError("prepare_videos: give video_root (videos) or frame_root (JPEG frame folders)")
     root = Path(video_root if video_root is not None else frame_root)
     if not root.is_dir():
-        raise FileNotFoundError(f"prepare_videos: {'video_root' if video_root is not None else 'frame_root'} {root} "
+        raise DataFileNotFound(f"prepare_videos: {'video_root' if video_root is not None else 'frame_root'} {root} "
                                 f"is not a folder")
     out_dir = Path(out_dir)
     if video_root is not None and out_suffix == video_suffix and os.path.abspath(out_dir) == os.path.abspath(root):
-        raise ValueError(f"prepare_videos: the outputs would replace the inputs ({root}/<frame_dir>{video_suffix}); "
+        raise DataError(f"prepare_videos: the outputs would replace the inputs ({root}/<frame_dir>{video_suffix}); "
                          f"choose another out_dir or out_suffix")
     annotations = load_annotations(ann_file, split)
     out_dir.mkdir(parents=True, exist_ok=True)

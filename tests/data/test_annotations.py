@@ -11,6 +11,7 @@ import pytest
 
 from epamx.data import AnnotationError, UnsafePickleError, dump_annotations, load_annotations, safe_load_pickle
 from epamx.data.annotations import class_names_of, read_label_map
+from epamx.errors import DataError, DataFileNotFound, EpamxError
 from fakes import make_annotation, write_pickle
 
 
@@ -103,6 +104,16 @@ def test_dump_annotations_and_class_names(tmp_path):
     assert read_label_map(labels) == ["drink", "wave"]
 
 
+def test_a_failed_dump_leaves_the_old_file(tmp_path):
+    anns = _annotations(4)
+    path = tmp_path / "out.pkl"
+    dump_annotations(path, anns, {"train": [anns[0]["frame_dir"]]})
+    before = path.read_bytes()
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        dump_annotations(path, [dict(anns[0], extra=lambda: None)], {})
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["out.pkl"]
+
+
 def _broken(mutation):
     ann = make_annotation(np.random.RandomState(5), "S017C003P020R002A060", 3, persons=2, frames=9)
     mutation(ann)
@@ -131,6 +142,15 @@ BAD = {
     "frame count": (_set("total_frames", 10), "'keypoint' has 9 frames but 'total_frames' is 10"),
     "zero frames": (_set("total_frames", 0), "'total_frames' must be an int >= 1"),
     "bad img_shape": (_set("img_shape", (0, 64)), "'img_shape' must be positive"),
+    "infinite img_shape": (_set("img_shape", (float("inf"), 64)), re.escape("'img_shape' must be (h, w), got (inf")),
+    "text img_shape": (_set("img_shape", "48"), re.escape("'img_shape' must be (h, w), got '48'")),
+    "huge img_shape": (_set("img_shape", (2 ** 70, 64)), "'img_shape' must be positive \\(and below 2\\*\\*31\\)"),
+    "complex keypoints": (_set("keypoint", lambda a: a["keypoint"] * 1j), "'keypoint' must be a real .*complex"),
+    "ragged keypoints": (_set("keypoint", lambda a: [a["keypoint"][0].tolist(), [[1.0, 2.0]]]),
+                         "'keypoint' is not an array"),
+    "complex scores": (_set("keypoint_score", lambda a: a["keypoint_score"] + 0j), "'keypoint_score' must be a real"),
+    "huge frame count": (lambda a: a.update(keypoint=np.zeros((0, 0, 17, 2), np.float32), keypoint_score=None,
+                                            total_frames=2 ** 70), "'total_frames' must be an int >= 1"),
 }
 
 
@@ -143,6 +163,29 @@ def test_invalid_annotations_name_the_file_and_the_sample(tmp_path, case):
         load_annotations(path)
     assert str(path) in str(info.value)
     assert "annotation 1" in str(info.value) and "S017C003P020R002A060" in str(info.value)
+
+
+def test_the_joint_count_is_checked(tmp_path):
+    good = make_annotation(np.random.RandomState(6), "S001C001P001R001A001", 0, frames=9)
+    five = make_annotation(np.random.RandomState(7), "S017C003P020R002A060", 1, frames=9, joints=5)
+    path = write_pickle(tmp_path / "five.pkl", {"split": {"all": ["S001C001P001R001A001"]},
+                                                "annotations": [good, five]})
+    with pytest.raises(AnnotationError, match=re.escape(f"{path}: annotation 1 ('S017C003P020R002A060'): 'keypoint' "
+                                                        "has 5 joints per person, but the skeleton has 17")):
+        load_annotations(path, num_joints=17)
+    with pytest.raises(AnnotationError, match=re.escape(str(path)) + ".*'S017C003P020R002A060' has 5 joints per "
+                       "person, but 'S001C001P001R001A001' has 17: every annotation .* same skeleton"):
+        load_annotations(path)
+    assert len(load_annotations(path, "all", num_joints=None)) == 1, "only the split's annotations must agree"
+    assert len(load_annotations(path, [five["frame_dir"]])) == 1
+
+
+def test_split_lists_of_the_wrong_type(tmp_path):
+    anns = _annotations(9)
+    for value in (None, 3, {"a": 1}):
+        path = write_pickle(tmp_path / "split.pkl", {"split": {"train": value}, "annotations": anns})
+        with pytest.raises(AnnotationError, match=re.escape(f"{path}: split 'train' must be a list of frame_dirs")):
+            load_annotations(path, "train")
 
 
 def test_an_entry_without_frame_dir_is_named_by_position(tmp_path):
@@ -242,8 +285,9 @@ def test_truncated_and_garbage_pickles(tmp_path, protocol):
     data = path.read_bytes()
     for cut in (len(data) // 3, len(data) - 1):
         path.write_bytes(data[:cut])
-        with pytest.raises(AnnotationError, match=re.escape(str(path)) + ": not a readable annotation pickle"):
+        with pytest.raises(AnnotationError, match=re.escape(str(path)) + ": not a readable annotation pickle") as info:
             load_annotations(path)
+        assert info.value.__cause__ is not None, "the unpickler's error is kept"
     path.write_bytes(b"")
     with pytest.raises(AnnotationError, match=re.escape(str(path))):
         load_annotations(path)
@@ -253,5 +297,19 @@ def test_truncated_and_garbage_pickles(tmp_path, protocol):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "none.pkl"))):
+    with pytest.raises(DataFileNotFound, match=re.escape(str(tmp_path / "none.pkl"))):
         load_annotations(tmp_path / "none.pkl")
+    with pytest.raises(DataFileNotFound, match=re.escape(str(tmp_path / "labels.txt"))):
+        read_label_map(tmp_path / "labels.txt")
+    (tmp_path / "labels.txt").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(AnnotationError, match=re.escape(str(tmp_path / "labels.txt")) + ".*not UTF-8"):
+        read_label_map(tmp_path / "labels.txt")
+
+
+def test_the_errors_are_data_errors():
+    assert issubclass(AnnotationError, DataError) and issubclass(DataFileNotFound, FileNotFoundError)
+    assert issubclass(UnsafePickleError, pickle.UnpicklingError) and issubclass(UnsafePickleError, AnnotationError)
+    from epamx.data import DecodeError, SampleError
+    from epamx.data.annotations import AnnotationError as same
+    assert same is AnnotationError and issubclass(DecodeError, DataError) and issubclass(SampleError, DataError)
+    assert all(issubclass(e, EpamxError) for e in (AnnotationError, UnsafePickleError, DecodeError, SampleError))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from epamx.data import BatchTransform, DataConfig
+from epamx.errors import DataError
 from epamx.ops import COCO17_FLIP_PAIRS, render_heatmaps_reference
 from references import mmcompact_box
 
@@ -146,9 +147,10 @@ def test_the_skeleton_must_match():
     batch = make_batch(n=2)
     batch["keypoint"] = torch.zeros(2, 2, 7, 25, 2)
     batch["keypoint_score"] = torch.zeros(2, 2, 7, 25)
-    with pytest.raises(ValueError, match="25 joints but data.skeleton is 17-joint"):
+    batch["frame_dir"] = ["first", "second"]
+    with pytest.raises(DataError, match=r"25 joints but data.skeleton is 17-joint \(clips \['first', 'second'\]\)"):
         BatchTransform(DataConfig())(batch, torch.device("cpu"))
-    with pytest.raises(ValueError, match="data.skeleton must be one of"):
+    with pytest.raises(DataError, match="data.skeleton must be one of"):
         BatchTransform(DataConfig(skeleton="h36m"))
     _, heatmaps, _ = BatchTransform(DataConfig(skeleton="ntu25"), modalities=("pose",))(batch, torch.device("cpu"))
     assert heatmaps.shape == (2, 25, 7, 56, 56)

@@ -13,6 +13,8 @@ from epamx.data import (BatchTransform, ClipDataset, DataConfig, SampleError, bu
                         collate_clips, load_annotations, read_video, uniform_sample_frames, write_video)
 from epamx.data.sampler import sample_seed
 from epamx.data.transforms import crop_resize_frames
+from epamx.data.annotations import AnnotationError
+from epamx.errors import DataError, DataFileNotFound
 from fakes import frame_numbers, make_annotation, write_numbered_dataset, write_pickle
 from references import mmcompact_box, pil_crop_resize
 
@@ -202,8 +204,9 @@ def test_bad_samples_are_errors_naming_the_sample_and_the_file(broken):
     for index in (1, 3):
         path = os.path.join(paths["video_root"], f"clip{index:02d}.mp4")
         with pytest.raises(SampleError, match=re.escape(f"sample {index} ('clip{index:02d}'): ") + ".*"
-                           + re.escape(path)):
+                           + re.escape(path)) as info:
             ds[index]
+        assert isinstance(info.value.__cause__, DataError) and path in str(info.value.__cause__), "the cause is kept"
     loader = build_loader(ds, batch_size=2, train=False, workers=2)
     assert "sample 1 ('clip01')" in _loader_error(loader)
     del loader
@@ -289,14 +292,88 @@ def test_build_dataset_from_a_posec3d_config(numbered, tmp_path):
     unnamed = build_dataset(DataConfig(dataset="posec3d", ann_file=paths["ann_file"], video_root=paths["video_root"]),
                             "all", train=True, num_classes=5)
     assert unnamed.class_names == [f"class_{i}" for i in range(5)]
-    with pytest.raises(FileNotFoundError, match="data.ann_file"):
+    with pytest.raises(DataFileNotFound, match="data.ann_file"):
         build_dataset(DataConfig(dataset="posec3d", ann_file=str(tmp_path / "none.pkl")), "all", train=False)
-    with pytest.raises(ValueError, match="data.ann_file is empty"):
+    with pytest.raises(DataError, match="data.ann_file is empty"):
         build_dataset(DataConfig(dataset="posec3d"), "all", train=False)
-    with pytest.raises(FileNotFoundError, match="data.video_root"):
+    with pytest.raises(DataFileNotFound, match="data.video_root"):
         build_dataset(DataConfig(dataset="posec3d", ann_file=paths["ann_file"], video_root=str(tmp_path / "none")),
                       "all", train=False)
-    with pytest.raises(ValueError, match="'embedded' or 'posec3d'"):
+    with pytest.raises(DataError, match="'embedded' or 'posec3d'"):
+        build_dataset(DataConfig(dataset="kinetics"), "all", train=False)
+    with pytest.raises(DataError, match="the RGB stream needs data.video_root"):
+        build_dataset(DataConfig(dataset="posec3d", ann_file=paths["ann_file"]), "all", train=False)
+    empty = write_pickle(tmp_path / "empty_split.pkl", {"split": {"all": []}, "annotations": anns})
+    with pytest.raises(DataError, match=re.escape(f"{empty}: split 'all' is empty")):
+        build_dataset(DataConfig(dataset="posec3d", ann_file=str(empty)), "all", train=False, modalities=("pose",))
+    with pytest.raises(DataFileNotFound, match=re.escape(str(tmp_path / "none.txt"))):
+        build_dataset(DataConfig(dataset="posec3d", ann_file=paths["ann_file"], label_map=str(tmp_path / "none.txt")),
+                      "all", train=False, modalities=("pose",))
         build_dataset(DataConfig(dataset="kinetics"), "all", train=False)
     assert len(build_dataset(DataConfig(dataset="posec3d", ann_file=paths["ann_file"]), "all", train=False,
                              modalities=("pose",))) == len(LENGTHS)
+
+
+def _pose_file(tmp_path, labels, joints=17, name="ann.pkl", **top):
+    rng = np.random.RandomState(9)
+    anns = [make_annotation(rng, f"clip{i:02d}", label, persons=1, frames=CLIP_LEN, joints=joints)
+            for i, label in enumerate(labels)]
+    return str(write_pickle(tmp_path / name, {"split": {"all": [a["frame_dir"] for a in anns]}, "annotations": anns,
+                                               **top}))
+
+
+def _pose_dataset(ann_file, skeleton="coco17", num_classes=None, **cfg):
+    cfg = DataConfig(dataset="posec3d", ann_file=ann_file, clip_len=CLIP_LEN, skeleton=skeleton, **cfg)
+    return build_dataset(cfg, "all", train=True, modalities=("pose",), num_classes=num_classes, progress=False)
+
+
+def test_a_label_far_beyond_the_others_is_refused(tmp_path):
+    path = _pose_file(tmp_path, [0, 1, 10 ** 9, 2])
+    with pytest.raises(AnnotationError) as info:
+        _pose_dataset(path)
+    message = str(info.value)
+    for part in (path, "'clip02' has label 1000000000", "model.num_classes", "data.label_map"):
+        assert part in message
+    # the class count or the names given: the label is taken as it is (or checked against them)
+    with pytest.raises(AnnotationError, match=re.escape(f"{path}: annotation 'clip02' has label 1000000000, but the "
+                                                        "model has 5 classes")):
+        _pose_dataset(path, num_classes=5)
+    assert _pose_dataset(_pose_file(tmp_path, [0, 1, 100, 2], name="100.pkl"), num_classes=101).num_classes == 101
+
+
+def test_the_far_label_rule_passes_real_datasets(tmp_path):
+    # every class present, a few absent, half absent, 64 absent from a small dataset: all pass; 65 absent do not
+    for labels, classes in (([0, 1, 2], 3), ([0, 1, 4, 5, 9], 10), (list(range(0, 120, 2)), 119),
+                            ([0, 1, 2, 67], 68)):
+        assert _pose_dataset(_pose_file(tmp_path, labels, name=f"ok{classes}.pkl")).num_classes == classes
+    with pytest.raises(AnnotationError, match="'clip03' has label 68, far beyond the others: the 4 distinct labels "
+                                              "would make 69 classes, 65 of them without a clip"):
+        _pose_dataset(_pose_file(tmp_path, [0, 1, 2, 68], name="far.pkl"))
+
+
+def test_labels_must_have_a_name(tmp_path):
+    path = _pose_file(tmp_path, [0, 1, 2], name="named.pkl", classes=["a", "b"])
+    with pytest.raises(AnnotationError, match=re.escape(f"{path}: annotation 'clip02' has label 2, but the file's "
+                                                        "'classes' list names 2 classes (labels 0..1)")):
+        _pose_dataset(path)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("zero\none\n")
+    plain = _pose_file(tmp_path, [0, 1, 2])
+    with pytest.raises(AnnotationError, match=re.escape(f"{plain}: annotation 'clip02' has label 2, but "
+                                                        f"data.label_map {labels} names 2 classes")):
+        _pose_dataset(plain, label_map=str(labels), num_classes=5)
+    labels.write_text("zero\none\ntwo\n")
+    assert _pose_dataset(plain, label_map=str(labels), num_classes=5).class_names == ["zero", "one", "two", "class_3",
+                                                                                      "class_4"]
+
+
+def test_the_skeleton_is_checked_when_loading(tmp_path):
+    five = _pose_file(tmp_path, [0, 1, 2], joints=5, name="five.pkl")
+    with pytest.raises(AnnotationError, match=re.escape(f"{five}: annotation 0 ('clip00'): 'keypoint' has 5 joints "
+                                                        "per person, but the skeleton has 17")):
+        _pose_dataset(five)
+    with pytest.raises(AnnotationError, match="has 5 joints per person, but the skeleton has 25"):
+        _pose_dataset(five, skeleton="ntu25")
+    assert len(_pose_dataset(five, skeleton="any", flip_prob=0.0)) == 3
+    with pytest.raises(DataError, match="data.skeleton must be one of"):
+        _pose_dataset(five, skeleton="h36m")

@@ -11,6 +11,7 @@ import pytest
 
 from epamx.data import DecodeError, read_frame_folder, read_video, write_frame_folder, write_video
 from epamx.data.decoding import video_frame_count
+from epamx.errors import DataError, DataFileNotFound
 from fakes import frame_numbers, numbered_frames, smooth_frames
 
 
@@ -63,8 +64,10 @@ def test_bad_indices(tmp_path):
 
 
 def test_missing_truncated_and_garbage_videos(tmp_path):
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "none.mp4"))):
+    with pytest.raises(DataFileNotFound, match=re.escape(str(tmp_path / "none.mp4"))):
         read_video(tmp_path / "none.mp4", [0])
+    with pytest.raises(DataFileNotFound, match=re.escape(str(tmp_path / "none.mp4"))):
+        video_frame_count(tmp_path / "none.mp4")
     for suffix in (".mp4", ".mkv"):
         path = tmp_path / f"clip{suffix}"
         write_video(path, smooth_frames(16, 32, 32))
@@ -75,8 +78,9 @@ def test_missing_truncated_and_garbage_videos(tmp_path):
                 read_video(path, range(16))
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(np.random.RandomState(0).bytes(3000))
-    with pytest.raises(DecodeError, match=re.escape(str(garbage)) + ".*corrupt or truncated"):
+    with pytest.raises(DecodeError, match=re.escape(str(garbage)) + ".*corrupt or truncated") as info:
         read_video(garbage, [0])
+    assert isinstance(info.value, DataError) and info.value.__cause__ is not None, "the decoder's error is kept"
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")
     with pytest.raises(DecodeError, match=re.escape(str(empty))):
@@ -191,9 +195,9 @@ def test_mmaction_naming_is_one_based(tmp_path):
 def test_frame_folder_errors(tmp_path):
     folder = tmp_path / "clip"
     write_frame_folder(folder, numbered_frames(4))
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nowhere"))):
+    with pytest.raises(DataFileNotFound, match=re.escape(str(tmp_path / "nowhere"))):
         read_frame_folder(tmp_path / "nowhere", [0])
-    with pytest.raises(FileNotFoundError, match=re.escape(str(folder / "img_00005.jpg")) + ".*frame 4"):
+    with pytest.raises(DataFileNotFound, match=re.escape(str(folder / "img_00005.jpg")) + ".*frame 4"):
         read_frame_folder(folder, [0, 4])
     bad = folder / "img_00002.jpg"
     bad.write_bytes(b"not a jpeg at all")

@@ -10,6 +10,7 @@ from epamx.data import (BatchTransform, DataConfig, EmbeddedConfig, build_datase
                         load_annotations, read_frame_folder, read_video)
 from epamx.data.embedded import CLASSES, embedded_dir
 from epamx.data.scenes import render_clip
+from epamx.errors import DataError
 
 TINY = EmbeddedConfig(train_per_class=2, val_per_class=1, frames=12, image_size=32)
 
@@ -122,10 +123,10 @@ def test_the_pose_stream_cannot_tell_the_rgb_pairs_apart(pair, colours):
 
 
 def test_bad_settings(tmp_path):
-    with pytest.raises(ValueError, match="format"):
+    with pytest.raises(DataError, match="data.embedded.format"):
         build_embedded(config(tmp_path, format="gif"), progress=False)
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(DataError, match="data.embedded.image_size"):
         build_embedded(config(tmp_path, image_size=33), progress=False)
-    with pytest.raises(ValueError, match="train_per_class"):
+    with pytest.raises(DataError, match="train_per_class"):
         build_embedded(config(tmp_path, train_per_class=0), progress=False)
     assert not os.path.exists(tmp_path) or os.listdir(tmp_path) == []

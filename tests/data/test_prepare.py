@@ -12,6 +12,7 @@ import pytest
 from epamx.data import ClipDataset, SampleError, load_annotations, read_video, write_frame_folder, write_video
 from epamx.data.decoding import video_frame_count
 from epamx.data.prepare import prepare_videos
+from epamx.errors import DataError, DataFileNotFound
 from fakes import make_annotation, smooth_frames, write_pickle
 from references import mmcompact_box, pil_crop_resize
 
@@ -182,12 +183,12 @@ def test_nothing_is_written_outside_out_dir(tmp_path):
 
 def test_bad_arguments(tmp_path):
     ann_file = raw_dataset(tmp_path)
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(DataError, match="even"):
         prepare_videos(ann_file, tmp_path / "videos", tmp_path / "out", size=33)
     with pytest.raises(ValueError, match="video_root .* or frame_root"):
         prepare_videos(ann_file, None, tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="video_root"):
+    with pytest.raises(DataFileNotFound, match="video_root"):
         prepare_videos(ann_file, tmp_path / "nowhere", tmp_path / "out")
-    with pytest.raises(ValueError, match="replace the inputs"):
+    with pytest.raises(DataError, match="replace the inputs"):
         prepare_videos(ann_file, tmp_path / "videos", tmp_path / "videos", out_suffix=".mp4")
     assert not (tmp_path / "out").exists()
