@@ -413,8 +413,8 @@ def test_in_a_subprocess(trained, tmp_path):
     _, run, _, _ = trained
     result = subprocess_cli("train", *tiny(tmp_path), "optim.lr=0.1")
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == [
-        f"epamx train: error: override 'optim.lr=0.1': unknown key 'lr' in [optim]; did you mean 'lr_per_16'?"]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("epamx train: error: ") and "'optim.lr=0.1'" in line and "'lr_per_16'" in line, line
 
     result = subprocess_cli("predict", "--checkpoint", run, "--limit", 1, "--top-k", 2, "--json")
     assert result.returncode == 0, result.stderr

@@ -54,7 +54,7 @@ def test_stopped_twice_and_resumed_equals_uninterrupted(tmp_path, synthetic_data
     first = run_stage(cfg, "epamnet", on_iteration=sigint_at(7))  # mid-epoch, between step checkpoints
     assert first.stopped and first.resume_from.name == "step_00000007.pt"
     out = capsys.readouterr()
-    assert "SIGINT" in out.err and "Run the same command again to resume" in out.out
+    assert "SIGINT" in out.err and str(first.resume_from) in out.out and "train.resume = true" in out.out
     assert signal.getsignal(signal.SIGINT) is handler  # ours is uninstalled
     second = run_stage(cfg, "epamnet", on_iteration=sigint_at(12))  # the last iteration of the first epoch
     assert second.stopped
