@@ -31,7 +31,7 @@
 # deadline (else it is skipped, with a note), and runs under min(its cap, the time left).
 # DIR gets at most 5 files, none in folders: summary.md (rewritten after every stage), logs.tar.gz (every stage's log,
 # re-packed every 30 s and after every stage, so a killed call still returns what finished), and the tables.
-# Optional: PYTHON (default python3), EPAMX_CUDA_ARCHS (default: this GPU's, e.g. 90-real), MAX_JOBS.
+# Optional: PYTHON (default python3, else /opt/torch/.venv/bin/python3), EPAMX_CUDA_ARCHS (default: this GPU's, e.g. 90-real), MAX_JOBS.
 # Wheels the machine lacks travel in .whl/ (ignored by git); fill it on a machine with network access:
 #   python3 -m pip download av --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl
@@ -91,11 +91,13 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 # What an earlier run (or the old layout: a log per stage) left in $OUT would count against the device tool's limits.
 rm -f "$OUT"/*.log "$OUT"/summary.md "$OUT"/logs.tar.gz "$OUT"/model.md "$OUT"/cuda-*.md "$OUT"/.logs.*.tmp
 
-# The machine's python3 and torch; a dry run on a development machine uses the checkout's .venv (or, in a git
-# worktree, the main checkout's) when python3 has no torch.
+# The machine's python3 and torch (the GPU image's venv when python3 on PATH is another); a dry run on a development
+# machine uses the checkout's .venv (or, in a git worktree, the main checkout's) when python3 has no torch.
 if [ -z "${PYTHON:-}" ]; then
   PYTHON=python3
-  if [ "$DRY" = 1 ] && ! python3 -c "import torch" 2>/dev/null; then
+  if ! python3 -c "import torch" 2>/dev/null && [ -x /opt/torch/.venv/bin/python3 ]; then
+    PYTHON=/opt/torch/.venv/bin/python3
+  elif [ "$DRY" = 1 ] && ! python3 -c "import torch" 2>/dev/null; then
     for venv in "$ROOT/.venv" "$(git rev-parse --path-format=absolute --git-common-dir 2>/dev/null)/../.venv"; do
       if [ -x "$venv/bin/python" ]; then PYTHON=$(cd "$venv" && pwd)/bin/python; break; fi
     done
