@@ -35,41 +35,50 @@ __global__ void reweight_backward_kernel(ReweightGeometry<index_t> g, index_t gr
   }
 }
 
-// The sum of v over the block's threads, in thread 0 (the others get partial sums). Every thread must call it;
-// warp_sums holds one value per warp and may be reused after the next __syncthreads().
-template <typename acc_t>
+// The sum of v over the block's kBlockThreads threads, in thread 0 (the others get partial sums). Every thread must
+// call it, in a block of exactly kBlockThreads threads (full warps: the shuffles name all 32 lanes; at most 32 warps:
+// one warp sums the warps' sums); warp_sums holds one value per warp and may be reused after the next
+// __syncthreads().
+constexpr int kWarp = 32;
+
+template <int kBlockThreads, typename acc_t>
 __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* warp_sums) {
-  constexpr int kWarp = 32;
+  static_assert(kBlockThreads % kWarp == 0 && kBlockThreads / kWarp <= kWarp,
+                "block_sum needs whole warps, at most 32 of them");
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   if (lane == 0) warp_sums[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < static_cast<int>(blockDim.x / kWarp) ? warp_sums[lane] : acc_t(0);
+    v = lane < kBlockThreads / kWarp ? warp_sums[lane] : acc_t(0);
     for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
   }
   return v;
 }
 
 // One block per frame (grid-stride over frames): the block's threads share the frame's H*W positions, each writing
-// dS and adding its terms of dA, which a block reduction then sums. Launched with kThreadsPerBlock threads.
-template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void reweight_backward_finish_kernel(ReweightGeometry<index_t> g, index_t groups,
-                                                const acc_t* __restrict__ partial, const scalar_t* __restrict__ s,
-                                                const scalar_t* __restrict__ a, scalar_t* __restrict__ ds,
-                                                scalar_t* __restrict__ da) {
-  __shared__ acc_t warp_sums[cuda::kThreadsPerBlock / 32];
+// dS and adding its terms of dA, which a block reduction then sums. Launched with exactly kBlockThreads threads
+// (block_sum's requirement; __launch_bounds__ makes a larger launch fail, the assert a smaller one).
+constexpr int kFinishThreads = cuda::kThreadsPerBlock;
+
+template <int kBlockThreads, typename scalar_t, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    reweight_backward_finish_kernel(ReweightGeometry<index_t> g, index_t groups, const acc_t* __restrict__ partial,
+                                    const scalar_t* __restrict__ s, const scalar_t* __restrict__ a,
+                                    scalar_t* __restrict__ ds, scalar_t* __restrict__ da) {
+  CUDA_KERNEL_ASSERT(blockDim.x == kBlockThreads && blockDim.y == 1 && blockDim.z == 1);
+  __shared__ acc_t warp_sums[kBlockThreads / kWarp];
   const index_t positions = g.N * g.T * g.P;
   const int64_t frames = static_cast<int64_t>(g.N) * g.T;
   for (int64_t f = blockIdx.x; f < frames; f += gridDim.x) {
     const auto frame = static_cast<index_t>(f);
     const acc_t av = static_cast<acc_t>(a[frame]);
     acc_t total = 0;
-    for (index_t p = static_cast<index_t>(threadIdx.x); p < g.P; p += static_cast<index_t>(blockDim.x)) {
+    for (index_t p = static_cast<index_t>(threadIdx.x); p < g.P; p += static_cast<index_t>(kBlockThreads)) {
       total += reweight_backward_finish_position<scalar_t, acc_t, index_t>(frame, p, groups, positions, g,
                                                                            partial + frame * g.P, s, av, ds);
     }
-    total = block_sum(total, warp_sums);
+    total = block_sum<kBlockThreads>(total, warp_sums);
     if (threadIdx.x == 0) da[frame] = static_cast<scalar_t>(total);
     __syncthreads();  // warp_sums is reused for the next frame
   }
@@ -129,8 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_cuda(
             s.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
             partial.mutable_data_ptr<acc_t>(), threads);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    reweight_backward_finish_kernel<scalar_t, acc_t, int32_t>
-        <<<cuda::blocks_for(int64_t(g.N) * g.T, 1), cuda::kThreadsPerBlock, 0, stream>>>(
+    reweight_backward_finish_kernel<kFinishThreads, scalar_t, acc_t, int32_t>
+        <<<cuda::blocks_for(int64_t(g.N) * g.T, 1), kFinishThreads, 0, stream>>>(
             g, static_cast<int32_t>(groups), partial.const_data_ptr<acc_t>(), s.const_data_ptr<scalar_t>(),
             a.const_data_ptr<scalar_t>(), ds.mutable_data_ptr<scalar_t>(), da.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,18 +1,20 @@
 """Every CUDA kernel against the CPU kernel on the same inputs: forward and gradients, every float dtype, odd sizes,
 non-contiguous and channels-last inputs, the current (side) stream, and the int32 index boundary. CUDA only: the
-whole module is skipped without a GPU (tools/gpu_check.sh runs it on one)."""
+whole module is skipped without a GPU (tools/gpu_check.sh runs it on one, the tests marked slow in a process of
+their own: each holds several GiB)."""
 import pytest
 import torch
 
 from conftest import DEVICES, FLOAT_DTYPES, TOLERANCES, on_busy_side_stream, poisoned_allocations
 from epamx.ops import (COCO17_LIMBS, attention_reweight, channel_pool, render_heatmaps, temporal_shift,
                        temporal_shift_)
+from epamx.ops.batch_norm_act import ACTIVATIONS, batch_norm_act
 
 pytestmark = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU")
 
 DTYPE_IDS = [str(d).replace("torch.", "") for d in FLOAT_DTYPES]
 # How an input is laid out in memory: as allocated, a strided view (every other W column of a wider tensor), or
-# channels-last (C innermost).
+# channels-last (C innermost); batch_norm_act's kernels also tell apart "transposed" (dense, H and W swapped).
 LAYOUTS = ["contiguous", "strided", "channels_last"]
 
 
@@ -32,6 +34,8 @@ def lay_out(t, layout):
         return wide[..., ::2]
     if layout == "channels_last":
         return t.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "transposed":
+        return t.transpose(3, 4).contiguous().transpose(3, 4)
     return t
 
 
@@ -217,6 +221,141 @@ def test_render_heatmaps_strided_inputs():
     close(render_heatmaps(kp.cuda(), scores.cuda(), (23, 31), limbs=COCO17_LIMBS), cpu, torch.float32)
 
 
+# ---- batch_norm_act: per-row sums in float64 (one thread per (n, c) row), elementwise affine + activation --------
+
+BN_SHAPES = [(2, 6, 3, 5, 7), (3, 1, 2, 4, 3), (2, 5, 4, 1, 1), (2, 54, 2, 28, 28), (1, 3, 2, 61, 67)]
+BN_LAYOUTS = LAYOUTS + ["transposed"]
+BN_ACTS = list(ACTIVATIONS)
+
+
+def bn_coefficients(shape, dtype, seed):
+    """scale, shift, coef_x, coef_1: (N, C) in the accumulation dtype the kernels take; some scales negative."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    n, c = shape[:2]
+    scale = (rand((n, c), seed) + 0.5) * torch.where(rand((n, c), seed + 1) < 0.2, -1, 1)
+    return [scale.to(acc), (randn((n, c), seed + 2) * 0.3).to(acc), (randn((n, c), seed + 3) * 0.1).to(acc),
+            (randn((n, c), seed + 4) * 0.1).to(acc)]
+
+
+def rows_close(cuda, cpu, tol):
+    """(N, C) float64 sums of the same terms in another order: relative to the largest."""
+    scale = cpu.abs().max().clamp_min(1).item()
+    torch.testing.assert_close(cuda.cpu() / scale, cpu / scale, rtol=tol, atol=tol)
+
+
+def away_from_the_kink(grad, pre, act):
+    """grad, zero where the ReLU's input is within rounding of 0: a fused multiply-add on one device and not on the
+    other may put such an element on the other side, and its gradient with it."""
+    return grad.masked_fill(pre.abs() < 1e-3, 0) if act == "relu" else grad
+
+
+@pytest.mark.parametrize("act", BN_ACTS)
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_batch_norm_act_kernels(shape, dtype, layout, act):
+    code = ACTIVATIONS[act]
+    scale, shift, coef_x, coef_1 = coefs = bn_coefficients(shape, dtype, 3)
+    x = randn(shape, 1, dtype)
+    view = (*shape[:2], 1, 1, 1)
+    grad = away_from_the_kink(randn(shape, 2, dtype), x.double() * scale.view(view) + shift.view(view), act)
+    (x_cpu, grad_cpu), (x_gpu, grad_gpu) = both_devices([x, grad], layout)
+    coefs_gpu = [t.cuda() for t in coefs]
+    ops = torch.ops.epamx
+
+    def run(x, grad, scale, shift, coef_x, coef_1):
+        return (ops._channel_moments(x), ops.affine_act(x, scale, shift, code),
+                ops._affine_act_backward_reduce(grad, x, scale, shift, code),
+                ops._affine_act_backward(grad, x, scale, shift, scale, coef_x, coef_1, code))
+
+    moments_cpu, out_cpu, sums_cpu, dx_cpu = run(x_cpu, grad_cpu, *coefs)
+    with poisoned_allocations():
+        moments_gpu, out_gpu, sums_gpu, dx_gpu = run(x_gpu, grad_gpu, *coefs_gpu)
+    for gpu, cpu in zip(moments_gpu, moments_cpu):
+        rows_close(gpu, cpu, 1e-10)
+    close(out_gpu, out_cpu, dtype)
+    # The backward reduction sums float32 terms (u = grad * act'(...), in the accumulation dtype) in float64.
+    for gpu, cpu in zip(sums_gpu, sums_cpu):
+        rows_close(gpu, cpu, 1e-10 if dtype == torch.float64 else 1e-5)
+    close(dx_gpu, dx_cpu, dtype)
+    # The outputs take x's memory format on both devices (the fake kernels' strides).
+    assert out_gpu.stride() == out_cpu.stride() and dx_gpu.stride() == dx_cpu.stride()
+
+
+class Gate(torch.nn.Module):
+    """Squeeze-and-excitation's MLP on (N, C) channel means, as the X-ShiftNet blocks gate."""
+
+    def __init__(self, channels, dtype):
+        super().__init__()
+        torch.manual_seed(7)
+        self.fc1 = torch.nn.Linear(channels, 3).to(dtype)
+        self.fc2 = torch.nn.Linear(3, channels).to(dtype)
+
+    def forward(self, pooled):
+        return torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))
+
+
+def bn_affine(c, dtype):
+    return (rand((c,), 5) + 0.5).to(dtype), (randn((c,), 6) * 0.2).to(dtype)
+
+
+def run_batch_norm_act(x, grad, act, gated, device):
+    """(output, running mean, running var, gradients of x, weight, bias and the gate's parameters) on `device`."""
+    c = x.shape[1]
+    weight, bias = bn_affine(c, x.dtype)
+    running = [(randn((c,), 7) * 0.1).to(x.dtype).to(device), (rand((c,), 8) + 0.5).to(x.dtype).to(device)]
+    leaves = [x.to(device), weight.to(device), bias.to(device)]
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    gate = Gate(c, x.dtype).to(device) if gated else None
+    params = tuple(gate.parameters()) if gated else ()
+    out = batch_norm_act(*leaves, *running, 0.1, 1e-5, act, gate, params)
+    grads = torch.autograd.grad(out, [*leaves, *params], grad.to(device))
+    return [out.detach(), *running, *grads]
+
+
+@pytest.mark.parametrize("act,gated", [("relu", False), ("silu", True), ("identity", False)],
+                         ids=["relu", "silu-gated", "identity"])
+@pytest.mark.parametrize("layout", BN_LAYOUTS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_batch_norm_act(shape, dtype, layout, act, gated):
+    x = randn(shape, 1, dtype) * 2 + 1  # a mean away from 0
+    pre = torch.nn.functional.batch_norm(x.double(), None, None, *[t.double() for t in bn_affine(shape[1], dtype)],
+                                         training=True)  # the ReLU's input where ungated
+    grad = away_from_the_kink(randn(shape, 2, dtype), pre, act)
+    (x_cpu, grad_cpu), (x_gpu, grad_gpu) = both_devices([x, grad], layout)
+    expected = run_batch_norm_act(x_cpu, grad_cpu, act, gated, "cpu")
+    with poisoned_allocations():
+        actual = run_batch_norm_act(x_gpu, grad_gpu, act, gated, "cuda")
+    assert actual[0].stride() == expected[0].stride() and actual[3].stride() == expected[3].stride()
+    rtol, atol = TOLERANCES[dtype]
+    names = ["out", "running mean", "running var", "dx", "d weight", "d bias"] + ["d gate"] * 4
+    for name, gpu, cpu in zip(names, actual, expected):
+        # Statistics and gradients of the weights are sums of many rounded terms; the gate runs torch's own
+        # kernels (cuBLAS on the GPU): compared to each tensor's scale.
+        err, scale = (gpu.cpu().double() - cpu.double()).abs().max().item(), cpu.double().abs().max().item()
+        assert err <= 10 * rtol * scale + atol, f"{name}: max error {err:.3g} at scale {scale:.3g}"
+
+
+def test_batch_norm_act_on_a_side_stream():
+    shape = (2, 54, 4, 14, 14)
+    x = randn(shape, 3).contiguous(memory_format=torch.channels_last_3d)
+    grad = randn(shape, 4).contiguous(memory_format=torch.channels_last_3d)
+    scale, shift, coef_x, coef_1 = coefs = bn_coefficients(shape, torch.float32, 5)
+    ops = torch.ops.epamx
+    for gpu, cpu in zip(on_busy_side_stream(ops._channel_moments, x.cuda()), ops._channel_moments(x)):
+        rows_close(gpu, cpu, 1e-10)
+    out = on_busy_side_stream(lambda *t: ops.affine_act(*t, 2), x.cuda(), scale.cuda(), shift.cuda())
+    close(out, ops.affine_act(x, scale, shift, 2), torch.float32)
+    sums = on_busy_side_stream(lambda *t: ops._affine_act_backward_reduce(*t, 2), grad.cuda(), x.cuda(),
+                               scale.cuda(), shift.cuda())
+    for gpu, cpu in zip(sums, ops._affine_act_backward_reduce(grad, x, scale, shift, 2)):
+        rows_close(gpu, cpu, 1e-5)
+    dx = on_busy_side_stream(lambda g, v, s, t, cx, c1: ops._affine_act_backward(g, v, s, t, s, cx, c1, 2),
+                             grad.cuda(), x.cuda(), *[t.cuda() for t in coefs])
+    close(dx, ops._affine_act_backward(grad, x, scale, shift, scale, coef_x, coef_1, 2), torch.float32)
+
+
 # ---- the int32 index boundary: the largest tensors the int32 kernels take ---------------------------------------
 # 2^31 - 2 = 2 * 3^2 * 7 * 11 * 31 * 151 * 331 elements: every int32 kernel below runs one thread per element (or
 # per 2-byte unit) with a grid of ~134M threads, so the grid-stride loop steps past 2^31 - 1. An int32 loop counter
@@ -298,3 +437,38 @@ def test_int32_boundary_temporal_shift():
     close(out[:, fold, 1:], x[:, fold, :-1].cpu(), torch.float16, exact=True)
     close(out[:, -1], x[:, -1].cpu(), torch.float16, exact=True)
     assert not out[:, 0, -1].any() and not out[:, fold, 0].any()
+
+
+@pytest.mark.slow
+def test_int32_boundary_batch_norm_act():
+    # channels_last_3d, EPAM-Net's layout: one row thread per (n, c) walks 49981 positions C apart, up to the last
+    # element; the elementwise kernels step past 2^31 - 1 as the others do.
+    shape = (2, 9 * 7 * 11 * 31, 1, *P_ODD)
+    assert torch.Size(shape).numel() == BIG
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(shape, device="cuda", dtype=torch.float16, generator=g).contiguous(
+        memory_format=torch.channels_last_3d)
+    scale, shift, coef_x, coef_1 = coefs = [t.cuda() for t in bn_coefficients(shape, torch.float16, 9)]
+    ops = torch.ops.epamx
+    s1, s2 = ops._channel_moments(x)
+    torch.cuda.synchronize()
+    for c in (slice(0, 2), slice(-2, None)):
+        part = x[:, c].double()
+        rows_close(s1[:, c], part.sum((2, 3, 4)).cpu(), 1e-10)
+        rows_close(s2[:, c], (part * part).sum((2, 3, 4)).cpu(), 1e-10)
+        del part
+    out = ops.affine_act(x, scale, shift, 2)
+    torch.cuda.synchronize()
+    for c in (slice(0, 2), slice(-2, None)):
+        close(out[:, c], ops.affine_act(x[:, c].cpu(), scale[:, c].cpu(), shift[:, c].cpu(), 2), torch.float16)
+    del out
+    grad = torch.randn_like(x).contiguous(memory_format=torch.channels_last_3d)
+    sum_u, sum_ux = ops._affine_act_backward_reduce(grad, x, scale, shift, 2)
+    dx = ops._affine_act_backward(grad, x, scale, shift, scale, coef_x, coef_1, 2)
+    torch.cuda.synchronize()
+    for c in (slice(0, 2), slice(-2, None)):
+        part = [t[:, c].cpu() for t in (grad, x)] + [t[:, c].cpu() for t in coefs]
+        expected = ops._affine_act_backward_reduce(*part[:4], 2)
+        rows_close(sum_u[:, c], expected[0], 1e-5)
+        rows_close(sum_ux[:, c], expected[1], 1e-5)
+        close(dx[:, c], ops._affine_act_backward(*part[:4], part[2], *part[4:], 2), torch.float16)
