@@ -66,6 +66,43 @@ def _reduce(values: List[float], flag: bool) -> tuple:
     return [v / D.get_world_size() for v in packed[:-1]], packed[-1] > 0
 
 
+def _optimisation_step(model: nn.Module, imgs, heatmaps, labels, optimizer: torch.optim.Optimizer, scheduler,
+                       params: List[torch.Tensor], scaler: Optional[torch.amp.GradScaler],
+                       amp_dtype: Optional[torch.dtype], clip_grad: float):
+    """Forward, the summed cross-entropy of each stream, backward, clipping, one optimiser and one schedule step.
+    Returns ({stream: loss}, the total loss, the gradients' norm before clipping, the lr the step ran at)."""
+    scaling = scaler is not None and scaler.is_enabled()
+    device_type = labels.device.type
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = stream_logits(model, imgs, heatmaps)
+    losses = {name: F.cross_entropy(value.float(), labels) for name, value in logits.items()}
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    if scaling:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    # max_norm = inf measures the norm without changing the gradients (they are scaled by exactly 1)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf)
+    lr = optimizer.param_groups[0]["lr"]
+    if scaling:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    return losses, loss, grad_norm, lr
+
+
+def _progress_bar(loader, start_iter: int, desc: str, enabled: bool):
+    if not (enabled and D.is_main()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=start_iter + len(loader), initial=start_iter, desc=desc, dynamic_ncols=True, leave=False)
+
+
 def train_one_epoch(model: nn.Module, loader, transform, optimizer: torch.optim.Optimizer, scheduler, *, mode: str,
                     device: torch.device, epoch: int, start_iter: int = 0,
                     scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None,
@@ -80,7 +117,7 @@ def train_one_epoch(model: nn.Module, loader, transform, optimizer: torch.optim.
     ``clip_grad`` (0: off); one optimiser and one ``scheduler`` step. Then ``on_iteration(record)`` on every
     rank (record: epoch, iter (iterations done in this epoch), step (global), loss, loss_<stream>, lr,
     grad_norm, clips_per_s (all ranks), data_s), and the epoch ends early, at this iteration boundary, when
-    ``stop.requested`` on any rank.
+    ``stop.requested`` on any rank. A non-finite loss raises FloatingPointError.
     """
     if model_mode(model) != mode:
         raise ValueError(f"train_one_epoch: mode {mode!r}, but the model is a {model_mode(model)} model")
@@ -88,12 +125,7 @@ def train_one_epoch(model: nn.Module, loader, transform, optimizer: torch.optim.
     loader.sampler.set_epoch(epoch, skip=start_iter * loader.batch_size)
     world = D.get_world_size()
     params = [p for p in model.parameters() if p.requires_grad]
-    scaling = scaler is not None and scaler.is_enabled()
-    bar = None
-    if progress and D.is_main():
-        from tqdm import tqdm
-
-        bar = tqdm(total=start_iter + len(loader), initial=start_iter, desc=desc, dynamic_ncols=True, leave=False)
+    bar = _progress_bar(loader, start_iter, desc, progress)
     iteration, losses_seen, stopped = start_iter, [], False
     with rng_untouched():
         batches = iter(loader)
@@ -109,25 +141,8 @@ def train_one_epoch(model: nn.Module, loader, transform, optimizer: torch.optim.
                 tick = time.perf_counter()
                 continue
             imgs, heatmaps, labels = transform(batch, device, channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = stream_logits(model, imgs, heatmaps)
-            losses = {name: F.cross_entropy(value.float(), labels) for name, value in logits.items()}
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            if scaling:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            # max_norm = inf measures the norm without changing the gradients (they are scaled by exactly 1)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf)
-            lr = optimizer.param_groups[0]["lr"]
-            if scaling:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
+            losses, loss, grad_norm, lr = _optimisation_step(model, imgs, heatmaps, labels, optimizer, scheduler,
+                                                             params, scaler, amp_dtype, clip_grad)
             iteration += 1
             names = list(losses)
             values, stop_now = _reduce([loss.item()] + [losses[n].item() for n in names] + [grad_norm.item()],
@@ -136,11 +151,10 @@ def train_one_epoch(model: nn.Module, loader, transform, optimizer: torch.optim.
                 raise FloatingPointError(f"the training loss is {values[0]} at epoch {epoch + 1}, iteration "
                                          f"{iteration} (step {scheduler.last_epoch}): training diverged; lower "
                                          f"optim.lr_per_16 or resume from an earlier checkpoint")
-            now = time.perf_counter()
             record = {"type": "train", "epoch": epoch, "iter": iteration, "step": scheduler.last_epoch,
                       "loss": values[0], **{f"loss_{n}": v for n, v in zip(names, values[1:-1])}, "lr": lr,
-                      "grad_norm": values[-1], "clips_per_s": labels.shape[0] * world / max(now - tick, 1e-9),
-                      "data_s": data_s}
+                      "grad_norm": values[-1],
+                      "clips_per_s": labels.shape[0] * world / max(time.perf_counter() - tick, 1e-9), "data_s": data_s}
             if batch.get("skipped"):
                 record["skipped"] = int(batch["skipped"])
             losses_seen.append(values[0])
@@ -150,10 +164,8 @@ def train_one_epoch(model: nn.Module, loader, transform, optimizer: torch.optim.
                 bar.update(1)
             if on_iteration is not None:
                 on_iteration(record)
-            if world == 1 and stop is not None and stop.requested:
-                # on_iteration may have asked to stop; under DDP such a request is agreed on at the next iteration
-                stop_now = True
-            if stop_now:
+            # on_iteration may have asked to stop; under DDP such a request is agreed on at the next iteration
+            if stop_now or (world == 1 and stop is not None and stop.requested):
                 if stop is not None:
                     stop.request("requested on another rank")
                 stopped = True
