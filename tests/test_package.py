@@ -8,7 +8,6 @@ import torch
 
 import epamx
 
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
