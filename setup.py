@@ -1,6 +1,7 @@
-"""Build epamx: setuptools drives CMake + Ninja, which compile the epamx._C extension against the installed torch.
+"""Build epamx's extension: setuptools drives CMake + Ninja, which compile epamx._C against the installed torch.
+Everything else about the package (metadata, version, dependencies, extras, the console script) is in pyproject.toml.
 
-    pip install -e . --no-build-isolation
+    pip install -e ".[train,dev]" --no-build-isolation
 
 Environment variables:
     EPAMX_CUDA=auto|1|0          build the CUDA kernels when possible (default), always (error if impossible), never
@@ -13,12 +14,13 @@ import os
 import pathlib
 import subprocess
 import sys
+import tomllib
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = pathlib.Path(__file__).parent.resolve()
-VERSION = "0.1.0"
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
 
 _CUDA_CHOICES = {"auto": "AUTO", "": "AUTO", "1": "ON", "on": "ON", "0": "OFF", "off": "OFF"}
 
@@ -69,20 +71,6 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    name="epamx",
-    version=VERSION,
-    description="Fused C++/CUDA operators and the EPAM-Net model for pose-driven multimodal action recognition",
-    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
-    long_description_content_type="text/markdown",
-    license="MIT",
-    python_requires=">=3.11",  # tomllib (training configs)
-    packages=find_packages(include=["epamx", "epamx.*"]),
-    package_data={"epamx": ["configs/*.toml"]},
-    # Any torch the extension was compiled against; never upgraded by installing epamx. The rest: epamx.data and
-    # training (PyAV decodes and writes videos, Pillow JPEG frames, tqdm progress, matplotlib PNG plots).
-    install_requires=["torch>=2.4", "numpy", "av>=12", "pillow", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "numpy"]},
     ext_modules=[CMakeExtension("epamx._C")],
     cmdclass={"build_ext": CMakeBuild},
-    zip_safe=False,
 )

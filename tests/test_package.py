@@ -1,15 +1,20 @@
-"""The package around the ops: build information, the command line, the README's main command, the docs."""
+"""The package around the ops: its metadata, build information, the command line, the tests' requirements, the
+docs."""
+import importlib
 import json
 import pathlib
+import re
 import subprocess
 import sys
+import tomllib
 
 import torch
 
 import epamx
-
+from conftest import TEST_REQUIREMENTS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 
 
 def _run(*args):
@@ -51,7 +56,32 @@ def test_cli_info_model_matches_the_reference_figures():
 def test_cli_rejects_unknown_command():
     result = _run("frobnicate")
     assert result.returncode == 2
-    assert "invalid choice" in result.stderr
+    assert "frobnicate" in result.stderr
+
+
+def test_version_has_one_source():
+    # pyproject.toml's version, passed to CMake by setup.py and baked into the extension: a stale build differs.
+    assert epamx.__version__ == PROJECT["version"]
+
+
+def test_console_script_is_the_cli(capsys):
+    module, function = PROJECT["scripts"]["epamx"].split(":")
+    main = getattr(importlib.import_module(module), function)
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epamx"] == epamx.__version__
+
+
+def test_the_tests_require_the_train_and_dev_extras():
+    # tests/conftest.py stops a session that lacks one of them (pytest runs it; ruff, the linter, is no test's).
+    extras = PROJECT["optional-dependencies"]
+    wanted = {re.split(r"[<>=!~\[; ]", spec)[0].lower() for spec in extras["train"] + extras["dev"]} - {"pytest", "ruff"}
+    assert set(TEST_REQUIREMENTS.values()) == wanted
+
+
+def test_package_data_and_license():
+    assert (REPO / "LICENSE").read_text(encoding="utf-8").startswith("MIT License")
+    package = pathlib.Path(epamx.__file__).parent
+    assert (package / "py.typed").is_file() and list((package / "configs").glob("*.toml"))
 
 
 def test_documentation_is_in_the_repository():

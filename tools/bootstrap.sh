@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Sets up everything epamx needs in ./.venv and builds it in place; safe to rerun (it only does what is missing).
-#   torch is pinned (EPAMX_TORCH, default torch==2.13.0): pip never resolves a newer or CUDA torch here.
+#   torch is pinned (EPAMX_TORCH, default torch==2.13.0): pip never resolves a newer or CUDA torch here, and never
+#   replaces the torch installed (the build compiles against it).
+#   Then pyproject.toml's build requirements, then epamx itself, editable, with the extras in EPAMX_EXTRAS
+#   (default train,dev: training and the tests; see pyproject.toml's [project.optional-dependencies]).
 #   Where nvcc exists but torch has no CUDA, every .cu file is still compiled (not linked) as a check;
 #   EPAMX_CUDA_COMPILE_CHECK=1 demands it, =0 skips it.
 set -euo pipefail
@@ -9,12 +12,14 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${EPAMX_VENV:-.venv}
 TORCH_SPEC=${EPAMX_TORCH:-torch==2.13.0}
+EXTRAS=${EPAMX_EXTRAS:-train,dev}
 [ -d /usr/local/cuda/bin ] && export PATH="$PATH:/usr/local/cuda/bin"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "epamx bootstrap: creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
+VENV=$(cd "$VENV" && pwd)
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install -q --disable-pip-version-check)
 
@@ -22,35 +27,35 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "epamx bootstrap: installing $TORCH_SPEC"
   "${PIP[@]}" "$TORCH_SPEC"
 fi
-missing=$("$PY" - <<'PY'
-import importlib.util
-need = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "numpy": "numpy", "setuptools": "setuptools",
-        "wheel": "wheel", "cmake": "cmake>=3.24", "ninja": "ninja",
-        # data and training: video decoding/encoding (FFmpeg inside), JPEG frames, progress bars, PNG plots
-        "av": "av>=12", "PIL": "pillow", "tqdm": "tqdm", "matplotlib": "matplotlib"}
-print(" ".join(spec for module, spec in need.items() if importlib.util.find_spec(module) is None))
+# Whatever else gets installed, torch stays the one installed now.
+CONSTRAINT="$VENV/epamx-torch-constraint.txt"
+"$PY" -W ignore -c "import torch; print(f'torch=={torch.__version__}')" > "$CONSTRAINT"
+PIP+=(-c "$CONSTRAINT")
+# pip installs no build requirements when the build is not isolated: they are read from pyproject.toml.
+mapfile -t build_requires < <("$PY" - <<'PY'
+import tomllib
+with open("pyproject.toml", "rb") as f:
+    print(*tomllib.load(f)["build-system"]["requires"], sep="\n")
 PY
 )
-if [ -n "$missing" ]; then
-  echo "epamx bootstrap: installing $missing"
-  # shellcheck disable=SC2086
-  "${PIP[@]}" $missing
-fi
+"${PIP[@]}" "${build_requires[@]}"
 
 if [ -z "${EPAMX_CUDA_COMPILE_CHECK:-}" ]; then
-  torch_cuda=$("$PY" -c "import torch; print(int(torch.backends.cuda.is_built()))")
+  torch_cuda=$("$PY" -W ignore -c "import torch; print(int(torch.backends.cuda.is_built()))")
   if command -v nvcc >/dev/null && [ "$torch_cuda" = 0 ]; then export EPAMX_CUDA_COMPILE_CHECK=1; fi
 fi
 
-echo "epamx bootstrap: building the extension (log: build/bootstrap.log)"
+target=".${EXTRAS:+[$EXTRAS]}"
+echo "epamx bootstrap: building the extension and installing $target (log: build/bootstrap.log)"
 mkdir -p build
-export PATH="$PWD/$VENV/bin:$PATH"  # the venv's cmake and ninja
-if ! "$PY" -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps -e . >build/bootstrap.log 2>&1; then
+export PATH="$VENV/bin:$PATH"  # the venv's cmake and ninja
+if ! "$PY" -m pip install -v --disable-pip-version-check -c "$CONSTRAINT" --no-build-isolation -e "$target" \
+     >build/bootstrap.log 2>&1; then
   tail -n 60 build/bootstrap.log
   echo "epamx bootstrap: build failed; full log in build/bootstrap.log" >&2
   exit 1
 fi
 grep -E -- "-- epamx: " build/bootstrap.log | sed -E 's/^ *-- //' || true
 # not piped into head: head exits after six lines and info would die of a broken pipe (failing the script)
-"$PY" -m epamx info > build/info.txt
+"$VENV/bin/epamx" info > build/info.txt
 head -n 6 build/info.txt

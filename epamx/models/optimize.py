@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 

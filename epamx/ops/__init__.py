@@ -1,10 +1,15 @@
 """Fused operators. Each public op calls torch.ops.epamx.<op> and has a plain-PyTorch `<op>_reference`."""
 from epamx.ops.attention_reweight import attention_reweight, attention_reweight_reference
-from epamx.ops.batch_norm_act import (affine_act, affine_act_reference, batch_norm_act,
-                                       batch_norm_act_reference)
+from epamx.ops.batch_norm_act import affine_act, affine_act_reference, batch_norm_act, batch_norm_act_reference
 from epamx.ops.channel_pool import channel_pool, channel_pool_reference
-from epamx.ops.render_heatmaps import (COCO17_FLIP_PAIRS, COCO17_LIMBS, NTU25_BONES, NTU25_FLIP_PAIRS,
-                                       render_heatmaps, render_heatmaps_reference)
+from epamx.ops.render_heatmaps import (
+    COCO17_FLIP_PAIRS,
+    COCO17_LIMBS,
+    NTU25_BONES,
+    NTU25_FLIP_PAIRS,
+    render_heatmaps,
+    render_heatmaps_reference,
+)
 from epamx.ops.temporal_shift import temporal_shift, temporal_shift_, temporal_shift_reference, temporal_unshift_
 
 __all__ = [

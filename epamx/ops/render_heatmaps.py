@@ -191,8 +191,8 @@ def _render_clip_numpy(kps, scores, h, w, sigma, limbs, with_joints, eps):
                 for k in range(num_joints):
                     _draw_joint(out[t, k], kps[m, t, k, 0], kps[m, t, k, 1], scores[m, t, k], sigma, eps)
             base = num_joints if with_joints else 0
-            for l, (a, b) in enumerate(limbs):
-                _draw_limb(out[t, base + l], kps[m, t, a], kps[m, t, b], scores[m, t, a], scores[m, t, b], sigma, eps)
+            for i, (a, b) in enumerate(limbs):
+                _draw_limb(out[t, base + i], kps[m, t, a], kps[m, t, b], scores[m, t, a], scores[m, t, b], sigma, eps)
     return out
 
 

@@ -8,7 +8,6 @@ from torch import nn
 
 from epamx.models import EPAMNet, PoseStream, RGBStream, optimize_for_inference, preferred_memory_format
 from epamx.models.xshiftnet import ConvBNAct
-
 from test_epamnet import randomize_batch_norm
 
 CL = torch.channels_last_3d

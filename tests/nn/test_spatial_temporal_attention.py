@@ -36,7 +36,8 @@ def test_published_parameter_count_and_names():
     assert list(module.state_dict()) == ["spatial_conv.weight", "spatial_bn.weight", "spatial_bn.bias",
                                          "spatial_bn.running_mean", "spatial_bn.running_var",
                                          "spatial_bn.num_batches_tracked", "temporal_conv.weight"]
-    assert repr(module).startswith("SpatialTemporalAttention(\n  kernel_size=7, t_stride=3, fused=True")
+    for fact in ("kernel_size=7", "t_stride=3", "fused=True"):
+        assert fact in repr(module), repr(module)
 
 
 def test_epamnet_shapes():

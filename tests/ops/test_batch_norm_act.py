@@ -6,8 +6,13 @@ import torch
 
 from conftest import TOLERANCES, poisoned_allocations
 from epamx import _C
-from epamx.ops.batch_norm_act import (ACTIVATIONS, affine_act, affine_act_reference, batch_norm_act,
-                                      batch_norm_act_reference)
+from epamx.ops.batch_norm_act import (
+    ACTIVATIONS,
+    affine_act,
+    affine_act_reference,
+    batch_norm_act,
+    batch_norm_act_reference,
+)
 
 ACTS = list(ACTIVATIONS)
 # (N, C, T, H, W): odd sizes, C = 1, a single pixel per frame, EPAM-Net's first RGB stage (smaller T).

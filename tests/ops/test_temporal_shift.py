@@ -457,7 +457,8 @@ def test_module(inplace, device):
     out = shift(y)
     assert (out is y) == inplace
     assert_bitwise_equal(out, temporal_shift_reference(x, 4))
-    assert repr(shift) == f"TemporalShift(fold_div=4, inplace={inplace}, layout='NCTHW')"
+    for fact in ("fold_div=4", f"inplace={inplace}", "layout='NCTHW'"):
+        assert fact in repr(shift), repr(shift)
     assert shift.state_dict() == {}
 
 
