@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from epamx.models.streams import build_model, stream_logits
 from epamx.config import load_config
+from epamx.models.streams import build_model, stream_logits
 
 CONFIG = load_config("embedded")
 NUM_CLASSES = 12  # the embedded dataset's

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from epamx.cli import main
+from epamx.config import load_config
 from epamx.data import load_annotations, read_video, write_video
 from epamx.data.embedded import CLASSES, build_embedded
-from epamx.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -441,8 +441,8 @@ def test_resume_flags(tmp_path, capsys, monkeypatch):
 def test_no_resume_on_a_folder_that_holds_a_run_is_one_line(tmp_path, capsys, monkeypatch):
     """--no-resume where a stage already has checkpoints: exit 2, one line naming the folder and the fix."""
     import epamx.train
-    from epamx.train.checkpoint import write_latest
     from epamx.train import run_stage
+    from epamx.train.checkpoint import write_latest
 
     def run(cfg):
         stage = tmp_path / "pose"

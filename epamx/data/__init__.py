@@ -1,7 +1,12 @@
 """The input pipeline: PoseC3D annotation pickles and RGB videos or frame folders -> batches of uint8 frames and
 keypoints (workers) -> normalised frames and heatmaps (on the training device); and the embedded dataset."""
-from epamx.data.annotations import (AnnotationError, UnsafePickleError, dump_annotations, load_annotations,
-                                    safe_load_pickle)
+from epamx.data.annotations import (
+                                    AnnotationError,
+                                    UnsafePickleError,
+                                    dump_annotations,
+                                    load_annotations,
+                                    safe_load_pickle,
+)
 from epamx.data.batch_transform import BatchTransform
 from epamx.data.config import DataConfig, EmbeddedConfig
 from epamx.data.dataset import ClipDataset, SampleError, build_dataset, build_loader, collate_clips

@@ -11,8 +11,14 @@ Training (epamx.train) evaluates through this layer; the command line's eval, pr
 """
 from epamx.inference.evaluation import Evaluation, evaluate, evaluate_checkpoint, resolve_amp
 from epamx.inference.inputs import build_batch_transform, clip_from_video, clips, clips_from_annotations
-from epamx.inference.loading import (LoadedModel, config_for_checkpoint, inference_model, load, load_model,
-                                     resolve_checkpoint)
+from epamx.inference.loading import (
+                                     LoadedModel,
+                                     config_for_checkpoint,
+                                     inference_model,
+                                     load,
+                                     load_model,
+                                     resolve_checkpoint,
+)
 from epamx.inference.predict import predict
 from epamx.inference.render import render_attention
 

@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from epamx.config import Config
 import epamx.data as data
+from epamx.config import Config
 from epamx.data import BatchTransform, ClipDataset, collate_clips, load_annotations, read_video
 from epamx.data.annotations import AnnotationError, safe_load_pickle, validate_annotation
 from epamx.errors import ConfigError, DataError, DataFileNotFound

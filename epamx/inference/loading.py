@@ -9,10 +9,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from epamx.config import Config, load_config
 from epamx.distributed import init_distributed
 from epamx.errors import CheckpointError, CheckpointNotFound
 from epamx.models import build_model, optimize_for_inference, read_checkpoint
-from epamx.config import Config, load_config
 
 __all__ = ["LoadedModel", "config_for_checkpoint", "find_run_file", "inference_model", "load", "load_model",
            "memory_format_name", "resolve_channels_last", "resolve_checkpoint"]

@@ -31,8 +31,15 @@ from epamx.inference.inputs import build_batch_transform
 from epamx.inference.loading import memory_format_name, resolve_channels_last
 from epamx.models.streams import MODES, build_model, init_from as init_model_from, modalities
 from epamx.records import atomic_write_text, environment_info, write_evaluation_report, write_json
-from epamx.train.checkpoint import (capture_rng_state, check_compatible, latest_checkpoint, load_checkpoint,
-                                    prune_checkpoints, restore_rng_state, save_checkpoint)
+from epamx.train.checkpoint import (
+    capture_rng_state,
+    check_compatible,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
 from epamx.train.epoch import cosine_schedule, train_one_epoch
 from epamx.train.signals import StopFlag, stop_on_signals
 from epamx.train.stage_log import StageLog

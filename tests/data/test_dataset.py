@@ -9,11 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from epamx.data import (BatchTransform, ClipDataset, DataConfig, SampleError, build_dataset, build_loader,
-                        collate_clips, load_annotations, read_video, uniform_sample_frames, write_video)
+from epamx.data import (
+    BatchTransform,
+    ClipDataset,
+    DataConfig,
+    SampleError,
+    build_dataset,
+    build_loader,
+    collate_clips,
+    load_annotations,
+    read_video,
+    uniform_sample_frames,
+    write_video,
+)
+from epamx.data.annotations import AnnotationError
 from epamx.data.sampler import sample_seed
 from epamx.data.transforms import crop_resize_frames
-from epamx.data.annotations import AnnotationError
 from epamx.errors import DataError, DataFileNotFound
 from fakes import frame_numbers, make_annotation, write_numbered_dataset, write_pickle
 from references import mmcompact_box, pil_crop_resize

@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from epamx.data import (BatchTransform, DataConfig, EmbeddedConfig, build_dataset, build_embedded, build_loader,
-                        load_annotations, read_frame_folder, read_video)
+from epamx.data import (
+    BatchTransform,
+    DataConfig,
+    EmbeddedConfig,
+    build_dataset,
+    build_embedded,
+    build_loader,
+    load_annotations,
+    read_frame_folder,
+    read_video,
+)
 from epamx.data.embedded import CLASSES, embedded_dir
 from epamx.data.scenes import render_clip
 from epamx.errors import DataError

@@ -4,8 +4,17 @@ import tomllib
 
 import pytest
 
-from epamx.config import (Config, ConfigError, ModelConfig, TrainConfig, available_configs, config_from_dict,
-                                load_config, parse_override, to_toml)
+from epamx.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    available_configs,
+    config_from_dict,
+    load_config,
+    parse_override,
+    to_toml,
+)
 
 AUTHORS = ["ntu60_xsub", "ntu60_xview", "ntu120_xsub", "ntu120_xset", "pku_mmd", "toyota_cs"]
 

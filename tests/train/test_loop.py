@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from epamx.models import PoseStream
-from epamx.train.checkpoint import load_checkpoint
 from epamx.config import config_from_dict
 from epamx.errors import CheckpointError, ConfigError
 from epamx.inference import evaluate, resolve_amp
-from epamx.train import StopFlag, cosine_schedule, run, run_stage, train_one_epoch
 from epamx.inference.metrics import stream_metrics
+from epamx.models import PoseStream
+from epamx.train import StopFlag, cosine_schedule, run, run_stage, train_one_epoch
+from epamx.train.checkpoint import load_checkpoint
 
 
 def _learning_rates(optimizer, scheduler, steps):

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from epamx.inference.metrics import (classification_metrics, confusion_matrix, mean_class_accuracy, per_class_accuracy,
-                                 per_class_table, stream_metrics, topk_accuracy)
+from epamx.inference.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    mean_class_accuracy,
+    per_class_accuracy,
+    per_class_table,
+    stream_metrics,
+    topk_accuracy,
+)
 
 # 6 clips, 4 classes. Ranked classes per row (best first) and the label:
 #   0: 0 1 2 3  label 0  -> top-1 hit

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import synthetic
-from epamx.train.checkpoint import latest_checkpoint, load_checkpoint
 from epamx.train import run_stage
+from epamx.train.checkpoint import latest_checkpoint, load_checkpoint
 
 # 24 clips, batch 2: 12 iterations per epoch, 24 in all; a step checkpoint every 5.
 OVERRIDES = ["train.epochs=2", "train.checkpoint_every_iters=5"]

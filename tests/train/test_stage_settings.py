@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from epamx.train.checkpoint import load_checkpoint
 from epamx.train import run
+from epamx.train.checkpoint import load_checkpoint
 
 BATCH = 4
 ITERS = 24 // BATCH  # the stand-in's 24 training clips

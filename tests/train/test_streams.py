@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from epamx.models import EPAMNet, PoseStream, RGBStream, build_model, init_from, stream_logits
-from epamx.models.streams import model_mode, modalities
+from epamx.models.streams import modalities, model_mode
 from epamx.train.checkpoint import save_checkpoint
 
 IMGS = (2, 3, 4, 32, 32)

@@ -6,8 +6,8 @@ import signal
 import torch
 
 from epamx.config import load_config
-from epamx.train.checkpoint import load_checkpoint
 from epamx.train import run_stage
+from epamx.train.checkpoint import load_checkpoint
 
 
 def tiny_embedded(tmp_path, name):
