@@ -36,8 +36,7 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_iters: int, warmup_i
         floor = min_lr / base if base > 0 else 0.0
 
         def factor(step: int) -> float:
-            progress = min(step, total_iters) / total_iters
-            cosine = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+            cosine = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, total_iters) / total_iters))
             if step < warmup_iters:
                 return cosine * (step + 1) / warmup_iters
             return cosine
