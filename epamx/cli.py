@@ -1,4 +1,4 @@
-"""Command line: ``epamx train | eval | predict | render | prepare | info`` (or ``python -m epamx ...``).
+"""Command line: ``epamx train | eval | predict | render | export | prepare | info`` (or ``python -m epamx ...``).
 
 Argument parsing and calls into epamx.train, epamx.inference and epamx.data; nothing else. Bad input (an
 :class:`epamx.errors.EpamxError`) is printed as one line with exit code 2; any other error keeps its traceback.
@@ -129,13 +129,17 @@ def _clips(args: argparse.Namespace, loaded):
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from epamx.inference import predict
+    from epamx.inference import load_onnx, predict
 
-    loaded = _load(args)
-    results = predict(loaded.optimized(), loaded.config, _clips(args, loaded), top_k=args.top_k,
-                      device=loaded.device)
+    if args.onnx:
+        loaded = load_onnx(args.onnx, args.config, args.overrides)
+        model, source = loaded, loaded.path
+    else:
+        loaded = _load(args)
+        model, source = loaded.optimized(), loaded.checkpoint
+    results = predict(model, loaded.config, _clips(args, loaded), top_k=args.top_k, device=loaded.device)
     if args.json:
-        print(json.dumps({"checkpoint": str(loaded.checkpoint), "clips": results}, indent=2))
+        print(json.dumps({"onnx" if args.onnx else "checkpoint": str(source), "clips": results}, indent=2))
         return 0
     for r in results:
         print(f"{r['frame_dir']}: " + ", ".join(f"{name} {score:.3f}" for name, score in r["top"]))
@@ -150,6 +154,15 @@ def _render(args: argparse.Namespace) -> int:
     for i in range(len(dataset)):
         out = Path(args.out) / f"{dataset.annotations[i]['frame_dir']}.png"
         print(render_attention(loaded.model, loaded.config, dataset, i, out, loaded.device))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from epamx.inference import export
+
+    out = export(args.checkpoint, args.out, args.format, opset=args.opset, batch_size=args.batch_size,
+                 config=args.config, overrides=args.overrides)
+    print(f"written: {out} ({out.stat().st_size / 1e6:.1f} MB, {args.format})")
     return 0
 
 
@@ -248,6 +261,9 @@ def _parser() -> argparse.ArgumentParser:
     pred = commands.add_parser("predict", help="top-k classes of clips (annotation entries, or a video + keypoints)")
     _add_checkpoint_args(pred)
     _add_clip_args(pred, limit=0)
+    pred.add_argument("--onnx", default=None, metavar="FILE",
+                      help="run this exported ONNX file with ONNX Runtime instead of the checkpoint (its input "
+                           "pipeline from the file; the data from --config, default a config.toml beside it)")
     pred.add_argument("--top-k", type=_at_least(1), default=5)
     pred.add_argument("--json", action="store_true", help="print JSON")
     pred.set_defaults(run=_predict)
@@ -258,6 +274,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_clip_args(render, limit=4)
     render.add_argument("--out", default="renders", help="output folder (default renders/)")
     render.set_defaults(run=_render)
+
+    exp = commands.add_parser("export", help="write a checkpoint's model as an ONNX file or a torch.export program "
+                                             "(.pt2), with its input contract")
+    exp.add_argument("checkpoint", help="a checkpoint, or a run or stage folder (its final.pt)")
+    exp.add_argument("--format", default="onnx", help="onnx (standard operators only) or pt2 (torch.export)")
+    exp.add_argument("--out", required=True, help="the file to write")
+    exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default and minimum 18)")
+    exp.add_argument("--batch-size", type=_at_least(1), default=None,
+                     help="a fixed batch size (default: a dynamic batch dimension)")
+    exp.add_argument("--config", default=None, help="config name or TOML file (default: the checkpoint's run config)")
+    _add_overrides(exp, "model.pose_channels=17")
+    exp.set_defaults(run=_export)
 
     prepare = commands.add_parser("prepare", help="crop raw videos to the persons and resize them, as the authors "
                                                   "prepared their RGB input")
