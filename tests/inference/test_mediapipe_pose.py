@@ -90,3 +90,55 @@ def test_mediapipe_itself_on_frames_without_anyone(tmp_path):
             assert not ann["keypoint_score"].any()
     finally:
         estimator.close()
+
+
+def drawn_person(frames: int = 12) -> tuple:
+    """A cartoon person facing the camera (head, shirt, arms waving, legs), and where its joints are drawn: the nose
+    (head centre), shoulders, wrists (the hands) and ankles (the feet), per frame, in the person's own left/right."""
+    from PIL import Image, ImageDraw
+
+    pictures, joints = [], []
+    for t in range(frames):
+        img = Image.new("RGB", (640, 480), (200, 205, 210))
+        d = ImageDraw.Draw(img)
+        cx, a = 320 + int(10 * np.sin(t / 8)), int(40 * np.sin(t / 5))
+        skin, shirt, pants = (224, 172, 140), (40, 70, 160), (50, 50, 60)
+        d.ellipse([cx - 28, 60, cx + 28, 130], fill=skin)
+        d.ellipse([cx - 14, 85, cx - 6, 93], fill=(40, 30, 30))
+        d.ellipse([cx + 6, 85, cx + 14, 93], fill=(40, 30, 30))
+        d.rectangle([cx - 10, 128, cx + 10, 145], fill=skin)
+        d.polygon([(cx - 60, 145), (cx + 60, 145), (cx + 45, 290), (cx - 45, 290)], fill=shirt)
+        d.line([(cx - 55, 150), (cx - 95, 220), (cx - 100, 290 - a)], fill=shirt, width=26)
+        d.line([(cx + 55, 150), (cx + 95, 220), (cx + 100, 290 + a)], fill=shirt, width=26)
+        d.ellipse([cx - 112, 280 - a, cx - 88, 305 - a], fill=skin)
+        d.ellipse([cx + 88, 280 + a, cx + 112, 305 + a], fill=skin)
+        d.line([(cx - 25, 290), (cx - 35, 380), (cx - 38, 460)], fill=pants, width=32)
+        d.line([(cx + 25, 290), (cx + 35, 380), (cx + 38, 460)], fill=pants, width=32)
+        pictures.append(np.asarray(img))
+        # facing the camera, the person's left is the image's right
+        joints.append({0: (cx, 95), 5: (cx + 55, 150), 6: (cx - 55, 150), 9: (cx + 100, 292 + a),
+                       10: (cx - 100, 292 - a), 15: (cx + 38, 455), 16: (cx - 38, 455)})
+    return np.stack(pictures), joints
+
+
+def test_mediapipe_finds_a_drawn_person_and_its_joints_land_on_it():
+    """The real model on a cartoon person: found in most frames, each COCO-17 joint where that body part
+    is drawn (head, shoulders, hands within 35 px in a 640x480 frame; feet low), left and right the right way
+    round."""
+    from epamx.pose.mediapipe_pose import MediaPipePose
+
+    frames, joints = drawn_person()
+    estimator = MediaPipePose()
+    try:
+        kp, score = estimator.estimate(frames)
+    finally:
+        estimator.close()
+    found = score[0].max(-1) > 0.5
+    assert found.sum() >= len(frames) // 2  # MediaPipe may need a few frames to lock on
+    for t in np.flatnonzero(found):
+        for joint in (0, 5, 6, 9, 10):
+            x, y = joints[t][joint]
+            assert np.hypot(*(kp[0, t, joint] - (x, y))) < 35, (t, joint, kp[0, t, joint], (x, y))
+        assert score[0, t, [0, 5, 6, 9, 10]].min() > 0.5
+        # the feet, harder to place for a cartoon: low in the frame, the left one on the image's right
+        assert kp[0, t, 15, 1] > 380 and kp[0, t, 16, 1] > 380 and kp[0, t, 15, 0] > kp[0, t, 16, 0]
