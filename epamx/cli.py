@@ -1,4 +1,5 @@
-"""Command line: ``epamx train | eval | predict | render | export | prepare | info`` (or ``python -m epamx ...``).
+"""Command line: ``epamx train | eval | predict | render | export | prepare | keypoints | info`` (or
+``python -m epamx ...``).
 
 Argument parsing and calls into epamx.train, epamx.inference and epamx.data; nothing else. Bad input (an
 :class:`epamx.errors.EpamxError`) is printed as one line with exit code 2; any other error keeps its traceback.
@@ -122,7 +123,7 @@ def _clips(args: argparse.Namespace, loaded):
 
     dataset = clips(loaded.config, loaded.class_names, loaded.mode, video=args.video, keypoints=args.keypoints,
                     precropped=args.precropped, ann_file=args.ann, samples=args.sample or (), split=args.split,
-                    video_root=args.video_root or "", frame_root=args.frame_root or "")
+                    video_root=args.video_root or "", frame_root=args.frame_root or "", estimator=args.estimator)
     if args.limit:
         dataset.annotations = dataset.annotations[:args.limit]
     return dataset
@@ -142,7 +143,8 @@ def _predict(args: argparse.Namespace) -> int:
         print(json.dumps({"onnx" if args.onnx else "checkpoint": str(source), "clips": results}, indent=2))
         return 0
     for r in results:
-        print(f"{r['frame_dir']}: " + ", ".join(f"{name} {score:.3f}" for name, score in r["top"]))
+        note = "" if r["person_detected"] else " (no person detected)"
+        print(f"{r['frame_dir']}: " + ", ".join(f"{name} {score:.3f}" for name, score in r["top"]) + note)
     return 0
 
 
@@ -163,6 +165,26 @@ def _export(args: argparse.Namespace) -> int:
     out = export(args.checkpoint, args.out, args.format, opset=args.opset, batch_size=args.batch_size,
                  config=args.config, overrides=args.overrides)
     print(f"written: {out} ({out.stat().st_size / 1e6:.1f} MB, {args.format})")
+    return 0
+
+
+def _keypoints(args: argparse.Namespace) -> int:
+    from epamx.data.annotations import read_label_map
+    from epamx.pose import extract_keypoints, find_videos, labels_from_file, labels_from_folders, read_splits
+
+    videos = find_videos(args.inputs, args.suffixes.split(","))
+    classes = read_label_map(args.classes) if args.classes else None
+    labels = None
+    if args.labels:
+        labels, classes = labels_from_file(args.labels, videos, classes)
+    elif args.label_folders:
+        labels, classes = labels_from_folders(videos)
+    report = extract_keypoints(videos, args.out, args.estimator, labels, classes, read_splits(args.split, videos),
+                               workers=args.workers, progress=not args.quiet, skip_bad=args.skip_bad)
+    failed = report["failed"]
+    print(f"keypoints of {report['done']} videos ({report['resumed']} already done) in {report['seconds']:.1f} s, "
+          f"{report['frames_per_s']:.1f} frames/s, written to {report['out']}; {len(failed)} skipped"
+          + "".join(f"\n  skipped {f['video']}: {f['error']}" for f in failed))
     return 0
 
 
@@ -208,15 +230,32 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     _add_overrides(p, "data.ann_file=x")
 
 
+def _estimator(text: str):
+    """An argparse type: --estimator's PoseEstimator class (epamx.pose.load_estimator)."""
+    from epamx.pose import load_estimator
+
+    try:
+        return load_estimator(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _add_estimator_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--estimator", type=_estimator, default="mediapipe",
+                   help="the pose estimator: mediapipe (MediaPipe Pose, one person; the `pose` extra) or "
+                        "MODULE:CLASS, a PoseEstimator of your own (epamx.pose)")
+
+
 def _add_clip_args(p: argparse.ArgumentParser, limit: int) -> None:
     p.add_argument("--ann", default=None, help="annotation pickle (default: the config's dataset)")
     p.add_argument("--sample", nargs="+", default=None, metavar="FRAME_DIR", help="annotation entries to use")
     p.add_argument("--split", default=None, help="a split of the annotation pickle (default: the config's val split)")
     p.add_argument("--video-root", default=None, help="folder of the annotation's videos (default: the config's)")
     p.add_argument("--frame-root", default=None, help="folder of the annotation's frame folders")
-    p.add_argument("--video", default=None, help="one video file (with --keypoints)")
+    p.add_argument("--video", default=None, help="one video file (its keypoints estimated, or from --keypoints)")
     p.add_argument("--keypoints", default=None, help="its keypoints: .npz or .pkl with 'keypoint' (M, T, V, 2) and "
                                                      "optionally 'keypoint_score', 'img_shape', 'label'")
+    _add_estimator_arg(p)
     p.add_argument("--precropped", action="store_true",
                    help="the --video is already cropped to the persons (else it is cropped here)")
     p.add_argument("--limit", type=_at_least(0), default=limit, help=f"at most this many clips (0: all; default "
@@ -224,6 +263,8 @@ def _add_clip_args(p: argparse.ArgumentParser, limit: int) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from epamx.pose.videos import VIDEO_SUFFIXES
+
     parser = argparse.ArgumentParser(prog="epamx", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -258,7 +299,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_eval)
 
-    pred = commands.add_parser("predict", help="top-k classes of clips (annotation entries, or a video + keypoints)")
+    pred = commands.add_parser("predict", help="top-k classes of clips (annotation entries, or a video, its keypoints "
+                                               "estimated or given)")
     _add_checkpoint_args(pred)
     _add_clip_args(pred, limit=0)
     pred.add_argument("--onnx", default=None, metavar="FILE",
@@ -300,6 +342,29 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--skip-bad", action="store_true", help="skip unreadable videos (listed) instead of stopping")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     prepare.set_defaults(run=_prepare)
+
+    keypoints = commands.add_parser("keypoints", help="estimate every video's 2D keypoints (COCO-17) and write them "
+                                                      "as a PoseC3D annotation pickle")
+    keypoints.add_argument("inputs", nargs="+", metavar="VIDEO_OR_FOLDER",
+                           help="videos, or folders searched for videos (named by their path inside the folder)")
+    keypoints.add_argument("--out", required=True, help="the annotation pickle to write")
+    labels = keypoints.add_mutually_exclusive_group()
+    labels.add_argument("--labels", default=None, help="a text file of lines 'NAME LABEL' (LABEL: a class index or "
+                                                       "name); default: label 0 for every video")
+    labels.add_argument("--label-folders", action="store_true", help="each video's class is its folder's name")
+    keypoints.add_argument("--classes", default=None, help="class names, one per line (the order of the labels)")
+    keypoints.add_argument("--split", action="append", default=[], metavar="NAME=FILE",
+                           help="a split: FILE lists its videos' names, one per line (repeatable; split 'all' holds "
+                                "every video)")
+    keypoints.add_argument("--suffixes", default=",".join(VIDEO_SUFFIXES),
+                           help="video file suffixes searched for in folders (comma-separated)")
+    _add_estimator_arg(keypoints)
+    keypoints.add_argument("--workers", type=_at_least(0), default=max(1, min(8, len(os.sched_getaffinity(0)))),
+                           help="processes, each with its own estimator (0 or 1: this one)")
+    keypoints.add_argument("--skip-bad", action="store_true",
+                           help="skip unreadable videos (listed at the end) instead of stopping at the first")
+    keypoints.add_argument("--quiet", action="store_true", help="no progress bar")
+    keypoints.set_defaults(run=_keypoints)
 
     info = commands.add_parser("info", help="versions, compiled backends (CPU, CUDA archs), threads, operators")
     info.add_argument("--json", action="store_true", help="print JSON")

@@ -9,14 +9,15 @@ Each message names the argument, config key or file and says what was expected. 
     │   └── DataFileNotFound a data file or folder that does not exist (also a FileNotFoundError)
     ├── CheckpointError      a checkpoint or run folder that cannot be used here (also a ValueError)
     │   └── CheckpointNotFound                      (also a FileNotFoundError)
-    └── RunExistsError       a run folder that already holds a run (also a FileExistsError)
+    ├── RunExistsError       a run folder that already holds a run (also a FileExistsError)
+    └── MissingExtra         an optional extra a command needs is not installed (also an ImportError)
 
 The data layer's own errors (``AnnotationError``, ``DecodeError``, ``SampleError``) are DataErrors.
 """
 from __future__ import annotations
 
 __all__ = ["CheckpointError", "CheckpointNotFound", "ConfigError", "DataError", "DataFileNotFound", "EpamxError",
-           "RunExistsError"]
+           "MissingExtra", "RunExistsError"]
 
 
 class EpamxError(Exception):
@@ -45,3 +46,8 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
 
 class RunExistsError(EpamxError, FileExistsError):
     """A run folder that already holds a run the command would overwrite."""
+
+
+class MissingExtra(EpamxError, ImportError):
+    """An optional extra (pyproject.toml's [project.optional-dependencies]) that a command needs; the message says
+    how to install it."""

@@ -344,12 +344,12 @@ ERRORS = {
     "render a single-stream checkpoint": (
         lambda run, tmp: ["render", "--checkpoint", run / "pose", "--out", tmp / "r"],
         ["render needs an EPAM-Net checkpoint"]),
-    "--video without --keypoints": (
+    "--video without --keypoints, a missing video": (
         lambda run, tmp: ["predict", "--checkpoint", run, "--video", tmp / "clip.mp4"],
-        ["--video with --keypoints"]),
+        ["video", "clip.mp4 does not exist"]),
     "--keypoints without --video": (
         lambda run, tmp: ["render", "--checkpoint", run, "--keypoints", tmp / "clip.npz"],
-        ["--video with --keypoints"]),
+        ["--keypoints with --video"]),
     "a missing video": (
         lambda run, tmp: ["predict", "--checkpoint", run, "--video", tmp / "none.mp4", "--keypoints", tmp / "x.npz"],
         ["video", "none.mp4 does not exist"]),

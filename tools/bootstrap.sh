@@ -45,7 +45,10 @@ if [ -z "${EPAMX_CUDA_COMPILE_CHECK:-}" ]; then
   if command -v nvcc >/dev/null && [ "$torch_cuda" = 0 ]; then export EPAMX_CUDA_COMPILE_CHECK=1; fi
 fi
 
-target=".${EXTRAS:+[$EXTRAS]}"
+# The `pose` extra is installed apart (pyproject.toml says why): mediapipe without its dependencies (its wheels
+# declare numpy<2), then the extra's other requirements, with the NumPy installed held where it is.
+pip_extras=$(echo ",$EXTRAS," | sed -e 's/,pose,/,/g' -e 's/^,*//' -e 's/,*$//')
+target=".${pip_extras:+[$pip_extras]}"
 echo "epamx bootstrap: building the extension and installing $target (log: build/bootstrap.log)"
 mkdir -p build
 export PATH="$VENV/bin:$PATH"  # the venv's cmake and ninja
@@ -54,6 +57,20 @@ if ! "$PY" -m pip install -v --disable-pip-version-check -c "$CONSTRAINT" --no-b
   tail -n 60 build/bootstrap.log
   echo "epamx bootstrap: build failed; full log in build/bootstrap.log" >&2
   exit 1
+fi
+if [[ ",$EXTRAS," == *",pose,"* ]]; then
+  mapfile -t pose_requires < <("$PY" - <<'PY'
+import tomllib
+with open("pyproject.toml", "rb") as f:
+    pose = tomllib.load(f)["project"]["optional-dependencies"]["pose"]
+print(*sorted(pose, key=lambda r: not r.startswith("mediapipe")), sep="\n")  # mediapipe first
+PY
+  )
+  NUMPY_CONSTRAINT="$VENV/epamx-numpy-constraint.txt"
+  "$PY" -c "import numpy; print(f'numpy=={numpy.__version__}')" > "$NUMPY_CONSTRAINT"
+  echo "epamx bootstrap: installing the pose extra (${pose_requires[0]} without its dependencies)"
+  "${PIP[@]}" --no-deps "${pose_requires[0]}"
+  "${PIP[@]}" -c "$NUMPY_CONSTRAINT" "${pose_requires[@]:1}"
 fi
 grep -E -- "-- epamx: " build/bootstrap.log | sed -E 's/^ *-- //' || true
 # not piped into head: head exits after six lines and info would die of a broken pipe (failing the script)

@@ -31,7 +31,7 @@ from epamx.data.config import DataConfig
 from epamx.data.decoding import read_frame_folder, read_video
 from epamx.data.sampler import ClipSampler, sample_seed
 from epamx.data.sampling import rgb_frame_indices, uniform_sample_frames
-from epamx.data.transforms import compact_box, crop_resize_frames, select_persons
+from epamx.data.transforms import crop_resize_frames, is_precropped, person_box, select_persons
 from epamx.errors import DataError, DataFileNotFound
 
 __all__ = ["ClipDataset", "SampleError", "build_dataset", "build_loader", "collate_clips"]
@@ -54,7 +54,8 @@ class ClipDataset(torch.utils.data.Dataset):
         modalities: ("rgb", "pose") or one of them; a pose-only dataset never opens a video.
         video_root / video_suffix, or frame_root / frame_template: where the RGB frames are.
         rgb_precropped: frames are already cropped to the persons (as the authors' prepared videos); otherwise
-            they are cropped to the persons' box over the whole video and resized here.
+            they are cropped to the persons' box over the whole video and resized here. Frames that are not square
+            cannot be cropped ones: they are cropped here whatever this says (with a warning), never squashed.
         clip_len, rgb_every, frame_size, max_persons, flip_prob: as in DataConfig.
         skip_bad: return None for an unreadable sample (collate drops it and counts it) instead of raising.
 
@@ -91,6 +92,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.max_persons = max_persons
         self.flip_prob = flip_prob
         self.skip_bad = skip_bad
+        self._warned_raw = False
 
     @property
     def num_classes(self) -> int:
@@ -141,15 +143,16 @@ class ClipDataset(torch.utils.data.Dataset):
             frames = read_video(source, inds)
         else:
             frames = read_frame_folder(source, inds, self.frame_template)
-        box = (0, 0, frames.shape[2], frames.shape[1])
-        if not self.rgb_precropped:
-            # the authors' offline crop: one box around every person over the whole video, in the keypoints'
-            # image; scaled to the decoded frames in case the video's resolution differs from img_shape.
-            h, w = ann["img_shape"]
-            x0, y0, x1, y1 = compact_box(ann["keypoint"], (h, w))
-            sx, sy = frames.shape[2] / w, frames.shape[1] / h
-            box = (int(x0 * sx), int(y0 * sy), int(x1 * sx), int(y1 * sy))
-        return crop_resize_frames(frames, box, self.frame_size)
+        shape = frames.shape[1:3]
+        if self.rgb_precropped and is_precropped(shape):
+            return crop_resize_frames(frames, (0, 0, shape[1], shape[0]), self.frame_size)
+        if self.rgb_precropped and not self._warned_raw:
+            self._warned_raw = True
+            log.warning("%s: frames of %dx%d are not square, so not cropped to the persons as data.rgb_precropped "
+                        "= true says: cropped to them here, as `epamx prepare` would (set data.rgb_precropped = "
+                        "false for raw videos)", source, *shape)
+        # the authors' offline crop: one box around every person over the whole video
+        return crop_resize_frames(frames, person_box(ann["keypoint"], ann["img_shape"], shape), self.frame_size)
 
 
 def collate_clips(samples: List[Optional[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:

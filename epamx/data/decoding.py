@@ -12,13 +12,13 @@ import numpy as np
 
 from epamx.errors import DataError, DataFileNotFound
 
-__all__ = ["DecodeError", "decode_video", "read_frame_folder", "read_video", "video_frame_count", "write_frame_folder",
+__all__ = ["SHORT_VIDEO_TOLERANCE", "DecodeError", "decode_video", "read_frame_folder", "read_video", "video_frame_count", "write_frame_folder",
            "write_video"]
 
 PathLike = Union[str, os.PathLike]
 # A video may end a few frames before the annotation's total_frames (NTU's videos and skeletons disagree by a frame
 # or two now and then): sampled frames past its end repeat its last frame, up to this fraction of the video.
-_SHORT_VIDEO_TOLERANCE = 0.1
+SHORT_VIDEO_TOLERANCE = 0.1
 
 
 class DecodeError(DataError):
@@ -77,7 +77,7 @@ def read_video(path: PathLike, indices: Sequence[int]) -> np.ndarray:
         if decoded > last:
             frames_in.close()  # stop decoding: every frame asked for is in
             break
-    if decoded <= last and previous is not None and decoded >= (1 - _SHORT_VIDEO_TOLERANCE) * (last + 1):
+    if decoded <= last and previous is not None and decoded >= (1 - SHORT_VIDEO_TOLERANCE) * (last + 1):
         tail = previous.to_ndarray(format="rgb24")
         for i in range(decoded, last + 1):
             if i in wanted:

@@ -22,7 +22,7 @@ import numpy as np
 from epamx.data.annotations import load_annotations
 from epamx.data.dataset import SampleError
 from epamx.data.decoding import DecodeError, decode_video, read_frame_folder, write_video
-from epamx.data.transforms import compact_box, crop_resize_frames
+from epamx.data.transforms import crop_resize_frames, person_box
 from epamx.errors import DataError, DataFileNotFound
 
 __all__ = ["prepare_videos"]
@@ -53,12 +53,7 @@ def _prepare_one(job: Tuple) -> Tuple[int, str, Optional[str]]:
         box, cropped, fps = None, [], _DEFAULT_FPS
         for frame, fps in frames:
             if box is None:
-                # The box in the keypoints' image, scaled to the decoded frames in case their size differs (the
-                # authors halved NTU's 1080p frames and the box with them).
-                h, w = ann["img_shape"]
-                x0, y0, x1, y1 = compact_box(ann["keypoint"], (h, w))
-                sx, sy = frame.shape[1] / w, frame.shape[0] / h
-                box = (int(x0 * sx), int(y0 * sy), int(x1 * sx), int(y1 * sy))
+                box = person_box(ann["keypoint"], ann["img_shape"], frame.shape[:2])
             cropped.append(crop_resize_frames(frame[None], box, size)[0])
         if not cropped:
             raise DecodeError(f"{source}: no frames")

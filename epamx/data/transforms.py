@@ -11,7 +11,10 @@ from typing import Tuple
 
 import numpy as np
 
-__all__ = ["compact_box", "select_persons", "crop_resize_frames"]
+__all__ = ["compact_box", "crop_resize_frames", "is_precropped", "person_box", "select_persons"]
+
+# Frames whose aspect ratio is within this of the annotation image's are that image, scaled.
+_ASPECT_TOLERANCE = 0.02
 
 
 def compact_box(keypoint: np.ndarray, img_shape: Tuple[int, int], padding: float = 0.25, threshold: float = 10,
@@ -48,6 +51,29 @@ def compact_box(keypoint: np.ndarray, img_shape: Tuple[int, int], padding: float
         x0, y0 = max(0.0, x0), max(0.0, y0)
         x1, y1 = min(float(w), x1), min(float(h), y1)
     return int(x0), int(y0), int(x1), int(y1)
+
+
+def person_box(keypoint: np.ndarray, img_shape: Tuple[int, int], frame_shape: Tuple[int, int]
+               ) -> Tuple[int, int, int, int]:
+    """The authors' offline crop box (``compact_box`` of ``keypoint`` (M, T, V, 2), every frame of the video, in
+    the annotation's ``img_shape`` (h, w)), scaled to frames of ``frame_shape`` (h, w): the authors halved NTU's
+    1080p frames and the box with them. Raises ValueError when the frames are not the annotation's image scaled
+    (another aspect ratio): the box would not be square in them, and the crop a squash."""
+    h, w = img_shape
+    fh, fw = frame_shape
+    if abs((fw / fh) / (w / h) - 1) > _ASPECT_TOLERANCE:
+        raise ValueError(f"the frames are {fh}x{fw} (h x w), not the annotation's image ({h}x{w}) scaled: its "
+                         f"keypoints cannot say where the persons are in them")
+    x0, y0, x1, y1 = compact_box(keypoint, (h, w))
+    sx, sy = fw / w, fh / h
+    return int(x0 * sx), int(y0 * sy), int(x1 * sx), int(y1 * sy)
+
+
+def is_precropped(frame_shape: Tuple[int, int]) -> bool:
+    """Whether frames of ``frame_shape`` (h, w) can be pre-cropped ones: square (the persons' box is; resizing a
+    square frame to the model's square input changes no proportions). Any other frame is raw, and only a crop to
+    the persons (``person_box``) fits it to the model without squashing it."""
+    return frame_shape[0] == frame_shape[1]
 
 
 def select_persons(keypoint: np.ndarray, score: np.ndarray, max_persons: int) -> Tuple[np.ndarray, np.ndarray]:

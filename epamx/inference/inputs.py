@@ -2,8 +2,9 @@
 video plus a keypoints file, read through the training pipeline in test mode (epamx.data), and the device-side
 transform that turns a batch of them into (imgs, heatmaps, labels).
 
-A keypoints file is a .npz or .pkl holding 'keypoint' (M, T, V, 2) in the video's pixels, optionally
-'keypoint_score' (M, T, V), 'img_shape' (h, w) and the annotated 'label'.
+A keypoints file is a .npz or .pkl holding 'keypoint' (M, T, V, 2) in the video's pixels for each of its frames,
+optionally 'keypoint_score' (M, T, V), 'img_shape' (h, w) and the annotated 'label'. Without one, a pose estimator
+(epamx.pose; MediaPipe Pose by default) finds the keypoints in the video.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import torch
 
 import epamx.data as data
 from epamx.config import Config
-from epamx.data import BatchTransform, ClipDataset, collate_clips, load_annotations, read_video
+from epamx.data import BatchTransform, ClipDataset, collate_clips, load_annotations
 from epamx.data.annotations import AnnotationError, safe_load_pickle, validate_annotation
+from epamx.data.decoding import SHORT_VIDEO_TOLERANCE, DecodeError, decode_video
 from epamx.errors import ConfigError, DataError, DataFileNotFound
 from epamx.models.streams import modalities
+from epamx.pose.estimator import EstimatorFactory
 
 __all__ = ["build_batch_transform", "clip_batch", "clip_from_video", "clips", "clips_from_annotations"]
 
@@ -84,38 +87,82 @@ def _read_keypoints(keypoints: str) -> Dict[str, Any]:
     return dict(entry)
 
 
-def clip_from_video(cfg: Config, class_names: Sequence[str], mode: str, video: str, keypoints: str,
-                    precropped: bool = False) -> ClipDataset:
-    """One clip from a video file and a keypoints file (see the module docstring)."""
+def _video_facts(video: Path) -> Tuple[int, Tuple[int, int]]:
+    """A video's frame count and (h, w), by decoding it (no pixel conversion)."""
+    count, shape = 0, None
+    for frame, _ in decode_video(video):
+        shape = shape or (frame.height, frame.width)
+        count += 1
+    if shape is None:
+        raise DecodeError(f"{video}: the video has no frames")
+    return count, shape
+
+
+def _check_frame_count(keypoints: str, video: Path, keypoint_frames: int, video_frames: int) -> None:
+    # A video may end a little before its keypoints (as the data pipeline tolerates); any other difference means
+    # the keypoints are another video's, or were sampled.
+    if not keypoint_frames * (1 - SHORT_VIDEO_TOLERANCE) <= video_frames <= keypoint_frames:
+        raise DataError(f"{keypoints}: the keypoints have {keypoint_frames} frames, but the video {video} has "
+                        f"{video_frames}: are they this video's?")
+
+
+def clip_from_video(cfg: Config, class_names: Sequence[str], mode: str, video: str, keypoints: Optional[str] = None,
+                    precropped: bool = False, estimator: Optional[EstimatorFactory] = None) -> ClipDataset:
+    """One clip from a video file and its keypoints file (see the module docstring), or, without one, the keypoints
+    a PoseEstimator finds in the video: ``estimator`` makes it (a class or function; default MediaPipePose,
+    epamx.pose). Raises DataFileNotFound, DecodeError
+    (not a video, no frames), or DataError for a keypoints file whose frame count is not the video's, each naming
+    the file."""
     video_path = Path(video)
     if not video_path.is_file():
         raise DataFileNotFound(f"video {video} does not exist")
-    entry = _read_keypoints(keypoints)
-    if "img_shape" not in entry:
-        h, w = read_video(video_path, [0]).shape[1:3]
-        entry["img_shape"] = (h, w)
-    elif isinstance(entry["img_shape"], np.ndarray):
-        entry["img_shape"] = tuple(int(v) for v in entry["img_shape"])
-    entry.setdefault("total_frames", int(np.asarray(entry["keypoint"]).shape[1]))
     name = video_path.name
     stem = name.split(".")[0]
+    count = None
+    if keypoints is None:
+        entry, source = _estimate(video_path, estimator), str(video_path)
+        del entry["label"]  # a video alone has no annotated class
+    else:
+        entry, source = _read_keypoints(keypoints), keypoints
+        count, shape = _video_facts(video_path)
+        entry.setdefault("img_shape", shape)
+        if isinstance(entry["img_shape"], np.ndarray):
+            entry["img_shape"] = tuple(int(v) for v in entry["img_shape"])
+        entry.setdefault("total_frames", int(np.asarray(entry["keypoint"]).shape[1]))
     # a label past the class names is none: render then claims no annotated class for the clip
-    entry.setdefault("label", len(class_names))
+    entry["label"] = entry.get("label", len(class_names))
     entry["frame_dir"] = stem
-    ann = validate_annotation(entry, keypoints, 0)
+    ann = validate_annotation(entry, source, 0)
+    if count is not None:
+        _check_frame_count(source, video_path, ann["total_frames"], count)
     return _dataset(cfg, [ann], class_names, mode, str(video_path.parent), name[len(stem):], precropped=precropped)
+
+
+def _estimate(video: Path, estimator: Optional[EstimatorFactory]) -> Dict[str, Any]:
+    from epamx.pose import video_annotation
+
+    if estimator is None:
+        from epamx.pose.mediapipe_pose import MediaPipePose
+
+        estimator = MediaPipePose
+    made = estimator()
+    try:
+        return video_annotation(video, made)
+    finally:
+        made.close()
 
 
 def clips(cfg: Config, class_names: Sequence[str], mode: str, *, video: Optional[str] = None,
           keypoints: Optional[str] = None, precropped: bool = False, ann_file: Optional[str] = None,
           samples: Sequence[str] = (), split: Optional[str] = None, video_root: str = "",
-          frame_root: str = "") -> ClipDataset:
-    """The clips a user asked for: a video with its keypoints, or entries (``samples``, else ``split``, else the
+          frame_root: str = "", estimator: Optional[EstimatorFactory] = None) -> ClipDataset:
+    """The clips a user asked for: a video with its keypoints file, or without one its keypoints estimated by
+    a PoseEstimator made by ``estimator`` (default MediaPipePose); or entries (``samples``, else ``split``, else the
     config's held-out split) of ``ann_file`` (default: the config's dataset)."""
-    if video or keypoints:
-        if not (video and keypoints):
-            raise DataError("a video and its keypoints file go together (--video with --keypoints)")
-        return clip_from_video(cfg, class_names, mode, video, keypoints, precropped=precropped)
+    if keypoints and not video:
+        raise DataError("a keypoints file goes with its video (--keypoints with --video)")
+    if video:
+        return clip_from_video(cfg, class_names, mode, video, keypoints, precropped=precropped, estimator=estimator)
     if ann_file is None:
         if cfg.data.dataset == "embedded":
             from epamx.data.embedded import build_embedded

@@ -27,8 +27,9 @@ def _streams(model: Union[torch.nn.Module, OnnxModel]) -> Tuple[str, Callable[[O
 def predict(model: Union[torch.nn.Module, OnnxModel], cfg: Config, dataset: ClipDataset, top_k: int = 5,
             batch_size: int = 8, device: torch.device = torch.device("cpu")) -> List[Dict[str, Any]]:
     """Top-k classes of every clip of ``dataset``: [{'frame_dir', 'top': [(class, score), ...], 'streams':
-    {stream: top class}}], scores the softmax of the summed logits (rgb + pose) or of the single stream's.
-    ``model`` may be an exported ONNX file's :class:`OnnxModel` (run with ONNX Runtime)."""
+    {stream: top class}, 'person_detected'}], scores the softmax of the summed logits (rgb + pose) or of the
+    single stream's; 'person_detected' is False for a clip whose keypoints all have score 0 (its prediction rests on
+    the frames alone). ``model`` may be an exported ONNX file's :class:`OnnxModel` (run with ONNX Runtime)."""
     mode, logits_of = _streams(model)
     transform = build_batch_transform(cfg, mode, device)
     names = dataset.class_names
@@ -40,9 +41,11 @@ def predict(model: Union[torch.nn.Module, OnnxModel], cfg: Config, dataset: Clip
         probs = sum(logits.values()).float().softmax(-1)
         scores, classes = probs.topk(min(top_k, probs.shape[1]), dim=1)
         for i, frame_dir in enumerate(batch["frame_dir"]):
+            ann = dataset.annotations[int(batch["index"][i])]
             results.append({
                 "frame_dir": frame_dir,
                 "top": [(names[c], round(float(s), 4)) for c, s in zip(classes[i].tolist(), scores[i].tolist())],
                 "streams": {s: names[int(v[i].argmax())] for s, v in logits.items()},
+                "person_detected": bool((ann["keypoint_score"] > 0).any()),
             })
     return results
