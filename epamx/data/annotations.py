@@ -16,6 +16,7 @@ dtypes and scalars) and refuses anything else before it can run, naming the file
 """
 from __future__ import annotations
 
+import importlib
 import io
 import math
 import os
@@ -44,7 +45,8 @@ class UnsafePickleError(pickle.UnpicklingError, AnnotationError):
 
 
 def _numpy_globals() -> Dict[tuple, Any]:
-    core = np._core if hasattr(np, "_core") else np.core  # NumPy 2 / NumPy 1.x
+    # NumPy 2 keeps these in numpy._core; NumPy 1.26 also has a numpy._core, a shim without them: ask the version.
+    core = importlib.import_module("numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core")
     ma, numeric = core.multiarray, core.numeric
     allowed = {}
     # Arrays, dtypes and scalars pickled by NumPy 1.x ("numpy.core") or 2.x ("numpy._core"), any protocol.
