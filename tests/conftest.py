@@ -33,6 +33,18 @@ def dtype(request):
 
 
 @contextlib.contextmanager
+def one_thread():
+    """One intra-op thread inside: two threads on a shared two-core machine can spin in OpenMP barriers for
+    minutes, and the end-to-end tests' results must not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def poisoned_allocations():
     """Inside, every tensor torch allocates uninitialised (at::empty) is filled with NaN, so an output element
     a kernel forgets to write shows up as NaN instead of whatever the allocator happened to hand out."""

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_thread
 from epamx.cli import main
 from epamx.config import load_config
 from epamx.data import load_annotations, read_video, write_video
@@ -34,15 +35,6 @@ def tiny(tmp: Path, out: str = "run"):
     return [f"data.cache_dir={tmp / 'cache'}", f"train.out_dir={tmp / out}", *TINY]
 
 
-@contextlib.contextmanager
-def one_thread():
-    # two threads on a shared two-core machine can spin in OpenMP barriers for minutes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

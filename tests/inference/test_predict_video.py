@@ -1,6 +1,5 @@
 """From a video to an action: `predict --video` with a keypoints file or with the estimator, and the same clip given as
 an annotation entry of its raw video, give the same frames and the same logits; bad input is one line."""
-import contextlib
 import functools
 import json
 
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import one_thread
 from epamx import inference
 from epamx.cli import main
 from epamx.config import load_config
@@ -18,16 +18,6 @@ from epamx.inference.inputs import build_batch_transform, clip_batch
 from epamx.models import build_model
 from epamx.models.streams import stream_logits
 from pose_fakes import CLASSES, TABLE_ENV, TINY, TableEstimator, raw_video, tiny_checkpoint, write_table
-
-
-@contextlib.contextmanager
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture
