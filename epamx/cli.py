@@ -262,13 +262,7 @@ def _add_clip_args(p: argparse.ArgumentParser, limit: int) -> None:
                                                                      f"{limit})")
 
 
-def _parser() -> argparse.ArgumentParser:
-    from epamx.pose.videos import VIDEO_SUFFIXES
-
-    parser = argparse.ArgumentParser(prog="epamx", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_train_command(commands) -> None:
     train = commands.add_parser("train", help="train EPAM-Net (default: the embedded dataset, the authors' three "
                                               "stages), then evaluate")
     train.add_argument("--config", default="embedded", help="a shipped config name (embedded, ntu60_xsub, ...) or a "
@@ -290,6 +284,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_overrides(train, "train.batch_size=16 optim.lr_per_16=0.002")
     train.set_defaults(run=_train)
 
+
+def _add_eval_command(commands) -> None:
     evaluate = commands.add_parser("eval", help="top-1/top-5/mean class accuracy per stream and summed, confusion "
                                                 "matrix PNG, per-class table")
     _add_checkpoint_args(evaluate)
@@ -299,6 +295,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_eval)
 
+
+def _add_predict_command(commands) -> None:
     pred = commands.add_parser("predict", help="top-k classes of clips (annotation entries, or a video, its keypoints "
                                                "estimated or given)")
     _add_checkpoint_args(pred)
@@ -310,6 +308,8 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--json", action="store_true", help="print JSON")
     pred.set_defaults(run=_predict)
 
+
+def _add_render_command(commands) -> None:
     render = commands.add_parser("render", help="PNGs of clips with their heatmaps and EPAM-Net's spatial and "
                                                 "temporal attention")
     _add_checkpoint_args(render)
@@ -317,6 +317,8 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--out", default="renders", help="output folder (default renders/)")
     render.set_defaults(run=_render)
 
+
+def _add_export_command(commands) -> None:
     exp = commands.add_parser("export", help="write a checkpoint's model as an ONNX file or a torch.export program "
                                              "(.pt2), with its input contract")
     exp.add_argument("checkpoint", help="a checkpoint, or a run or stage folder (its final.pt)")
@@ -329,6 +331,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_overrides(exp, "model.pose_channels=17")
     exp.set_defaults(run=_export)
 
+
+def _add_prepare_command(commands) -> None:
     prepare = commands.add_parser("prepare", help="crop raw videos to the persons and resize them, as the authors "
                                                   "prepared their RGB input")
     prepare.add_argument("--ann", required=True, help="annotation pickle")
@@ -342,6 +346,10 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--skip-bad", action="store_true", help="skip unreadable videos (listed) instead of stopping")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     prepare.set_defaults(run=_prepare)
+
+
+def _add_keypoints_command(commands) -> None:
+    from epamx.pose.videos import VIDEO_SUFFIXES
 
     keypoints = commands.add_parser("keypoints", help="estimate every video's 2D keypoints (COCO-17) and write them "
                                                       "as a PoseC3D annotation pickle")
@@ -366,12 +374,28 @@ def _parser() -> argparse.ArgumentParser:
     keypoints.add_argument("--quiet", action="store_true", help="no progress bar")
     keypoints.set_defaults(run=_keypoints)
 
+
+def _add_info_command(commands) -> None:
     info = commands.add_parser("info", help="versions, compiled backends (CPU, CUDA archs), threads, operators")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("--model", action="store_true", help="also EPAM-Net's parameters per part and multiply-adds")
     info.add_argument("--num-classes", type=_at_least(1), default=60,
                       help="classes of the model summarised (default 60)")
     info.set_defaults(run=_info)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="epamx", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_command(commands)
+    _add_eval_command(commands)
+    _add_predict_command(commands)
+    _add_render_command(commands)
+    _add_export_command(commands)
+    _add_prepare_command(commands)
+    _add_keypoints_command(commands)
+    _add_info_command(commands)
     return parser
 
 
