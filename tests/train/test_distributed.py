@@ -78,3 +78,35 @@ def test_ddp_gradients_equal_one_process_with_the_total_batch(tmp_path, syntheti
     for key, value in single.items():
         assert not torch.equal(value, initial[key]), f"{key} did not train"
         torch.testing.assert_close(ddp[key], value, rtol=1e-5, atol=1e-6)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_equal_one_machine_with_two_processes(tmp_path, synthetic_data):
+    """Two one-process "nodes" joined by torchrun's c10d rendezvous on the loopback address, as two machines would
+    be (README: Training on several machines), train the same weights as one node with two processes."""
+    (tmp_path / "one_node").mkdir()
+    torchrun(tmp_path / "one_node", "bn-free", str(tmp_path / "one_node"))
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two_nodes"
+    out.mkdir()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "epamx-test",
+                               "--log-dir", str(out / f"logs{node}"), "--redirects", "3",
+                               str(Path(synthetic.__file__)), "bn-free", str(out)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    results = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), results
+    two_nodes = torch.load(out / "bn_free.pt", weights_only=True)
+    one_node = torch.load(tmp_path / "one_node" / "bn_free.pt", weights_only=True)
+    assert two_nodes.keys() == one_node.keys()
+    for key, value in one_node.items():
+        assert torch.equal(two_nodes[key], value), key
