@@ -12,6 +12,7 @@ neither epamx nor a custom-op library.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -29,6 +30,7 @@ from epamx.inference.loading import LoadedModel, load
 from epamx.models import optimize_for_inference
 from epamx.models.streams import modalities
 from epamx.ops import attention_reweight_reference, channel_pool_reference
+from epamx.records import atomic_write_bytes
 
 __all__ = ["DECOMPOSITIONS", "FORMATS", "MIN_OPSET", "DEFAULT_OPSET", "export", "export_onnx", "export_program",
            "input_contract", "read_contract"]
@@ -156,7 +158,7 @@ def export_program(checkpoint: Union[str, os.PathLike, LoadedModel], out: Union[
                    batch_size: Optional[int] = None, config: Optional[str] = None,
                    overrides: Sequence[str] = ()) -> Path:
     """Write the ``torch.export`` program of a checkpoint or run folder's model (as :func:`epamx.inference.load`
-    takes it) to ``out`` (.pt2) with its input contract (:func:`read_contract`), and return ``out``.
+    takes it) to ``out`` (.pt2) with its input contract (:func:`read_contract`), written atomically, and return ``out``.
 
     ``torch.export.load(out).module()`` takes the contract's inputs ((N, 3, T, H, W) imgs and/or
     (N, K, T_p, h, w) heatmaps) and returns the logits of each stream. The fused ops stay ``torch.ops.epamx.*``:
@@ -165,11 +167,10 @@ def export_program(checkpoint: Union[str, os.PathLike, LoadedModel], out: Union[
     _check_batch_size(batch_size)
     loaded = _load(checkpoint, config, overrides)
     program = _trace(loaded, batch_size)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     contract = input_contract(loaded, batch_size)
-    torch.export.save(program, out, extra_files={_CONTRACT_FILE: json.dumps(contract)})
-    return out
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={_CONTRACT_FILE: json.dumps(contract)})
+    return atomic_write_bytes(out, buffer.getvalue())
 
 
 def _check_opset(opset: int) -> None:
@@ -203,7 +204,7 @@ def export_onnx(checkpoint: Union[str, os.PathLike, LoadedModel], out: Union[str
                 opset: int = DEFAULT_OPSET, batch_size: Optional[int] = None, config: Optional[str] = None,
                 overrides: Sequence[str] = ()) -> Path:
     """Write a checkpoint or run folder's model (as :func:`epamx.inference.load` takes it) to ``out`` as one ONNX
-    file of standard operators (opset ``opset`` >= :data:`MIN_OPSET`), and return ``out``.
+    file of standard operators (opset ``opset`` >= :data:`MIN_OPSET`), written atomically, and return ``out``.
 
     Inputs ``imgs`` (batch, 3, T, H, W) and/or ``heatmaps`` (batch, K, T_p, h, w), float32, as the training
     pipeline makes them; outputs ``rgb_logits`` and/or ``pose_logits`` (batch, classes): a one-stream checkpoint
@@ -229,10 +230,7 @@ def export_onnx(checkpoint: Union[str, os.PathLike, LoadedModel], out: Union[str
     model = onnx_program.model_proto
     _finish_onnx(model, contract, batch_size is None)
     onnx.checker.check_model(model)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(out))
-    return out
+    return atomic_write_bytes(out, model.SerializeToString())
 
 
 def export(checkpoint: Union[str, os.PathLike, LoadedModel], out: Union[str, os.PathLike], format: str = "onnx", *,
