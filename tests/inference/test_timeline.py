@@ -3,7 +3,6 @@ ends at or before the video's end), the timeline files, streaming (the decoder r
 the estimator and only the open windows' sampled frames are held), and bad options as one line."""
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 
