@@ -179,13 +179,15 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from epamx.inference import render_attention
+    from epamx.inference import render_attention, render_video
 
     loaded = _load(args)
     dataset = _clips(args, loaded)
     for i in range(len(dataset)):
         out = Path(args.out) / f"{dataset.annotations[i]['frame_dir']}.png"
         print(render_attention(loaded.model, loaded.config, dataset, i, out, loaded.device))
+        if args.video:
+            print(render_video(loaded.model, loaded.config, dataset, i, out.with_suffix(".mp4"), loaded.device))
     return 0
 
 
@@ -347,7 +349,7 @@ def _add_predict_command(commands) -> None:
 
 def _add_render_command(commands) -> None:
     render = commands.add_parser("render", help="PNGs of clips with their heatmaps and EPAM-Net's spatial and "
-                                                "temporal attention")
+                                                "temporal attention; with --video also an MP4 to watch")
     _add_checkpoint_args(render)
     _add_clip_args(render, limit=4)
     render.add_argument("--out", default="renders", help="output folder (default renders/)")
