@@ -12,7 +12,7 @@ import numpy as np
 
 from epamx.errors import DataError, DataFileNotFound
 
-__all__ = ["SHORT_VIDEO_TOLERANCE", "DecodeError", "decode_video", "read_frame_folder", "read_video", "video_frame_count", "write_frame_folder",
+__all__ = ["SHORT_VIDEO_TOLERANCE", "DecodeError", "decode_chunks", "decode_video", "read_frame_folder", "read_video", "video_frame_count", "write_frame_folder",
            "write_video", "write_video_stream"]
 
 PathLike = Union[str, os.PathLike]
@@ -55,6 +55,56 @@ def decode_video(path: PathLike) -> Iterator[Tuple[object, object]]:
             raise DataFileNotFound(f"video {path} does not exist") from e
         raise DecodeError(f"{path}: cannot decode video ({type(e).__name__}: {e}); the file may be corrupt or "
                           f"truncated") from e
+
+
+def decode_chunks(path: PathLike, chunk: int = 16, ahead: int = 2) -> Iterator[Tuple[int, np.ndarray, object]]:
+    """A video's frames in order as (index of the chunk's first frame, uint8 (<= chunk, H, W, 3) RGB, the stream),
+    decoded by a thread of its own at most ``ahead`` chunks before the caller (PyAV releases the GIL while it
+    decodes, so decoding overlaps whatever the caller does with the previous chunk). Errors as decode_video's."""
+    import queue
+    import threading
+
+    out: "queue.Queue" = queue.Queue(ahead)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def decode() -> None:
+        try:
+            frames, first, stream = [], 0, None
+            for frame, stream in decode_video(path):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) == chunk:
+                    if not put((first, np.stack(frames), stream)):
+                        return
+                    first += len(frames)
+                    frames = []
+            if frames:
+                put((first, np.stack(frames), stream))
+            put(None)
+        except BaseException as e:  # handed to the caller, which raises it
+            put(e)
+
+    thread = threading.Thread(target=decode, name="epamx-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def read_video(path: PathLike, indices: Sequence[int]) -> np.ndarray:

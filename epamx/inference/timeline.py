@@ -1,7 +1,7 @@
 """A long video, window by window (``epamx predict --video X --window S --stride S``): what the person does over time.
 
-The video is decoded once, in order, by a thread that hands chunks of frames to the pose estimator (PyAV releases
-the GIL while it decodes, so decoding and pose estimation overlap). Windows are ``window`` seconds long and start
+The video is decoded once, in order, by a thread that hands chunks of frames to the pose estimator
+(epamx.data.decode_chunks: PyAV releases the GIL while it decodes, so decoding and pose estimation overlap). Windows are ``window`` seconds long and start
 every ``stride`` seconds from the first frame: [k * stride, k * stride + window). Each window is one clip, sampled as
 the dataset samples a clip in test mode (the config's clip_len frames uniformly over the window, every rgb_every-th
 of them for the RGB stream) and cropped to the persons' box over the window's keypoints, as ``prepare`` crops a
@@ -15,17 +15,15 @@ window is classified as soon as the estimator has passed its last frame.
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from epamx.config import Config
 from epamx.data import ClipDataset
-from epamx.data.decoding import DecodeError, decode_video
+from epamx.data.decoding import DecodeError, decode_chunks
 from epamx.data.sampling import rgb_frame_indices, uniform_sample_frames
 from epamx.errors import ConfigError, DataError, DataFileNotFound
 from epamx.models.streams import modalities
@@ -74,57 +72,6 @@ class WindowPlan:
     def count(self, total_frames: int) -> int:
         """Windows that fit in ``total_frames`` frames."""
         return 0 if total_frames < self.length else (total_frames - self.length) // self.stride + 1
-
-
-def _decoded(path: str, plan_for: Callable[[float], WindowPlan]) -> Iterator[Tuple[int, np.ndarray, Dict, Any]]:
-    """(first frame index, uint8 (t, H, W, 3) RGB chunk, {index: frame} of the frames windows sample for RGB, plan),
-    decoded by a thread ``_QUEUE`` chunks ahead of the caller."""
-    out: "queue.Queue" = queue.Queue(_QUEUE)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def decode() -> None:
-        try:
-            plan, chunk, keep, first, index = None, [], {}, 0, 0
-            for frame, stream in decode_video(path):
-                if plan is None:
-                    plan = plan_for(float(stream.average_rate or stream.guessed_rate or 30))
-                rgb = frame.to_ndarray(format="rgb24")
-                chunk.append(rgb)
-                if plan.rgb_needed(index):
-                    keep[index] = rgb
-                index += 1
-                if len(chunk) == CHUNK:
-                    if not put((first, np.stack(chunk), keep, plan)):
-                        return
-                    chunk, keep, first = [], {}, index
-            if chunk:
-                put((first, np.stack(chunk), keep, plan))
-            put(None)
-        except BaseException as e:  # handed to the caller, which raises it
-            put(e)
-
-    thread = threading.Thread(target=decode, name="epamx-decode", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = out.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 class _WindowClips(ClipDataset):
@@ -192,12 +139,13 @@ def predict_timeline(model, cfg: Config, class_names: Sequence[str], mode: str, 
     keypoints, held, results = _Keypoints(), {}, []
     plan, shape, total, peak, next_k = None, None, 0, 0, 0
     try:
-        for first, chunk, keep, plan in _decoded(path, lambda fps: WindowPlan(fps, window, stride, d.clip_len,
-                                                                             d.rgb_every)):
-            shape = shape or chunk.shape[1:3]
+        for first, chunk, stream in decode_chunks(path, CHUNK, _QUEUE):
+            if plan is None:
+                fps = float(stream.average_rate or stream.guessed_rate or 30)
+                plan, shape = WindowPlan(fps, window, stride, d.clip_len, d.rgb_every), chunk.shape[1:3]
+            held.update({first + i: chunk[i].copy() for i in range(len(chunk)) if plan.rgb_needed(first + i)})
             keypoints.add(first, *check_estimate(*made.estimate(chunk), len(chunk), made.num_joints,
                                                  type(made).__name__))
-            held.update(keep)
             total = first + len(chunk)
             peak = max(peak, len(held))
             while plan.start(next_k) + plan.length <= total:

@@ -9,6 +9,7 @@ from PIL import Image
 from conftest import one_thread
 from epamx.cli import main
 from epamx.config import load_config
+from epamx.data import decoding
 from epamx.errors import ConfigError
 from epamx.inference import timeline
 from epamx.inference.timeline import WindowPlan, check_windows, predict_timeline
@@ -89,7 +90,7 @@ def test_streaming(videos, monkeypatch):
     """The decoder runs at most its queue (plus the chunk in hand) ahead of the estimator, and only the open windows'
     RGB frames are held: a bound independent of the video's length."""
     decoded = [0]
-    real = timeline.decode_video
+    real = decoding.decode_video
 
     def counting(path):
         for item in real(path):
@@ -108,7 +109,7 @@ def test_streaming(videos, monkeypatch):
             ahead.append(decoded[0] - self.seen)
             return super().estimate(frames)
 
-    monkeypatch.setattr(timeline, "decode_video", counting)
+    monkeypatch.setattr(decoding, "decode_video", counting)
     cfg = load_config("embedded", TINY)
     model = build_model("epamnet", len(CLASSES), 17).eval()
     result = predict_timeline(model, cfg, CLASSES, "epamnet", videos["dir"] / "long.mp4", window=1.0, stride=0.5,
