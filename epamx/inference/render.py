@@ -137,7 +137,7 @@ def _annotated(frame: np.ndarray, ann, i: int, box, attention: np.ndarray, a: np
                ) -> np.ndarray:
     """One output frame (the input's size, sides made even): attention over the box, skeletons, bars, caption."""
     from matplotlib import colormaps
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     h, w = frame.shape[:2]
     out = frame[: h - h % 2, : w - w % 2].astype(np.float32)
@@ -161,5 +161,9 @@ def _annotated(frame: np.ndarray, ann, i: int, box, attention: np.ndarray, a: np
         left, right = k * img.width // n, (k + 1) * img.width // n - 1
         top = img.height - 1 - int(round(float(a[k]) * bar_h))
         draw.rectangle([left, top, right, img.height - 1], fill=(255, 140, 0) if k == j else (120, 120, 120))
-    draw.text((2, 1), caption, fill=(255, 255, 0))
+    try:
+        font = ImageFont.load_default(size=max(10, h // 24))
+    except TypeError:  # Pillow < 10.1: one size
+        font = ImageFont.load_default()
+    draw.text((4, 2), caption, fill=(255, 255, 0), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
     return np.asarray(img)
