@@ -129,15 +129,45 @@ def _clips(args: argparse.Namespace, loaded):
     return dataset
 
 
+def _timeline(args: argparse.Namespace, model, loaded) -> int:
+    from epamx.errors import ConfigError
+    from epamx.inference.timeline import check_windows, predict_timeline, write_timeline
+
+    window, stride = check_windows(args.window, args.stride)
+    if not args.video or args.keypoints:
+        raise ConfigError("--window classifies one --video, its keypoints estimated on the way (not --keypoints)")
+
+    def show(w):
+        if not args.json:
+            print(f"{w['start']:9.2f}-{w['end']:.2f} s: " + ", ".join(f"{n} {s:.3f}" for n, s in w["top"]) +
+                  ("" if w["person_detected"] else " (no person detected)"), flush=True)
+
+    timeline = predict_timeline(model, loaded.config, loaded.class_names, loaded.mode, args.video, window, stride,
+                                estimator=args.estimator, top_k=args.top_k, precropped=args.precropped,
+                                device=loaded.device, on_window=show)
+    jsonl, png = write_timeline(timeline, args.out)
+    if args.json:
+        print(json.dumps({**timeline, "written": [str(jsonl), str(png)]}, indent=2))
+        return 0
+    print(f"{len(timeline['windows'])} windows; {timeline['uncovered']:.2f} s after the last one not classified")
+    print(f"written: {jsonl}, {png}")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from epamx.inference import load_onnx, predict
+    from epamx.inference.timeline import check_windows
 
+    if args.window is not None or args.stride is not None:
+        check_windows(args.window, args.stride)  # before the model loads
     if args.onnx:
         loaded = load_onnx(args.onnx, args.config, args.overrides)
         model, source = loaded, loaded.path
     else:
         loaded = _load(args)
         model, source = loaded.optimized(), loaded.checkpoint
+    if args.window is not None or args.stride is not None:
+        return _timeline(args, model, loaded)
     results = predict(model, loaded.config, _clips(args, loaded), top_k=args.top_k, device=loaded.device)
     if args.json:
         print(json.dumps({"onnx" if args.onnx else "checkpoint": str(source), "clips": results}, indent=2))
@@ -149,13 +179,15 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from epamx.inference import render_attention
+    from epamx.inference import render_attention, render_video
 
     loaded = _load(args)
     dataset = _clips(args, loaded)
     for i in range(len(dataset)):
         out = Path(args.out) / f"{dataset.annotations[i]['frame_dir']}.png"
         print(render_attention(loaded.model, loaded.config, dataset, i, out, loaded.device))
+        if args.video:
+            print(render_video(loaded.model, loaded.config, dataset, i, out.with_suffix(".mp4"), loaded.device))
     return 0
 
 
@@ -306,12 +338,18 @@ def _add_predict_command(commands) -> None:
                            "pipeline from the file; the data from --config, default a config.toml beside it)")
     pred.add_argument("--top-k", type=_at_least(1), default=5)
     pred.add_argument("--json", action="store_true", help="print JSON")
+    pred.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                      help="classify the --video window by window, each this long (a timeline)")
+    pred.add_argument("--stride", type=float, default=None, metavar="SECONDS",
+                      help="seconds from one window's start to the next (default: --window; at most --window)")
+    pred.add_argument("--out", default="timelines/", help="with --window: a folder (NAME.timeline.jsonl and .png) "
+                                                          "or a prefix (PREFIX.jsonl, PREFIX.png); default timelines/")
     pred.set_defaults(run=_predict)
 
 
 def _add_render_command(commands) -> None:
     render = commands.add_parser("render", help="PNGs of clips with their heatmaps and EPAM-Net's spatial and "
-                                                "temporal attention")
+                                                "temporal attention; with --video also an MP4 to watch")
     _add_checkpoint_args(render)
     _add_clip_args(render, limit=4)
     render.add_argument("--out", default="renders", help="output folder (default renders/)")

@@ -137,12 +137,16 @@ class ClipDataset(torch.utils.data.Dataset):
             sample["imgs"] = torch.from_numpy(self._frames(ann, rgb_frame_indices(inds, self.rgb_every)))
         return sample
 
-    def _frames(self, ann: Dict[str, Any], inds: np.ndarray) -> np.ndarray:
+    def _read_frames(self, ann: Dict[str, Any], inds: np.ndarray) -> np.ndarray:
+        """uint8 (len(inds), H, W, 3) RGB frames ``inds`` of the clip's video or frame folder, as stored."""
         source = self.rgb_source(ann["frame_dir"])
         if self.video_root:
-            frames = read_video(source, inds)
-        else:
-            frames = read_frame_folder(source, inds, self.frame_template)
+            return read_video(source, inds)
+        return read_frame_folder(source, inds, self.frame_template)
+
+    def _frames(self, ann: Dict[str, Any], inds: np.ndarray) -> np.ndarray:
+        source = self.rgb_source(ann["frame_dir"])
+        frames = self._read_frames(ann, inds)
         shape = frames.shape[1:3]
         if self.rgb_precropped and is_precropped(shape):
             return crop_resize_frames(frames, (0, 0, shape[1], shape[0]), self.frame_size)

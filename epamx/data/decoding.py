@@ -12,8 +12,8 @@ import numpy as np
 
 from epamx.errors import DataError, DataFileNotFound
 
-__all__ = ["SHORT_VIDEO_TOLERANCE", "DecodeError", "decode_video", "read_frame_folder", "read_video", "video_frame_count", "write_frame_folder",
-           "write_video"]
+__all__ = ["SHORT_VIDEO_TOLERANCE", "DecodeError", "decode_chunks", "decode_video", "read_frame_folder", "read_video", "video_frame_count", "write_frame_folder",
+           "write_video", "write_video_stream"]
 
 PathLike = Union[str, os.PathLike]
 # A video may end a few frames before the annotation's total_frames (NTU's videos and skeletons disagree by a frame
@@ -55,6 +55,56 @@ def decode_video(path: PathLike) -> Iterator[Tuple[object, object]]:
             raise DataFileNotFound(f"video {path} does not exist") from e
         raise DecodeError(f"{path}: cannot decode video ({type(e).__name__}: {e}); the file may be corrupt or "
                           f"truncated") from e
+
+
+def decode_chunks(path: PathLike, chunk: int = 16, ahead: int = 2) -> Iterator[Tuple[int, np.ndarray, object]]:
+    """A video's frames in order as (index of the chunk's first frame, uint8 (<= chunk, H, W, 3) RGB, the stream),
+    decoded by a thread of its own at most ``ahead`` chunks before the caller (PyAV releases the GIL while it
+    decodes, so decoding overlaps whatever the caller does with the previous chunk). Errors as decode_video's."""
+    import queue
+    import threading
+
+    out: "queue.Queue" = queue.Queue(ahead)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def decode() -> None:
+        try:
+            frames, first, stream = [], 0, None
+            for frame, stream in decode_video(path):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) == chunk:
+                    if not put((first, np.stack(frames), stream)):
+                        return
+                    first += len(frames)
+                    frames = []
+            if frames:
+                put((first, np.stack(frames), stream))
+            put(None)
+        except BaseException as e:  # handed to the caller, which raises it
+            put(e)
+
+    thread = threading.Thread(target=decode, name="epamx-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def read_video(path: PathLike, indices: Sequence[int]) -> np.ndarray:
@@ -125,40 +175,63 @@ def read_frame_folder(folder: PathLike, indices: Sequence[int], template: str = 
     return np.stack(out)
 
 
-def write_video(path: PathLike, frames: np.ndarray, fps: int = 30, crf: int = 18, preset: str = "veryfast",
+def write_video(path: PathLike, frames: np.ndarray, fps: float = 30, crf: int = 18, preset: str = "veryfast",
                 threads: int = 0) -> None:
     """uint8 (T, H, W, 3) RGB frames -> an H.264 video (yuv420p; H and W even; any container FFmpeg knows from the
     suffix). ``crf``/``preset``: x264's quality and speed; ``threads``: encoder threads (0: x264 decides). Written
     to a temporary name and renamed, so a killed writer never leaves a truncated file behind. Raises ValueError for
     frames of another dtype or shape, or an odd side."""
-    import av
-
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
         raise ValueError(f"write_video: frames must be uint8 (T, H, W, 3) with T >= 1, got {frames.dtype} "
                          f"{frames.shape}")
-    h, w = frames.shape[1:3]
+    write_video_stream(path, iter(frames), fps, crf, preset, threads)
+
+
+def write_video_stream(path: PathLike, frames: Iterator[np.ndarray], fps: float = 30, crf: int = 18,
+                       preset: str = "veryfast", threads: int = 0) -> int:
+    """:func:`write_video` of frames given one at a time (uint8 (H, W, 3) RGB, all of one even size), so a long video
+    is never held whole. Returns the frame count; raises ValueError for no frames or a frame unlike the first."""
+    from fractions import Fraction
+
+    import av
+
+    first = next(frames, None)
+    if first is None or first.ndim != 3 or first.shape[-1] != 3 or first.dtype != np.uint8:
+        raise ValueError("write_video: frames must be uint8 (H, W, 3), at least one")
+    h, w = first.shape[:2]
     if h % 2 or w % 2:
         raise ValueError(f"write_video: H.264 with yuv420p needs an even height and width, got {h}x{w}")
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    count = 0
     try:
         with av.open(os.fspath(tmp), mode="w") as container:
-            stream = container.add_stream("libx264", rate=fps)
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height = w, h
             stream.pix_fmt = "yuv420p"
             # mbtree off: with it, x264's output varies from run to run (its lookahead reads memory it did not
             # write), and the embedded dataset must be the same on every machine.
             stream.options = {"crf": str(crf), "preset": preset, "threads": str(threads), "x264-params": "mbtree=0"}
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            for frame in _prepend(first, frames):
+                if frame.shape != first.shape or frame.dtype != np.uint8:
+                    raise ValueError(f"write_video: frame {count} is {frame.dtype} {frame.shape}, the first "
+                                     f"{first.shape}")
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                     container.mux(packet)
+                count += 1
             for packet in stream.encode():
                 container.mux(packet)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+    return count
+
+
+def _prepend(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    yield first
+    yield from rest
 
 
 def write_frame_folder(folder: PathLike, frames: np.ndarray, template: str = "img_{:05d}.jpg",

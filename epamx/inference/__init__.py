@@ -23,9 +23,9 @@ from epamx.inference.loading import (
 )
 from epamx.inference.onnx_model import OnnxModel, load_onnx
 from epamx.inference.predict import predict
-from epamx.inference.render import render_attention
+from epamx.inference.render import render_attention, render_video
 
 __all__ = ["Evaluation", "LoadedModel", "OnnxModel", "build_batch_transform", "clip_from_video", "clips",
            "clips_from_annotations", "config_for_checkpoint", "evaluate", "evaluate_checkpoint", "export", "export_onnx",
            "export_program", "inference_model", "input_contract", "load", "load_model", "load_onnx", "predict",
-           "read_contract", "render_attention", "resolve_amp", "resolve_checkpoint"]
+           "read_contract", "render_attention", "render_video", "resolve_amp", "resolve_checkpoint"]

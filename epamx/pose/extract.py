@@ -21,7 +21,7 @@ from urllib.parse import quote
 import numpy as np
 
 from epamx.data.annotations import dump_annotations
-from epamx.data.decoding import DecodeError, decode_video
+from epamx.data.decoding import DecodeError, decode_chunks
 from epamx.errors import DataError
 from epamx.pose.estimator import EstimatorFactory, PoseEstimator, check_estimate
 from epamx.pose.videos import Video
@@ -31,19 +31,14 @@ __all__ = ["extract_keypoints", "parts_folder", "video_annotation"]
 
 log = logging.getLogger("epamx.pose")
 PathLike = Union[str, os.PathLike]
-_CHUNK = 64  # frames handed to the estimator at once: a long video is never held whole
+_CHUNK = 16  # frames handed to the estimator at once: a long video is never held whole
 
 
 def _chunks(path: str):
-    """uint8 (<= _CHUNK, H, W, 3) RGB chunks of a video's frames, in order."""
-    chunk = []
-    for frame, _ in decode_video(path):
-        chunk.append(frame.to_ndarray(format="rgb24"))
-        if len(chunk) == _CHUNK:
-            yield np.stack(chunk)
-            chunk = []
-    if chunk:
-        yield np.stack(chunk)
+    """uint8 (<= _CHUNK, H, W, 3) RGB chunks of a video's frames, in order, decoded by a thread while the estimator
+    works on the previous chunk."""
+    for _, frames, _ in decode_chunks(path, _CHUNK, ahead=2):
+        yield frames
 
 
 def _concat_persons(parts: List[np.ndarray], trailing: Tuple[int, ...]) -> np.ndarray:
