@@ -39,6 +39,7 @@ class ModelConfig:
     dropout: float = 0.5             # of both classification heads
     channels_last: Union[bool, str] = "auto"  # channels_last_3d model and inputs; "auto": on for CPU, off for CUDA
     sync_bn: bool = True             # SyncBatchNorm across processes (CUDA only; the authors' setting)
+    inference_dtype: str = "float32"  # eval/predict: "float32", or "bfloat16" (fast on CPUs with avx512_bf16/AMX)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ _CHOICES = {
     ("train", "amp"): ("auto", "bf16", "fp16", "off"),
     ("train", "metric"): ("top1", "top5", "mean_class_accuracy"),
     ("model", "channels_last"): (True, False, "auto"),
+    ("model", "inference_dtype"): ("float32", "bfloat16"),
 }
 _POSITIVE = {("model", "pose_channels"), ("train", "epochs"), ("train", "batch_size"), ("optim", "lr_per_16")}
 _NON_NEGATIVE = {("model", "num_classes"), ("train", "workers"), ("train", "eval_every_epochs"),

@@ -143,6 +143,26 @@ def test_eval_writes_metrics_table_and_confusion(trained, tmp_path, capsys):
     assert set(parsed["metrics"]) == {"pose"}
 
 
+def test_eval_and_predict_in_bfloat16_agree_with_float32(trained, capsys):
+    """The held-out clips of the tiny run: the same top-1 class per clip and the same metrics in bfloat16."""
+    _, run, _, _ = trained
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        rc, out, err = cli(capsys, "predict", "--checkpoint", run, "--json", "--dtype", dtype)
+        assert rc == 0, err
+        results[dtype] = json.loads(out)["clips"]
+    assert len(results["float32"]) == 12
+    for f32, bf16 in zip(results["float32"], results["bfloat16"]):
+        assert f32["frame_dir"] == bf16["frame_dir"] and f32["top"][0][0] == bf16["top"][0][0]
+        assert abs(f32["top"][0][1] - bf16["top"][0][1]) < 5e-2
+    metrics = {}
+    for dtype in ("float32", "bfloat16"):
+        rc, out, err = cli(capsys, "eval", "--checkpoint", run, "--quiet", "--json", f"model.inference_dtype={dtype}")
+        assert rc == 0, err
+        metrics[dtype] = json.loads(out)["metrics"]
+    assert metrics["bfloat16"]["summed"]["top1"] == metrics["float32"]["summed"]["top1"]
+
+
 # ---- predict -----------------------------------------------------------------------------------------------------
 
 def test_predict_annotation_clips(trained, capsys):

@@ -77,10 +77,11 @@ def memory_format_name(channels_last: bool) -> str:
     return "channels_last_3d" if channels_last else "contiguous"
 
 
-def inference_model(model: nn.Module, channels_last: Union[bool, str], device: torch.device) -> nn.Module:
+def inference_model(model: nn.Module, channels_last: Union[bool, str], device: torch.device,
+                    dtype: str = "float32") -> nn.Module:
     """``optimize_for_inference(model)`` in the memory format ``channels_last`` (True, False or "auto") asks for
-    on ``device``: what evaluation and prediction run."""
-    return optimize_for_inference(model, memory_format_name(resolve_channels_last(channels_last, device)))
+    on ``device``, computing in ``dtype`` ("float32" or "bfloat16"): what evaluation and prediction run."""
+    return optimize_for_inference(model, memory_format_name(resolve_channels_last(channels_last, device)), dtype)
 
 
 @dataclass
@@ -102,7 +103,8 @@ class LoadedModel:
 
     def optimized(self) -> nn.Module:
         """:func:`inference_model` of the model, for prediction and evaluation."""
-        return inference_model(self.model, self.config.model.channels_last, self.device)
+        return inference_model(self.model, self.config.model.channels_last, self.device,
+                               self.config.model.inference_dtype)
 
 
 def load(checkpoint: Union[str, os.PathLike] = "runs/embedded", config: Optional[str] = None,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from epamx.nn import TemporalShift, batch_norm_act, fused_batch_norm_applies
+from epamx.nn import TemporalShift, batch_norm_act, conv_act, fused_batch_norm_applies, fused_conv_act_applies
 
 
 def _frame_wise_conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
@@ -48,14 +48,28 @@ class ConvBNAct(nn.Module):
             and self.conv.padding[0] == 0
         self.fused = fused
 
+    def _runs_frame_wise(self, x: Tensor) -> bool:
+        return self.frame_wise and x.is_contiguous(memory_format=torch.channels_last_3d) and \
+            self.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+
     def convolve(self, x: Tensor) -> Tensor:
         """The convolution alone."""
-        if self.frame_wise and x.is_contiguous(memory_format=torch.channels_last_3d) and \
-                self.conv.weight.is_contiguous(memory_format=torch.channels_last_3d):
+        if self._runs_frame_wise(x):
             return _frame_wise_conv(self.conv, x)
         return self.conv(x)
 
+    def folded_applies(self, x: Tensor) -> bool:
+        """Whether this module's batch norm is folded away (optimize_for_inference) and the convolution, with what
+        follows it, runs as one oneDNN call (epamx.nn.conv_act)."""
+        return isinstance(self.bn, nn.Identity) and fused_conv_act_applies(self.conv, x)
+
+    def conv_act(self, x: Tensor, activation: str, add: Optional[Tensor] = None) -> Tensor:
+        """``activation(conv(x) + add)`` as one call, where :meth:`folded_applies`."""
+        return conv_act(self.conv, x, activation, add, frame_wise=self._runs_frame_wise(x))
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.folded_applies(x):
+            return self.conv_act(x, "relu" if self.activate is not None else "none")
         x = self.convolve(x)
         if self.fused and fused_batch_norm_applies(self.bn, x):
             return batch_norm_act(self.bn, x, "relu" if self.activate is not None else "identity")
@@ -136,7 +150,9 @@ class XShiftBlock(nn.Module):
             out = batch_norm_act(self.conv1.bn, self.shift.conv(self.conv1.conv, x), "relu")
         else:
             out = self.conv1(self.shift(x))
-        if self.fused and fused_batch_norm_applies(self.conv2.bn, out):
+        if self.se_module is None and isinstance(self.swish, nn.SiLU) and self.conv2.folded_applies(out):
+            out = self.conv2.conv_act(out, "swish")
+        elif self.fused and fused_batch_norm_applies(self.conv2.bn, out):
             se = self.se_module
             out = batch_norm_act(self.conv2.bn, self.conv2.convolve(out),
                                  "silu" if isinstance(self.swish, nn.SiLU) else "identity",
@@ -146,8 +162,10 @@ class XShiftBlock(nn.Module):
             if self.se_module is not None:
                 out = self.se_module(out)
             out = self.swish(out)
-        out = self.conv3(out)
         identity = self.downsample(x) if self.downsample is not None else x
+        if self.conv3.folded_applies(out) and isinstance(self.relu, nn.ReLU):
+            return self.conv3.conv_act(out, "relu", add=identity)
+        out = self.conv3(out)
         # out is this block's own fresh tensor, and neither batch norm nor convolution saves its output for
         # backward: adding in place is safe in training too, and saves an allocation.
         return self.relu(out.add_(identity))

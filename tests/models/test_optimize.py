@@ -1,6 +1,7 @@
 """Fast by default: the memory-format policy of the models, the stems' frame-wise convolution, and
 optimize_for_inference (batch norm folded), each against the plain contiguous model."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -208,3 +209,69 @@ def test_optimized_model_compiles():
     with torch.no_grad():
         for g, w in zip(compiled(imgs, heatmaps), model(imgs, heatmaps)):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+# ---- bfloat16 inference ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bfloat16_logits_are_close_to_float32_with_the_same_top1(seed):
+    model = epamnet("auto", seed=seed, num_classes=12)
+    imgs, heatmaps = small_clip(seed=seed, batch=4)
+    with torch.no_grad():
+        want = optimize_for_inference(model)(imgs, heatmaps)
+        got = optimize_for_inference(model, dtype=torch.bfloat16)(imgs, heatmaps)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        assert (g - w).abs().max() <= 5e-2
+        assert torch.equal(g.argmax(1), w.argmax(1))
+    assert torch.equal(sum(got).argmax(1), sum(want).argmax(1))
+
+
+def test_bfloat16_copy_holds_bfloat16_weights_and_leaves_the_model_alone():
+    model = epamnet("contiguous")
+    fast = optimize_for_inference(model, "contiguous", dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in fast.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls,inputs", [(RGBStream, 0), (PoseStream, 1)])
+def test_bfloat16_streams(cls, inputs):
+    torch.manual_seed(0)
+    model = randomize_batch_norm(cls(5)).eval()
+    x = small_clip()[inputs]
+    with torch.no_grad():
+        got = optimize_for_inference(model, dtype=torch.bfloat16)(x)
+        want = model(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-2)
+
+
+def test_bfloat16_warns_on_a_cpu_without_bfloat16_instructions(monkeypatch):
+    import epamx.models.optimize as optimize
+
+    monkeypatch.setattr(optimize, "cpu_has_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="no bfloat16 instructions"):
+        optimize_for_inference(RGBStream(3), dtype=torch.bfloat16)
+    monkeypatch.setattr(optimize, "cpu_has_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimize_for_inference(RGBStream(3), dtype=torch.bfloat16)
+        optimize_for_inference(RGBStream(3))
+
+
+def test_bad_dtype_is_explained():
+    with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.bfloat16"):
+        optimize_for_inference(RGBStream(3), dtype=torch.float16)
+    with pytest.raises(ValueError, match="dtype must be"):
+        optimize_for_inference(RGBStream(3), dtype="fp8")
+
+
+def test_bfloat16_model_compiles():
+    model = epamnet("contiguous")
+    fast = optimize_for_inference(model, dtype=torch.bfloat16)
+    imgs, heatmaps = small_clip(batch=1)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for g, w in zip(compiled(imgs, heatmaps), fast(imgs, heatmaps)):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)

@@ -1,0 +1,57 @@
+"""A convolution with what follows it (bias, activation, a residual sum) as one oneDNN call: inference on a CPU.
+
+After batch norm is folded into the convolutions (epamx.models.optimize_for_inference), each activation and each
+residual sum would be a pass of its own over a tensor the convolution has just written; oneDNN applies them as the
+convolution's post-ops while the output is still in cache. What it buys: docs/performance.md, Inference.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CONV_ACTIVATIONS", "conv_act", "fused_conv_act_applies"]
+
+CONV_ACTIVATIONS = ("none", "relu", "swish")
+
+
+def fused_conv_act_applies(conv: nn.Conv3d, x: Tensor) -> bool:
+    """Whether :func:`conv_act` runs ``conv`` on x as one oneDNN call: inference (no gradients) on a CPU tensor of
+    float32 or bfloat16 with the weight's dtype, oneDNN present, outside torch.compile (inductor makes the same
+    fusions itself)."""
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and x.dtype in (torch.float32, torch.bfloat16) and conv.weight.dtype == x.dtype
+            and torch.backends.mkldnn.is_available())
+
+
+def _frames(x: Tensor) -> Tensor:
+    """(N, C, T, H, W) in channels_last_3d memory as the channels-last (N*T, C, H, W) batch of its frames (a view)."""
+    n, c, t, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
+
+
+def conv_act(conv: nn.Conv3d, x: Tensor, activation: str = "none", add: Optional[Tensor] = None,
+             frame_wise: bool = False) -> Tensor:
+    """``activation(conv(x) + add)`` (``add`` optional, of the output's shape) as one oneDNN convolution with
+    post-ops; ``activation`` one of :data:`CONV_ACTIVATIONS` ("swish" is SiLU; after a sum "none" or "relu"). ``frame_wise``: a (1, kh, kw)
+    convolution over x in channels_last_3d memory, run as a 2D convolution over its frames (no copy). Call it where
+    :func:`fused_conv_act_applies`; the output is a new tensor of x's dtype."""
+    if activation not in CONV_ACTIVATIONS:
+        raise ValueError(f"conv_act: activation must be one of {', '.join(CONV_ACTIVATIONS)}, got {activation!r}")
+    if add is not None and activation == "swish":  # oneDNN's binary post-op takes ReLU alone after the sum
+        raise ValueError("conv_act: after a sum (add=...) the activation must be 'none' or 'relu'")
+    weight, stride, padding, dilation = conv.weight, conv.stride, conv.padding, conv.dilation
+    n, t = x.shape[0], x.shape[2]
+    if frame_wise:
+        x, weight = _frames(x), weight.squeeze(2)
+        stride, padding, dilation = stride[1:], padding[1:], dilation[1:]
+        add = _frames(add) if add is not None else None
+    if add is None:
+        y = torch.ops.mkldnn._convolution_pointwise(x, weight, conv.bias, padding, stride, dilation, conv.groups,
+                                                    activation, [], None)
+    else:
+        y = torch.ops.mkldnn._convolution_pointwise.binary(x, add, weight, conv.bias, padding, stride, dilation,
+                                                           conv.groups, "add", None,
+                                                           None if activation == "none" else activation, [], None)
+    return y.view(n, t, *y.shape[1:]).permute(0, 2, 1, 3, 4) if frame_wise else y

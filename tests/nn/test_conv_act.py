@@ -1,0 +1,69 @@
+"""conv_act: a convolution with its activation and residual sum as one oneDNN call, against the separate ops."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from epamx.nn import conv_act, fused_conv_act_applies
+
+CL = torch.channels_last_3d
+ACTS = {"none": lambda y: y, "relu": F.relu, "swish": F.silu}
+
+
+def _conv(kernel, groups=1, channels=(8, 16), dtype=torch.float32, stride=1):
+    torch.manual_seed(0)
+    padding = tuple(k // 2 for k in kernel)
+    conv = nn.Conv3d(channels[0], channels[1], kernel, stride=stride, padding=padding, groups=groups, bias=True)
+    return conv.to(dtype=dtype, memory_format=CL).eval()
+
+
+def _input(channels=8, dtype=torch.float32, shape=(2, 5, 9, 11)):
+    g = torch.Generator().manual_seed(1)
+    n, t, h, w = shape
+    return torch.randn(n, channels, t, h, w, generator=g).to(dtype=dtype, memory_format=CL)
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "swish"])
+@pytest.mark.parametrize("with_add", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_conv_then_add_then_activation(activation, with_add, dtype):
+    conv = _conv((1, 1, 1), dtype=dtype)
+    x = _input(dtype=dtype)
+    add = _input(16, dtype=dtype) if with_add else None
+    if with_add and activation == "swish":
+        with torch.no_grad(), pytest.raises(ValueError, match="after a sum"):
+            conv_act(conv, x, activation, add)
+        return
+    with torch.no_grad():
+        assert fused_conv_act_applies(conv, x)
+        got = conv_act(conv, x, activation, add)
+        y = conv(x).float()
+        want = ACTS[activation](y + add.float() if with_add else y)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_frame_wise_depthwise_matches_conv3d(stride):
+    conv = _conv((1, 3, 3), groups=8, channels=(8, 8), stride=(1, stride, stride))
+    x = _input()
+    with torch.no_grad():
+        got = conv_act(conv, x, "swish", frame_wise=True)
+        want = F.silu(conv(x))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_applies_only_to_cpu_inference_in_the_weights_dtype():
+    conv = _conv((1, 1, 1))
+    x = _input()
+    assert not fused_conv_act_applies(conv, x)  # gradients enabled
+    with torch.no_grad():
+        assert fused_conv_act_applies(conv, x)
+        assert not fused_conv_act_applies(conv, x.double())
+        assert not fused_conv_act_applies(conv, x.bfloat16())
+
+
+def test_bad_activation_is_explained():
+    with torch.no_grad(), pytest.raises(ValueError, match="conv_act: activation must be one of"):
+        conv_act(_conv((1, 1, 1)), _input(), "gelu")
