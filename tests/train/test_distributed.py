@@ -70,9 +70,16 @@ def test_two_processes_train_a_stage_and_only_rank_0_writes(tmp_path, synthetic_
     assert single_train[0]["loss"] == pytest.approx(train[0]["loss"], rel=0.1)
 
 
-def test_ddp_gradients_equal_one_process_with_the_total_batch(tmp_path, synthetic_data):
-    torchrun(tmp_path, "bn-free", str(tmp_path))
-    ddp = torch.load(tmp_path / "bn_free.pt", weights_only=True)
+@pytest.fixture(scope="module")
+def one_node_bn_free(tmp_path_factory):
+    """The BN-free stream's weights after one DDP epoch on one node with two processes (torchrun --standalone)."""
+    folder = tmp_path_factory.mktemp("one_node")
+    torchrun(folder, "bn-free", str(folder))
+    return torch.load(folder / "bn_free.pt", weights_only=True)
+
+
+def test_ddp_gradients_equal_one_process_with_the_total_batch(one_node_bn_free, synthetic_data):
+    ddp = one_node_bn_free
     single = synthetic.train_bn_free(batch_size=4).state_dict()
     initial = synthetic.bn_free_stream().state_dict()
     for key, value in single.items():
@@ -88,11 +95,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_machines_equal_one_machine_with_two_processes(tmp_path, synthetic_data):
+def test_two_machines_equal_one_machine_with_two_processes(tmp_path, one_node_bn_free, synthetic_data):
     """Two one-process "nodes" joined by torchrun's c10d rendezvous on the loopback address, as two machines would
     be (README: Training on several machines), train the same weights as one node with two processes."""
-    (tmp_path / "one_node").mkdir()
-    torchrun(tmp_path / "one_node", "bn-free", str(tmp_path / "one_node"))
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
@@ -106,7 +111,6 @@ def test_two_machines_equal_one_machine_with_two_processes(tmp_path, synthetic_d
     results = [node.communicate(timeout=300) for node in nodes]
     assert all(node.returncode == 0 for node in nodes), results
     two_nodes = torch.load(out / "bn_free.pt", weights_only=True)
-    one_node = torch.load(tmp_path / "one_node" / "bn_free.pt", weights_only=True)
-    assert two_nodes.keys() == one_node.keys()
-    for key, value in one_node.items():
+    assert two_nodes.keys() == one_node_bn_free.keys()
+    for key, value in one_node_bn_free.items():
         assert torch.equal(two_nodes[key], value), key
