@@ -113,8 +113,7 @@ class EPAMNet(nn.Module):
         """``forward``'s (rgb_logits, pose_logits) and the attention the pose features drove: the spatial map S
         (N, 1, T, 7, 7) and the temporal weights A (N, 1, T, 1, 1), from one pass."""
         rgb, pose, stride = self._backbone_features(imgs, heatmaps)
-        spatial, temporal = self.attention_module.maps(pose, stride)
-        attended = self.attention_module(rgb, pose, t_stride=stride)
+        attended, spatial, temporal = self.attention_module.forward_with_maps(rgb, pose, t_stride=stride)
         return self.rgb_cls_head(attended), self.pose_cls_head(pose), spatial, temporal
 
     def forward(self, imgs: Tensor, heatmaps: Tensor) -> Tuple[Tensor, Tensor]:

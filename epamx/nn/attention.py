@@ -63,6 +63,11 @@ class SpatialTemporalAttention(nn.Module):
     def forward(self, rgb_feats: Tensor, pose_feats: Tensor, t_stride: Optional[int] = None) -> Tensor:
         """Reweighted RGB features f_r + f_r * S * A, same shape as rgb_feats (N, C_r, T, H, W); ``t_stride``
         overrides the module's for this call."""
+        return self.forward_with_maps(rgb_feats, pose_feats, t_stride)[0]
+
+    def forward_with_maps(self, rgb_feats: Tensor, pose_feats: Tensor,
+                          t_stride: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """``forward``'s reweighted features, and the maps S (N, 1, T, H, W) and A (N, 1, T, 1, 1) it used."""
         t_stride = self.t_stride if t_stride is None else t_stride
         if rgb_feats.dim() != 5:
             raise ValueError(f"SpatialTemporalAttention: rgb_feats must be 5-D (N, C, T, H, W), got shape "
@@ -78,7 +83,7 @@ class SpatialTemporalAttention(nn.Module):
                     f"ceil({pt} / {t_stride}) = {strided} equal to the RGB frames T = {t}")
         spatial, temporal = self.maps(pose_feats, t_stride)
         reweight = attention_reweight if self.fused else attention_reweight_reference
-        return reweight(rgb_feats, spatial, temporal)
+        return reweight(rgb_feats, spatial, temporal), spatial, temporal
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, t_stride={self.t_stride}, fused={self.fused}"

@@ -122,6 +122,23 @@ def test_epamnet_fused_equals_reference_on_small_clips():
         torch.testing.assert_close(f, r, rtol=1e-4, atol=1e-5)
 
 
+def test_forward_with_attention_is_forward_and_its_maps():
+    """The logits are forward's, and S and A are the maps the pose features give (the attention's own maps)."""
+    torch.manual_seed(0)
+    model = randomize_batch_norm(EPAMNet(num_classes=5)).eval()
+    imgs, heatmaps = torch.randn(2, 3, 4, 64, 64), torch.rand(2, 17, 12, 16, 16)
+    with torch.no_grad():
+        rgb, pose, spatial, temporal = model.forward_with_attention(imgs, heatmaps)
+        expected_rgb, expected_pose = model(imgs, heatmaps)
+        pose_feats = model.pose_backbone(heatmaps.contiguous(memory_format=torch.channels_last_3d))
+        expected_spatial, expected_temporal = model.attention_module.maps(pose_feats, 3)
+    torch.testing.assert_close(rgb, expected_rgb, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pose, expected_pose, rtol=1e-5, atol=1e-6)
+    assert spatial.shape == (2, 1, 4, 2, 2) and temporal.shape == (2, 1, 4, 1, 1)
+    torch.testing.assert_close(spatial, expected_spatial, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(temporal, expected_temporal, rtol=1e-5, atol=1e-6)
+
+
 def test_inplace_inference_is_bit_exact():
     torch.manual_seed(0)
     net = randomize_batch_norm(small_backbone()).eval()
