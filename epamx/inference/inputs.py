@@ -22,7 +22,7 @@ from epamx.data.annotations import AnnotationError, safe_load_pickle, validate_a
 from epamx.data.decoding import SHORT_VIDEO_TOLERANCE, DecodeError, decode_video
 from epamx.errors import ConfigError, DataError, DataFileNotFound
 from epamx.models.streams import modalities
-from epamx.pose.estimator import EstimatorFactory
+from epamx.pose.estimator import EstimatorFactory, load_estimator
 
 __all__ = ["build_batch_transform", "clip_batch", "clip_from_video", "clips", "clips_from_annotations"]
 
@@ -141,11 +141,7 @@ def clip_from_video(cfg: Config, class_names: Sequence[str], mode: str, video: s
 def _estimate(video: Path, estimator: Optional[EstimatorFactory]) -> Dict[str, Any]:
     from epamx.pose import video_annotation
 
-    if estimator is None:
-        from epamx.pose.mediapipe_pose import MediaPipePose
-
-        estimator = MediaPipePose
-    made = estimator()
+    made = (estimator or load_estimator("mediapipe"))()
     try:
         return video_annotation(video, made)
     finally:

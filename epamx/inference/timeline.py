@@ -27,7 +27,7 @@ from epamx.data.decoding import DecodeError, decode_chunks
 from epamx.data.sampling import rgb_frame_indices, uniform_sample_frames
 from epamx.errors import ConfigError, DataError, DataFileNotFound
 from epamx.models.streams import modalities
-from epamx.pose.estimator import EstimatorFactory, PoseEstimator, check_estimate
+from epamx.pose.estimator import EstimatorFactory, PoseEstimator, check_estimate, load_estimator
 from epamx.records import atomic_write_text
 
 __all__ = ["WindowPlan", "check_windows", "predict_timeline", "timeline_paths", "write_timeline"]
@@ -134,7 +134,7 @@ def predict_timeline(model, cfg: Config, class_names: Sequence[str], mode: str, 
     if not os.path.isfile(path):
         raise DataFileNotFound(f"video {path} does not exist")
     d = cfg.data
-    made: PoseEstimator = (estimator or _mediapipe())()
+    made: PoseEstimator = (estimator or load_estimator("mediapipe"))()
     made.reset()
     keypoints, held, results = _Keypoints(), {}, []
     plan, shape, total, peak, next_k = None, None, 0, 0, 0
@@ -173,12 +173,6 @@ def predict_timeline(model, cfg: Config, class_names: Sequence[str], mode: str, 
     last_end = results[-1]["end_frame"]
     return {"video": path, "fps": plan.fps, "frames": total, "window": window, "stride": stride,
             "uncovered": round((total - last_end) / plan.fps, 3), "windows": results, "peak_frames_held": peak}
-
-
-def _mediapipe() -> EstimatorFactory:
-    from epamx.pose.mediapipe_pose import MediaPipePose
-
-    return MediaPipePose
 
 
 def timeline_paths(out: os.PathLike, video: os.PathLike) -> Tuple[Path, Path]:

@@ -23,7 +23,7 @@ import numpy as np
 from epamx.data.annotations import dump_annotations
 from epamx.data.decoding import DecodeError, decode_chunks
 from epamx.errors import DataError
-from epamx.pose.estimator import EstimatorFactory, PoseEstimator, check_estimate
+from epamx.pose.estimator import EstimatorFactory, PoseEstimator, check_estimate, load_estimator
 from epamx.pose.videos import Video
 from epamx.records import atomic_write_bytes
 
@@ -158,10 +158,7 @@ def extract_keypoints(videos: Sequence[Video], out: PathLike, estimator: Optiona
     Returns {'out', 'done' (videos estimated now), 'resumed' (found done), 'failed' ([{'video', 'error'}]),
     'seconds', 'frames', 'frames_per_s' (frames estimated now per second)}.
     """
-    if estimator is None:
-        from epamx.pose.mediapipe_pose import MediaPipePose
-
-        estimator = MediaPipePose
+    estimator = estimator or load_estimator("mediapipe")
     if not videos:
         raise DataError("no videos to estimate keypoints for")
     start = time.perf_counter()
