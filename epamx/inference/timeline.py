@@ -28,6 +28,7 @@ from epamx.data.sampling import rgb_frame_indices, uniform_sample_frames
 from epamx.errors import ConfigError, DataError, DataFileNotFound
 from epamx.models.streams import modalities
 from epamx.pose.estimator import EstimatorFactory, PoseEstimator, check_estimate, load_estimator
+from epamx.pose.extract import concat_persons
 from epamx.records import atomic_write_text
 
 __all__ = ["WindowPlan", "check_windows", "predict_timeline", "timeline_paths", "write_timeline"]
@@ -100,15 +101,13 @@ class _Keypoints:
 
     def stretch(self, a: int, b: int) -> Tuple[np.ndarray, np.ndarray]:
         """Keypoints (M, b - a, V, 2) and scores (M, b - a, V) of frames [a, b)."""
-        parts = [(s, k, c) for s, k, c in zip(self.starts, self.kp, self.scores) if s < b and s + k.shape[1] > a]
-        m = max(k.shape[0] for _, k, _ in parts)
         kp, sc = [], []
-        for s, k, c in parts:
-            lo, hi = max(a, s) - s, min(b, s + k.shape[1]) - s
-            pad = m - k.shape[0]
-            kp.append(np.concatenate([k[:, lo:hi], np.zeros((pad, hi - lo) + k.shape[2:], np.float32)]))
-            sc.append(np.concatenate([c[:, lo:hi], np.zeros((pad, hi - lo) + c.shape[2:], np.float32)]))
-        return np.concatenate(kp, axis=1), np.concatenate(sc, axis=1)
+        for s, k, c in zip(self.starts, self.kp, self.scores):
+            if s < b and s + k.shape[1] > a:
+                lo, hi = max(a, s) - s, min(b, s + k.shape[1]) - s
+                kp.append(k[:, lo:hi])
+                sc.append(c[:, lo:hi])
+        return concat_persons(kp, self.kp[0].shape[2:]), concat_persons(sc, self.scores[0].shape[2:])
 
 
 def _window_result(prediction: Dict[str, Any], plan: WindowPlan, k: int) -> Dict[str, Any]:

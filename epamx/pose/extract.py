@@ -27,7 +27,7 @@ from epamx.pose.estimator import EstimatorFactory, PoseEstimator, check_estimate
 from epamx.pose.videos import Video
 from epamx.records import atomic_write_bytes
 
-__all__ = ["extract_keypoints", "parts_folder", "video_annotation"]
+__all__ = ["concat_persons", "extract_keypoints", "parts_folder", "video_annotation"]
 
 log = logging.getLogger("epamx.pose")
 PathLike = Union[str, os.PathLike]
@@ -41,8 +41,9 @@ def _chunks(path: str):
         yield frames
 
 
-def _concat_persons(parts: List[np.ndarray], trailing: Tuple[int, ...]) -> np.ndarray:
-    """Chunks (M_i, T_i, ...) -> (max M_i, sum T_i, ...), persons a chunk lacks as zeros."""
+def concat_persons(parts: List[np.ndarray], trailing: Tuple[int, ...]) -> np.ndarray:
+    """Chunks (M_i, T_i, ...) -> (max M_i, sum T_i, ...), persons a chunk lacks as zeros; ``trailing`` is the
+    shape after (M, T) when there are no chunks."""
     m = max((p.shape[0] for p in parts), default=0)
     out = [np.concatenate([p, np.zeros((m - p.shape[0],) + p.shape[1:], np.float32)]) for p in parts]
     return np.concatenate(out, axis=1) if out else np.zeros((0, 0) + trailing, np.float32)
@@ -70,7 +71,7 @@ def video_annotation(path: PathLike, estimator: PoseEstimator, frame_dir: Option
     name = frame_dir if frame_dir is not None else Path(path).name.split(".")[0]
     return {"frame_dir": name, "label": int(label), "img_shape": tuple(map(int, shape)),
             "original_shape": tuple(map(int, shape)), "total_frames": total,
-            "keypoint": _concat_persons(keypoints, (joints, 2)), "keypoint_score": _concat_persons(scores, (joints,))}
+            "keypoint": concat_persons(keypoints, (joints, 2)), "keypoint_score": concat_persons(scores, (joints,))}
 
 
 def parts_folder(out: PathLike) -> Path:
