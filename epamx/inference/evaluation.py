@@ -19,7 +19,7 @@ from epamx.inference.loading import LoadedModel, resolve_channels_last
 from epamx.inference.metrics import SUMMED, confusion_matrix, per_class_table, stream_metrics
 from epamx.models.streams import modalities, model_mode, stream_logits
 
-__all__ = ["Evaluation", "evaluate", "evaluate_checkpoint", "resolve_amp", "rng_untouched"]
+__all__ = ["Evaluation", "evaluate", "evaluate_checkpoint", "progress_bar", "resolve_amp", "rng_untouched"]
 
 
 @dataclass
@@ -72,12 +72,13 @@ def rng_untouched():
         torch.set_rng_state(state)
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    """A tqdm bar on rank 0 when ``enabled`` (None otherwise), cleared when it closes."""
     if not (enabled and D.is_main()):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
 
 
 def _gather(indices: List[np.ndarray], labels: List[np.ndarray], logits: Dict[str, List[np.ndarray]]):
@@ -116,7 +117,7 @@ def evaluate(model: nn.Module, loader, transform, *, mode: Optional[str] = None,
     inner.eval()
     loader.sampler.set_epoch(0)
     indices, labels, logits = [], [], {}
-    bar = _progress_bar(len(loader), "evaluate", progress)
+    bar = progress_bar(len(loader), "evaluate", progress)
     try:
         with rng_untouched():
             batches = iter(loader)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from epamx import distributed as D
-from epamx.inference.evaluation import rng_untouched
+from epamx.inference.evaluation import progress_bar, rng_untouched
 from epamx.models.streams import model_mode, stream_logits
 from epamx.train.signals import StopFlag
 
@@ -94,14 +94,6 @@ def _optimisation_step(model: nn.Module, imgs, heatmaps, labels, optimizer: torc
     return losses, loss, grad_norm, lr
 
 
-def _progress_bar(loader, start_iter: int, desc: str, enabled: bool):
-    if not (enabled and D.is_main()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=start_iter + len(loader), initial=start_iter, desc=desc, dynamic_ncols=True, leave=False)
-
-
 def train_one_epoch(model: nn.Module, loader, transform, optimizer: torch.optim.Optimizer, scheduler, *, mode: str,
                     device: torch.device, epoch: int, start_iter: int = 0,
                     scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None,
@@ -124,7 +116,7 @@ def train_one_epoch(model: nn.Module, loader, transform, optimizer: torch.optim.
     loader.sampler.set_epoch(epoch, skip=start_iter * loader.batch_size)
     world = D.get_world_size()
     params = [p for p in model.parameters() if p.requires_grad]
-    bar = _progress_bar(loader, start_iter, desc, progress)
+    bar = progress_bar(start_iter + len(loader), desc, progress, initial=start_iter)
     iteration, losses_seen, stopped = start_iter, [], False
     with rng_untouched():
         batches = iter(loader)
