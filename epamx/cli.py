@@ -19,10 +19,6 @@ from epamx.errors import EpamxError
 _OLD_STAGE_NAME = "fused"
 
 
-def _toml_string(text: str) -> str:
-    return json.dumps(text)  # a JSON string is a valid TOML basic string
-
-
 # ---- commands ------------------------------------------------------------------------------------------------------
 
 def _info(args: argparse.Namespace) -> int:
@@ -51,17 +47,19 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _train_overrides(args: argparse.Namespace) -> List[str]:
+    from epamx.config import override
+
     overrides = []
     if args.mode:
         if args.mode == _OLD_STAGE_NAME:
             print("epamx train: --mode fused is now --mode epamnet (the EPAM-Net stage)", file=sys.stderr)
         overrides.append(f"train.mode={'epamnet' if args.mode == _OLD_STAGE_NAME else args.mode}")
     if args.init_from:
-        overrides.append(f"train.init_from=[{', '.join(_toml_string(p) for p in args.init_from)}]")
+        overrides.append(override("train.init_from", list(args.init_from)))
     if args.out:
-        overrides.append(f"train.out_dir={_toml_string(args.out)}")
+        overrides.append(override("train.out_dir", args.out))
     if args.device:
-        overrides.append(f"train.device={_toml_string(args.device)}")
+        overrides.append(override("train.device", args.device))
     if args.epochs is not None:  # every stage's: a config's per-stage epochs would otherwise take precedence
         overrides += [f"train.epochs={args.epochs}", "train.pose_epochs=0", "train.rgb_epochs=0",
                       "train.epamnet_epochs=0"]

@@ -27,7 +27,7 @@ from epamx.data.config import DataConfig, EmbeddedConfig
 from epamx.errors import ConfigError
 
 __all__ = ["Config", "ConfigError", "DataConfig", "EmbeddedConfig", "ModelConfig", "OptimConfig", "TrainConfig", "available_configs", "load_config",
-           "config_from_dict", "parse_override", "to_toml"]
+           "config_from_dict", "override", "parse_override", "to_toml"]
 
 
 @dataclass(frozen=True)
@@ -317,6 +317,12 @@ def load_config(name_or_path: Union[str, os.PathLike] = "embedded", overrides: S
 
 
 # ---- writing ----------------------------------------------------------------------------------------------------
+
+def override(key: str, value: Any) -> str:
+    """The override ``key=value`` with ``value`` written as a TOML literal (strings quoted and escaped), which
+    :func:`parse_override` reads back to ``value``."""
+    return f"{key}={_toml_value(value)}"
+
 
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):

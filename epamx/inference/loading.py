@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from epamx.config import Config, load_config
+from epamx.config import Config, load_config, override
 from epamx.distributed import init_distributed
 from epamx.errors import CheckpointError, CheckpointNotFound
 from epamx.models import build_model, optimize_for_inference, read_checkpoint
@@ -112,14 +112,9 @@ def load(checkpoint: Union[str, os.PathLike] = "runs/embedded", config: Optional
     """A checkpoint or run folder's model, with its run's config (or ``config``) plus ``overrides``, on ``device``
     (default: the config's train.device)."""
     path = resolve_checkpoint(checkpoint)
-    overrides = list(overrides) + ([f"train.device={_toml_string(device)}"] if device else [])
+    overrides = list(overrides) + ([override("train.device", device)] if device else [])
     cfg = config_for_checkpoint(path, config, overrides)
     resolved = init_distributed(cfg.train.device).device
     model, meta = load_model(path, resolved, cfg.model.fused)
     return LoadedModel(path, cfg, resolved, model, meta)
 
-
-def _toml_string(text: str) -> str:
-    import json
-
-    return json.dumps(text)  # a JSON string is a valid TOML basic string

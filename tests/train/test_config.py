@@ -228,3 +228,10 @@ def test_the_stage_s_old_name_is_read_as_an_alias_with_a_warning():
     assert any("train.mode = 'fused' is now 'epamnet'" in m for m in messages), messages
     assert any("optim.fused_lr_per_16 is now optim.epamnet_lr_per_16" in m for m in messages), messages
     assert config.train.mode == "epamnet" and config.optim.epamnet_lr_per_16 == 0.5
+
+
+@pytest.mark.parametrize("value", ["runs/a b", 'quote " and \\ back', "tab\tline\nünï", ["a.pt", "b c.pt"], 3, True])
+def test_override_writes_a_value_parse_override_reads_back(value):
+    from epamx.config import override, parse_override
+
+    assert parse_override(override("train.out_dir", value)) == (("train", "out_dir"), value)
