@@ -82,10 +82,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
+    from epamx.config import override
     from epamx.inference import load
 
-    dtype = getattr(args, "dtype", None)
-    dtype = [f"model.inference_dtype={json.dumps(dtype)}"] if dtype else []
+    dtype = getattr(args, "dtype", None)  # eval and predict take --dtype; render does not
+    dtype = [override("model.inference_dtype", dtype)] if dtype else []
     return load(args.checkpoint, args.config, list(args.overrides) + dtype, args.device)
 
 
