@@ -13,17 +13,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from epamx.nn import TemporalShift, batch_norm_act, conv_act, fused_batch_norm_applies, fused_conv_act_applies
+from epamx.nn.conv_act import as_frames, from_frames
 
 
 def _frame_wise_conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
     """A (1, kh, kw) Conv3d over (N, C, T, H, W) in channels_last_3d memory, computed as a Conv2d over the N*T
     frames: in that memory the frames are already a channels-last (N*T, C, H, W) batch, so no copy is made either
     way, and the weight (O, I, 1, kh, kw) is a channels-last (O, I, kh, kw) view."""
-    n, c, t, h, w = x.shape
-    frames = x.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
-    y = F.conv2d(frames, conv.weight.squeeze(2), conv.bias, conv.stride[1:], conv.padding[1:], conv.dilation[1:],
-                 conv.groups)
-    return y.view(n, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)
+    y = F.conv2d(as_frames(x), conv.weight.squeeze(2), conv.bias, conv.stride[1:], conv.padding[1:],
+                 conv.dilation[1:], conv.groups)
+    return from_frames(y, x.shape[0])
 
 
 class ConvBNAct(nn.Module):

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CONV_ACTIVATIONS", "conv_act", "fused_conv_act_applies"]
+__all__ = ["CONV_ACTIVATIONS", "as_frames", "conv_act", "from_frames", "fused_conv_act_applies"]
 
 CONV_ACTIVATIONS = ("none", "relu", "swish")
 
@@ -25,10 +25,15 @@ def fused_conv_act_applies(conv: nn.Conv3d, x: Tensor) -> bool:
             and torch.backends.mkldnn.is_available())
 
 
-def _frames(x: Tensor) -> Tensor:
+def as_frames(x: Tensor) -> Tensor:
     """(N, C, T, H, W) in channels_last_3d memory as the channels-last (N*T, C, H, W) batch of its frames (a view)."""
     n, c, t, h, w = x.shape
     return x.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
+
+
+def from_frames(y: Tensor, n: int) -> Tensor:
+    """The inverse of :func:`as_frames` for a batch of ``n`` clips: (N*T, C, H, W) -> (N, C, T, H, W) (a view)."""
+    return y.view(n, y.shape[0] // n, *y.shape[1:]).permute(0, 2, 1, 3, 4)
 
 
 def conv_act(conv: nn.Conv3d, x: Tensor, activation: str = "none", add: Optional[Tensor] = None,
@@ -42,11 +47,11 @@ def conv_act(conv: nn.Conv3d, x: Tensor, activation: str = "none", add: Optional
     if add is not None and activation == "swish":  # oneDNN's binary post-op takes ReLU alone after the sum
         raise ValueError("conv_act: after a sum (add=...) the activation must be 'none' or 'relu'")
     weight, stride, padding, dilation = conv.weight, conv.stride, conv.padding, conv.dilation
-    n, t = x.shape[0], x.shape[2]
+    n = x.shape[0]
     if frame_wise:
-        x, weight = _frames(x), weight.squeeze(2)
+        x, weight = as_frames(x), weight.squeeze(2)
         stride, padding, dilation = stride[1:], padding[1:], dilation[1:]
-        add = _frames(add) if add is not None else None
+        add = as_frames(add) if add is not None else None
     if add is None:
         y = torch.ops.mkldnn._convolution_pointwise(x, weight, conv.bias, padding, stride, dilation, conv.groups,
                                                     activation, [], None)
@@ -54,4 +59,4 @@ def conv_act(conv: nn.Conv3d, x: Tensor, activation: str = "none", add: Optional
         y = torch.ops.mkldnn._convolution_pointwise.binary(x, add, weight, conv.bias, padding, stride, dilation,
                                                            conv.groups, "add", None,
                                                            None if activation == "none" else activation, [], None)
-    return y.view(n, t, *y.shape[1:]).permute(0, 2, 1, 3, 4) if frame_wise else y
+    return from_frames(y, n) if frame_wise else y
