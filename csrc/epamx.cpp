@@ -79,6 +79,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
               pybind11::arg("x"), pybind11::arg("grad"), pybind11::arg("scale"), pybind11::arg("shift"),
               pybind11::arg("coef_u"), pybind11::arg("coef_x"), pybind11::arg("coef_1"), pybind11::arg("activation"),
               pybind11::arg("order"));
+  testing.def("batch_norm_act_reduce_plan", &epamx::batch_norm_act_reduce_plan, pybind11::arg("x"));
   testing.def("channel_pool_run_thread_bodies", &epamx::channel_pool_run_thread_bodies, pybind11::arg("x"),
               pybind11::arg("t_stride"), pybind11::arg("grad"), pybind11::arg("order"));
   testing.def("render_heatmaps_run_thread_bodies", &epamx::render_heatmaps_run_thread_bodies,

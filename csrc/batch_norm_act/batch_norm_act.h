@@ -4,6 +4,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
 #include "batch_norm_act/batch_norm_act_math.h"
 #include "common/checks.h"
 
@@ -61,6 +66,47 @@ AffineGeometry<index_t> affine_geometry(const at::Tensor& x, bool channels_last)
   return {static_cast<index_t>(N), static_cast<index_t>(C), static_cast<index_t>(S), channels_last};
 }
 
+// The GPU row reductions' work split (batch_norm_act_math.h, RowReducePlan) for x's geometry g, N * C and S > 0: a
+// function of the shape alone, so that the sums are grouped the same way on every run and every GPU. Pass 1 cuts
+// rows into slices until its blocks reach kRowReduceTargetBlocks (about two waves of 8 resident blocks per SM on
+// an H100's 132 SMs or an A100's 108: enough to keep every SM's loads in flight) while each lane still reads at
+// least kRowReduceMinSteps elements (so the block's lane tree, eight barriers at most, stays small beside its
+// loads). split_rows false: one slice per row (pass 2, over the partial sums).
+constexpr int64_t kRowReduceTargetBlocks = 2048;
+constexpr int64_t kRowReduceMinSteps = 16;
+
+template <typename index_t>
+RowReducePlan<index_t> row_reduce_plan(const AffineGeometry<index_t>& g, bool split_rows) {
+  constexpr int64_t threads = kRowReduceThreads;
+  const int64_t N = g.N, C = g.C, S = g.S;
+  TORCH_INTERNAL_ASSERT(N * C > 0 && S > 0);
+  int64_t items, lanes, channel_tiles = 1, tiles;
+  if (g.channels_last) {
+    // A sample's C channels in as few tiles as the block's threads allow, of near-equal width; the lanes take what
+    // threads are left (C = 54: 4 lanes of 54 channels, 216 threads reading 216 consecutive elements a step).
+    channel_tiles = (C + threads - 1) / threads;
+    items = (C + channel_tiles - 1) / channel_tiles;
+    lanes = threads / items;
+    tiles = N * channel_tiles;
+  } else {
+    // A row's S elements over the whole block, or several short rows per block (S = 49: 5 rows of 49 lanes).
+    lanes = std::min(S, threads);
+    items = threads / lanes;
+    tiles = (N * C + items - 1) / items;
+  }
+  const int64_t steps_total = (S + lanes - 1) / lanes;  // elements per lane over a whole row
+  int64_t splits = 1;
+  if (split_rows) {
+    splits = std::clamp<int64_t>((kRowReduceTargetBlocks + tiles - 1) / tiles, 1,
+                                 std::max<int64_t>(1, steps_total / kRowReduceMinSteps));
+  }
+  const int64_t steps = (steps_total + splits - 1) / splits;
+  splits = (steps_total + steps - 1) / steps;  // no empty slice
+  TORCH_INTERNAL_ASSERT(items * lanes <= threads && splits * steps * lanes >= S && (splits - 1) * steps * lanes < S);
+  const auto i = [](int64_t v) { return static_cast<index_t>(v); };
+  return {i(items), i(lanes), i(g.channels_last ? items : 1), i(channel_tiles), i(tiles), i(steps), i(splits)};
+}
+
 inline void check_affine_input(const at::Tensor& x, const char* op) {
   check_floating(x, op, "x");
   TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must be (N, C, ...) with at least 2 dims, got shape ", x.sizes());
@@ -98,9 +144,14 @@ inline void check_affine_args(const at::Tensor& x, const at::Tensor* grad, const
   check_coefficient(shift, x, op, "shift");
 }
 
-// Test hook, CPU only: runs the CUDA kernels' per-thread bodies in the thread order `order` (a permutation of
-// 0..threads-1). kind 0: moments (N*C threads) -> (sum, sumsq); 1: affine_act (numel threads) -> (out,);
-// 2: backward reduce (N*C) -> (sum_u, sum_ux); 3: backward (numel) -> (dx,).
+// Test hooks, CPU only. batch_norm_act_run_thread_bodies runs the CUDA kernels' bodies, with the index type the
+// CUDA launcher picks for x. kind 1: affine_act -> (out,), and 3: the backward -> (dx,), one thread per element in
+// the order `order` (a permutation of 0..numel-1); kind 0: the moments -> (sum, sumsq), and 2: the backward
+// reduction -> (sum_u, sum_ux), the two passes of row_reduce_kernel, pass 1's blocks in the order `order` (a
+// permutation of 0..tiles*splits-1), each block's threads in descending order. batch_norm_act_reduce_plan: the
+// reductions' RowReducePlan for x, as (items, lanes, channel_tiles, tiles, steps, splits).
+std::vector<int64_t> batch_norm_act_reduce_plan(const at::Tensor& x);
+
 std::vector<at::Tensor> batch_norm_act_run_thread_bodies(int64_t kind, const at::Tensor& x,
                                                          const std::optional<at::Tensor>& grad,
                                                          const std::optional<at::Tensor>& scale,

@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -106,7 +107,69 @@ at::Tensor affine_act_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
   return dx;
 }
 
+// One block of the CUDA row_reduce_kernel: its threads in descending order, then the lane tree level by level, as
+// the kernel's barriers order it; lane 0 of each row writes sum1/sum2[row * splits + block % splits].
+template <typename Terms, typename index_t>
+void row_reduce_block(index_t block, const AffineGeometry<index_t>& g, const RowReducePlan<index_t>& p,
+                      const Terms& terms, double* sum1, double* sum2) {
+  double lane_sum1[kRowReduceThreads], lane_sum2[kRowReduceThreads];
+  index_t row[kRowReduceThreads], lane[kRowReduceThreads];
+  for (index_t t = kRowReduceThreads - 1; t >= 0; --t) {
+    row[t] = row_reduce_thread(block, t, g, p, terms, lane_sum1[t], lane_sum2[t], &lane[t]);
+  }
+  for (index_t half = row_reduce_tree_top(p.lanes); half > 0; half /= 2) {
+    for (index_t t = 0; t < kRowReduceThreads; ++t) {
+      if (row[t] >= 0 && lane[t] < half && lane[t] + half < p.lanes) {
+        lane_sum1[t] += lane_sum1[t + half * p.lane_stride];
+        lane_sum2[t] += lane_sum2[t + half * p.lane_stride];
+      }
+    }
+  }
+  for (index_t t = 0; t < kRowReduceThreads; ++t) {
+    if (row[t] >= 0 && lane[t] == 0) {
+      const index_t slot = row[t] * p.splits + block % p.splits;
+      TORCH_INTERNAL_ASSERT(std::isnan(sum1[slot]), "row sum ", slot, " written twice");
+      sum1[slot] = lane_sum1[t];
+      sum2[slot] = lane_sum2[t];
+    }
+  }
+}
+
+// The CUDA launcher's two passes (batch_norm_act_cuda.cu, row_reduce), pass 1's blocks in the order `order`, into
+// sum1 and sum2 (N * C each). Every output and partial sum starts as NaN: one never written stays NaN, and one
+// written twice fails.
+template <typename Terms, typename index_t>
+void row_reduce_in_order(const AffineGeometry<index_t>& g, const Terms& terms, const int64_t* order, int64_t count,
+                         double* sum1, double* sum2, const char* op) {
+  const RowReducePlan<index_t> plan = row_reduce_plan(g, true);
+  const int64_t rows = static_cast<int64_t>(g.N) * g.C, blocks = static_cast<int64_t>(plan.tiles) * plan.splits;
+  TORCH_CHECK_VALUE(count == blocks, op, ": order must list all ", blocks, " blocks of the reduction's first pass, got ",
+                    count);
+  std::vector<double> partial(plan.splits == 1 ? 0 : 2 * rows * plan.splits, std::nan(""));
+  double* part1 = plan.splits == 1 ? sum1 : partial.data();
+  double* part2 = plan.splits == 1 ? sum2 : partial.data() + rows * plan.splits;
+  for (int64_t j = 0; j < count; ++j) {
+    TORCH_CHECK_VALUE(order[j] >= 0 && order[j] < blocks, op, ": block index ", order[j], " out of range");
+    row_reduce_block(static_cast<index_t>(order[j]), g, plan, terms, part1, part2);
+  }
+  if (plan.splits == 1) return;
+  const AffineGeometry<index_t> rows_g{index_t(1), static_cast<index_t>(rows), plan.splits, false};
+  const RowReducePlan<index_t> rows_plan = row_reduce_plan(rows_g, false);
+  for (index_t b = rows_plan.tiles * rows_plan.splits - 1; b >= 0; --b) {
+    row_reduce_block(b, rows_g, rows_plan, PartialTerms{part1, part2}, sum1, sum2);
+  }
+}
+
 }  // namespace
+
+std::vector<int64_t> batch_norm_act_reduce_plan(const at::Tensor& x_in) {
+  constexpr const char* op = "batch_norm_act_reduce_plan";
+  check_affine_input(x_in, op);
+  TORCH_CHECK_VALUE(x_in.numel() > 0, op, ": x must not be empty");
+  const at::Tensor x = affine_input(x_in);
+  const auto p = row_reduce_plan(affine_geometry<int64_t>(x, affine_channels_last(x)), true);
+  return {p.items, p.lanes, p.channel_tiles, p.tiles, p.steps, p.splits};
+}
 
 std::vector<at::Tensor> batch_norm_act_run_thread_bodies(int64_t kind, const at::Tensor& x_in,
                                                          const std::optional<at::Tensor>& grad_in,
@@ -119,26 +182,26 @@ std::vector<at::Tensor> batch_norm_act_run_thread_bodies(int64_t kind, const at:
   constexpr const char* op = "batch_norm_act_run_thread_bodies";
   check_affine_input(x_in, op);
   check_device_type(x_in, c10::DeviceType::CPU, op, "x");
+  check_device_type(order_in, c10::DeviceType::CPU, op, "order");
   check_activation(act, op);
   TORCH_CHECK_VALUE(kind >= 0 && kind <= 3, op, ": kind must be 0..3, got ", kind);
+  TORCH_CHECK_VALUE(x_in.numel() > 0, op, ": x must not be empty");
   if (grad_in) check_affine_grad(*grad_in, x_in, op);  // before grad is put in x's layout
+  TORCH_CHECK_VALUE(kind < 2 || grad_in.has_value(), op, ": kind ", kind, " needs grad");
   const AffineOperands in = affine_operands(x_in, grad_in ? &*grad_in : nullptr, {}, {});
   const at::Tensor &x = in.x, &grad = in.grad;
-  const auto g = affine_geometry<int64_t>(x, in.channels_last);
   const bool per_row = kind == 0 || kind == 2;
-  const int64_t threads = per_row ? g.N * g.C : x.numel();
   const at::Tensor order = order_in.to(at::kLong).contiguous();
-  TORCH_CHECK_VALUE(order.numel() == threads, op, ": order must list all ", threads, " thread indices, got ",
-                    order.numel());
-  TORCH_CHECK_VALUE(kind < 2 || grad_in.has_value(), op, ": kind ", kind, " needs grad");
+  const int64_t* idx = order.const_data_ptr<int64_t>();
   std::vector<at::Tensor> out;
   if (per_row) {
-    const auto [sum1, sum2] = row_sum_outputs(x);
-    out = {sum1, sum2};
+    const auto options = x.options().dtype(at::kDouble);
+    out = {at::full({x.size(0), x.size(1)}, std::nan(""), options), at::full({x.size(0), x.size(1)}, std::nan(""), options)};
   } else {
+    TORCH_CHECK_VALUE(order.numel() == x.numel(), op, ": order must list all ", x.numel(), " thread indices, got ",
+                      order.numel());
     out = {at::empty(x.sizes(), in.output_options())};
   }
-  const int64_t* idx = order.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto coef = [&](const std::optional<at::Tensor>& t, const char* name) -> const acc_t* {
@@ -149,26 +212,35 @@ std::vector<at::Tensor> batch_norm_act_run_thread_bodies(int64_t kind, const at:
     };
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     dispatch_activation(act, [&]<Activation A>() {
-      for (int64_t j = 0; j < threads; ++j) {
-        const int64_t i = idx[j];
-        TORCH_CHECK_VALUE(i >= 0 && i < threads, op, ": thread index ", i, " out of range");
+      // The index type the CUDA launcher picks for these tensors, so that the bodies the GPU runs are the ones tested.
+      dispatch_index_type({&x, &grad}, [&]<typename index_t>() {
+        const auto g = affine_geometry<index_t>(x, in.channels_last);
         if (kind == 0) {
-          moments_thread<scalar_t, int64_t>(i, g, xp, out[0].mutable_data_ptr<double>(),
-                                            out[1].mutable_data_ptr<double>());
-        } else if (kind == 1) {
-          affine_act_thread<A, scalar_t, acc_t, int64_t>(i, g, xp, coef(scale, "scale"), coef(shift, "shift"),
-                                                         out[0].mutable_data_ptr<scalar_t>());
-        } else if (kind == 2) {
-          backward_reduce_thread<A, scalar_t, acc_t, int64_t>(
-              i, g, grad.const_data_ptr<scalar_t>(), xp, coef(scale, "scale"), coef(shift, "shift"),
-              out[0].mutable_data_ptr<double>(), out[1].mutable_data_ptr<double>());
-        } else {
-          backward_thread<A, scalar_t, acc_t, int64_t>(i, g, grad.const_data_ptr<scalar_t>(), xp, coef(scale, "scale"),
-                                                       coef(shift, "shift"), coef(coef_u, "coef_u"),
-                                                       coef(coef_x, "coef_x"), coef(coef_1, "coef_1"),
-                                                       out[0].mutable_data_ptr<scalar_t>());
+          row_reduce_in_order(g, MomentTerms<scalar_t>{xp}, idx, order.numel(), out[0].mutable_data_ptr<double>(),
+                              out[1].mutable_data_ptr<double>(), op);
+          return;
         }
-      }
+        if (kind == 2) {
+          const ActGradTerms<A, scalar_t, acc_t> terms{grad.const_data_ptr<scalar_t>(), xp, coef(scale, "scale"),
+                                                       coef(shift, "shift")};
+          row_reduce_in_order(g, terms, idx, order.numel(), out[0].mutable_data_ptr<double>(),
+                              out[1].mutable_data_ptr<double>(), op);
+          return;
+        }
+        for (int64_t j = 0; j < order.numel(); ++j) {
+          const int64_t i = idx[j];
+          TORCH_CHECK_VALUE(i >= 0 && i < x.numel(), op, ": thread index ", i, " out of range");
+          if (kind == 1) {
+            affine_act_thread<A, scalar_t, acc_t, index_t>(static_cast<index_t>(i), g, xp, coef(scale, "scale"),
+                                                           coef(shift, "shift"), out[0].mutable_data_ptr<scalar_t>());
+          } else {
+            backward_thread<A, scalar_t, acc_t, index_t>(
+                static_cast<index_t>(i), g, grad.const_data_ptr<scalar_t>(), xp, coef(scale, "scale"),
+                coef(shift, "shift"), coef(coef_u, "coef_u"), coef(coef_x, "coef_x"), coef(coef_1, "coef_1"),
+                out[0].mutable_data_ptr<scalar_t>());
+          }
+        }
+      });
     });
   });
   return out;

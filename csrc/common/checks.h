@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <utility>
@@ -76,6 +77,19 @@ inline bool fits_int32(const at::Tensor& x) {
   for (int64_t d = 0; d < x.dim(); ++d) max_offset += (x.size(d) - 1) * x.stride(d);
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
   return x.numel() < kMax && max_offset < kMax;
+}
+
+// Runs body.template operator()<index_t>() with the index type a kernel over `tensors` (offsets and element counts)
+// needs: int32 where every one fits it (fits_int32), else int64.
+template <typename F>
+void dispatch_index_type(std::initializer_list<const at::Tensor*> tensors, F&& body) {
+  bool narrow = true;
+  for (const at::Tensor* t : tensors) narrow = narrow && (!t->defined() || fits_int32(*t));
+  if (narrow) {
+    body.template operator()<int32_t>();
+  } else {
+    body.template operator()<int64_t>();
+  }
 }
 
 // For kernels that index with int32 only.

@@ -235,32 +235,102 @@ def test_compile_fullgraph(device):
     torch.testing.assert_close(compiled(x, scale, shift), affine_act(x, scale, shift, "silu") * 2)
 
 
+# Shapes for the CUDA kernels' bodies: rows shorter than a block (several per block in (N, C, S) memory), rows cut
+# into slices whose partial sums a second pass adds, C > 256 (two channel tiles of 150 per sample in (N, S, C)
+# memory, the last row tile partial), two elements per row.
+THREAD_BODY_SHAPES = [(2, 5, 3, 4, 3), (2, 3, 8, 32, 32), (1, 300, 2, 3, 5), (3, 17, 2, 1, 1)]
+
+
+@pytest.mark.parametrize("shape", THREAD_BODY_SHAPES, ids=_id)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
 @pytest.mark.parametrize("act", ACTS)
-def test_cuda_thread_bodies_in_any_order_match_the_cpu_kernels(act, layout):
-    shape = (2, 5, 3, 4, 3)
+def test_cuda_thread_bodies_in_any_order_match_the_cpu_kernels(act, layout, shape):
     x = make(shape, torch.float32, layout=layout)
     grad = make(shape, torch.float32, seed=2, layout=layout)
     scale, shift = coefficients(shape, torch.float32, "cpu")
     cx, c1 = coefficients(shape, torch.float32, "cpu", seed=4)
     code = ACTIVATIONS[act]
     g = torch.Generator().manual_seed(0)
-    rows, elements = 10, x.numel()
+    *_, tiles, _, splits = _C._testing.batch_norm_act_reduce_plan(x)
+    blocks, elements = tiles * splits, x.numel()  # the reductions' first pass runs blocks, the rest elements
     cases = [
-        (0, rows, None, torch.ops.epamx._channel_moments(x)),
+        (0, blocks, None, torch.ops.epamx._channel_moments(x)),
         (1, elements, None, (torch.ops.epamx.affine_act(x, scale, shift, code),)),
-        (2, rows, grad, torch.ops.epamx._affine_act_backward_reduce(grad, x, scale, shift, code)),
+        (2, blocks, grad, torch.ops.epamx._affine_act_backward_reduce(grad, x, scale, shift, code)),
         (3, elements, grad, (torch.ops.epamx._affine_act_backward(grad, x, scale, shift, scale, cx, c1, code),)),
     ]
     for kind, threads, gr, expected in cases:
-        order = torch.randperm(threads, generator=g)
-        got = _C._testing.batch_norm_act_run_thread_bodies(kind, x, gr, scale, shift, scale, cx, c1, code, order)
-        for a, b in zip(got, expected):
-            # the CPU kernels sum a row in blocks, the thread bodies in one run: float64 sums agree to rounding;
-            # the vectorised kernels may fuse multiply-adds (as nvcc does), so what they compute in float32 (the
-            # outputs, and the u the backward reduction sums) agrees to a few ulp
-            tol = 1e-12 if kind == 0 else 1e-6
-            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        for order in [torch.randperm(threads, generator=g), torch.arange(threads).flip(0)]:
+            got = _C._testing.batch_norm_act_run_thread_bodies(kind, x, gr, scale, shift, scale, cx, c1, code, order)
+            for a, b in zip(got, expected):
+                # the CPU kernels sum a row in blocks, the thread bodies in slices and lane trees: float64 sums agree
+                # to rounding; the vectorised kernels may fuse multiply-adds (as nvcc does), so what they compute in
+                # float32 (the outputs, and the u the backward reduction sums) agrees to a few ulp
+                tol = 1e-12 if kind == 0 else 1e-6
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+                assert a.stride() == b.stride()
+        if kind in (0, 2):  # the same blocks in another order: the same sums, bit for bit
+            again = _C._testing.batch_norm_act_run_thread_bodies(kind, x, gr, scale, shift, scale, cx, c1, code,
+                                                                  torch.arange(threads))
+            for a, b in zip(again, got):
+                assert torch.equal(a, b)
+
+
+def test_thread_body_hook_checks_its_order():
+    x = make((2, 5, 3, 4, 3), torch.float32)
+    scale, shift = coefficients(x.shape, torch.float32, "cpu")
+    hook = _C._testing.batch_norm_act_run_thread_bodies
+    with pytest.raises(ValueError, match="order must list all 2 blocks"):
+        hook(0, x, None, None, None, None, None, None, 0, torch.arange(10))
+    with pytest.raises(ValueError, match="block index 2 out of range"):
+        hook(0, x, None, None, None, None, None, None, 0, torch.arange(2) + 1)
+    with pytest.raises(ValueError, match="order must list all 360 thread indices"):
+        hook(1, x, None, scale, shift, None, None, None, 0, torch.arange(10))
+
+
+def _meta(shape, layout):
+    x = torch.empty(shape, device="meta")
+    return x.contiguous(memory_format=torch.channels_last_3d) if layout == "channels_last_3d" else x
+
+
+def _plan(shape, layout):
+    return dict(zip(["items", "lanes", "channel_tiles", "tiles", "steps", "splits"],
+                    _C._testing.batch_norm_act_reduce_plan(_meta(shape, layout))))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+@pytest.mark.parametrize("shape", [(4, 54, 16, 56, 56), (4, 108, 48, 14, 14), (4, 432, 16, 7, 7), (16, 432, 4, 2, 2),
+                                   (2, 5, 3, 4, 3), (1, 300, 2, 3, 5), (3, 1, 1, 1, 1), (1, 1, 1, 1, 100003),
+                                   (5, 257, 1, 1, 1)], ids=_id)
+def test_reduce_plan_covers_every_row_once(shape, layout):
+    # The CUDA reductions' work split: whole blocks' worth of threads, every element of every row in exactly one
+    # slice, and the blocks of one pass bounded (the grid-stride loop takes any remainder).
+    n, c = shape[:2]
+    s = torch.Size(shape[2:]).numel()
+    p = _plan(shape, layout)
+    assert p["items"] * p["lanes"] <= 256 and p["items"] >= 1 and p["lanes"] >= 1
+    assert (p["splits"] - 1) * p["steps"] * p["lanes"] < s <= p["splits"] * p["steps"] * p["lanes"]
+    if not _meta(shape, layout).is_contiguous():  # read as (N, S, C); a tensor both ways counts as contiguous
+        assert p["channel_tiles"] * p["items"] >= c > (p["channel_tiles"] - 1) * p["items"]
+        assert p["tiles"] == n * p["channel_tiles"]
+    else:
+        assert p["tiles"] * p["items"] >= n * c > (p["tiles"] - 1) * p["items"]
+        assert p["lanes"] == min(s, 256)
+    assert p["splits"] == 1 or p["steps"] >= 16
+    assert p["tiles"] * p["splits"] <= max(p["tiles"], 2048 + p["tiles"])
+
+
+def test_reduce_plan_at_epamnet_shapes():
+    # The launch configurations batch_norm_act_cuda.cu's comment describes: EPAM-Net's first RGB stage, 216 rows of
+    # 50176 elements, split over 2160 (contiguous) and 2008 (channels_last_3d) blocks instead of 216 threads.
+    assert _plan((4, 54, 16, 56, 56), "contiguous") == dict(items=1, lanes=256, channel_tiles=1, tiles=216, steps=20,
+                                                            splits=10)
+    assert _plan((4, 54, 16, 56, 56), "channels_last_3d") == dict(items=54, lanes=4, channel_tiles=1, tiles=4,
+                                                                  steps=25, splits=502)
+    assert _plan((4, 432, 16, 7, 7), "channels_last_3d") == dict(items=216, lanes=1, channel_tiles=2, tiles=8,
+                                                                 steps=16, splits=49)
+    # Short rows share a block: 49 lanes each, 5 rows a block.
+    assert _plan((4, 432, 1, 7, 7), "contiguous")["items"] == 5
 
 
 def test_empty_inputs(device):
