@@ -45,7 +45,9 @@ ReweightGeometry<index_t> reweight_geometry(const at::Tensor& x) {
 }
 
 // Test hook, CPU only: runs the CUDA backward kernels' per-thread bodies with `groups` channel groups, the first
-// step's threads in `order1` and the second step's (one per frame) in `order2`. Returns (dx, dS, dA).
+// step's threads in `order1` and the second step's (one per frame) in `order2`. Returns (dx, dS, dA). A
+// channels_last_3d x takes the NTHWC kernels' bodies: one group, order1 then lists the positions' teams, each team's
+// lanes run in descending order and are added by team_butterfly, and dx is channels_last_3d.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_run_thread_bodies(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& spatial, const at::Tensor& temporal,
     int64_t groups, const at::Tensor& order1, const at::Tensor& order2);

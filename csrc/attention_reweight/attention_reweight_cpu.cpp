@@ -10,6 +10,7 @@
 #include "attention_reweight/attention_reweight.h"
 #include "attention_reweight/attention_reweight_cpu_kernel.h"
 #include "common/cpu_memory.h"
+#include "common/teams.h"
 
 namespace epamx {
 namespace {
@@ -84,14 +85,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_run_t
   check_device_type(x_in, c10::DeviceType::CPU, op, "x");
   check_device_type(order1, c10::DeviceType::CPU, op, "order1");
   check_device_type(order2, c10::DeviceType::CPU, op, "order2");
-  const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous(), s = spatial_in.contiguous(),
+  // x and grad in x's memory format, as the CUDA launcher reads them.
+  const at::MemoryFormat format = x_in.suggest_memory_format();
+  const bool channels_last = format == at::MemoryFormat::ChannelsLast3d;
+  const at::Tensor grad = grad_in.contiguous(format), x = x_in.contiguous(format), s = spatial_in.contiguous(),
                    a = temporal_in.contiguous();
   const int64_t C = x.size(1), frames = x.size(0) * x.size(2), P = x.size(3) * x.size(4);
   TORCH_CHECK_VALUE(groups >= 1 && groups <= std::max<int64_t>(C, 1), op, ": groups must be in [1, C], got ", groups);
+  TORCH_CHECK_VALUE(!channels_last || groups == 1, op,
+                    ": a channels_last_3d x takes one group (a team of lanes per position), got ", groups);
   const int64_t positions = frames * P;
   TORCH_CHECK_VALUE(order1.numel() == groups * positions && order2.numel() == frames, op,
                     ": order1 must list ", groups * positions, " threads and order2 ", frames);
-  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(format));
   at::Tensor ds = at::empty(s.sizes(), s.options());
   at::Tensor da = at::empty(a.sizes(), a.options());
   const at::Tensor o1 = order1.to(at::kLong).contiguous(), o2 = order2.to(at::kLong).contiguous();
@@ -106,6 +112,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_run_t
       for (int64_t k = 0; k < o1.numel(); ++k) {
         const int64_t i = o1.const_data_ptr<int64_t>()[k];
         TORCH_CHECK_VALUE(i >= 0 && i < groups * positions, op, ": order1 index ", i, " out of range");
+        if (channels_last) {  // the team of position i: its lanes in descending order, then their butterfly
+          const int width = team_width(C);
+          acc_t lane_sums[kWarpLanes];
+          for (int lane = width - 1; lane >= 0; --lane) {
+            lane_sums[lane] = reweight_backward_lane_cl<scalar_t, acc_t, index_t>(
+                static_cast<index_t>(i), static_cast<index_t>(lane), static_cast<index_t>(width), g, gp, xp, sp, ap,
+                dx.mutable_data_ptr<scalar_t>());
+          }
+          team_butterfly(lane_sums, width, [](acc_t u, acc_t v) { return u + v; });
+          partial[i] = lane_sums[0];
+          continue;
+        }
         reweight_backward_thread<scalar_t, acc_t, index_t>(static_cast<index_t>(i), static_cast<index_t>(groups), g,
                                                            gp, xp, sp, ap, dx.mutable_data_ptr<scalar_t>(),
                                                            partial.data());

@@ -1,4 +1,13 @@
-// Attention reweighting, CUDA kernels: thin __global__ launchers around attention_reweight_math.h.
+// Attention reweighting, CUDA kernels: thin __global__ launchers around attention_reweight_math.h. x is read, and out
+// and dx written, in x's memory format (NCTHW or NTHWC, as x.suggest_memory_format() names it, as on the CPU):
+//   forward: one thread per element in memory order, grid-stride, cuda::kThreadsPerBlock threads a block;
+//   backward, NCTHW: per channel group and position a thread (reweight_backward_kernel), then a block per frame
+//     (reweight_backward_finish_kernel, kFinishThreads = 256 threads, a block_sum for dA);
+//   backward, NTHWC: per position a team of team_width(C) lanes (reweight_backward_cl_kernel: blocks of
+//     cuda::kTeamThreads = 256, 8 positions of 32 lanes at C >= 32), whose butterfly of shuffles adds the
+//     position's sum of g*x, then the same per-frame blocks with one group. EPAM-Net, x (12, 432, 16, 7, 7): 9408
+//     positions of 32 lanes, 13 or 14 channels each: 1176 blocks.
+// No atomics: every sum is taken in an order fixed by the shape.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,7 +18,7 @@
 
 #include "attention_reweight/attention_reweight.h"
 #include "common/cuda_utils.cuh"
-#include "common/memory_format.h"
+#include "common/teams.h"
 
 namespace epamx {
 namespace {
@@ -18,11 +27,17 @@ namespace {
 // positions times the groups reach this (EPAM-Net's 12 x 16 x 7 x 7 positions alone would leave a GPU idle).
 constexpr int64_t kTargetThreads = 1 << 17;
 
-template <typename scalar_t, typename acc_t, typename index_t>
+template <bool channels_last, typename scalar_t, typename acc_t, typename index_t>
 __global__ void reweight_forward_kernel(ReweightGeometry<index_t> g, const scalar_t* __restrict__ x,
                                         const scalar_t* __restrict__ s, const scalar_t* __restrict__ a,
                                         scalar_t* __restrict__ out, index_t numel) {
-  EPAMX_GRID_STRIDE_LOOP(index_t, i, numel) { reweight_forward_thread<scalar_t, acc_t, index_t>(i, g, x, s, a, out); }
+  EPAMX_GRID_STRIDE_LOOP(index_t, i, numel) {
+    if constexpr (channels_last) {
+      reweight_forward_thread_cl<scalar_t, acc_t, index_t>(i, g, x, s, a, out);
+    } else {
+      reweight_forward_thread<scalar_t, acc_t, index_t>(i, g, x, s, a, out);
+    }
+  }
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
@@ -32,6 +47,28 @@ __global__ void reweight_backward_kernel(ReweightGeometry<index_t> g, index_t gr
                                          acc_t* __restrict__ partial, index_t threads) {
   EPAMX_GRID_STRIDE_LOOP(index_t, i, threads) {
     reweight_backward_thread<scalar_t, acc_t, index_t>(i, groups, g, grad, x, s, a, dx, partial);
+  }
+}
+
+// Backward, first step in NTHWC memory: a team of `width` lanes per position (EPAMX_TEAM_LOOP), each lane writing
+// dx for its channels; the team's butterfly adds the lanes' sums of g*x, and lane 0 writes partial[position].
+// Launched with exactly cuda::kTeamThreads threads a block (whole warps: the shuffles name all 32 lanes).
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(cuda::kTeamThreads)
+    reweight_backward_cl_kernel(ReweightGeometry<index_t> g, int width, const scalar_t* __restrict__ grad,
+                                const scalar_t* __restrict__ x, const scalar_t* __restrict__ s,
+                                const scalar_t* __restrict__ a, scalar_t* __restrict__ dx,
+                                acc_t* __restrict__ partial) {
+  CUDA_KERNEL_ASSERT(blockDim.x == cuda::kTeamThreads && blockDim.y == 1 && blockDim.z == 1);
+  const int64_t positions = static_cast<int64_t>(g.N) * g.T * g.P;
+  EPAMX_TEAM_LOOP(position, lane, positions, width) {
+    const bool active = position < positions;  // else a padding lane: it shuffles, and touches no memory
+    acc_t sum = active ? reweight_backward_lane_cl<scalar_t, acc_t, index_t>(
+                             static_cast<index_t>(position), static_cast<index_t>(lane), static_cast<index_t>(width), g,
+                             grad, x, s, a, dx)
+                       : acc_t(0);
+    for (int offset = width / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (active && lane == 0) partial[position] = sum;
   }
 }
 
@@ -89,22 +126,32 @@ at::Tensor attention_reweight_cuda(const at::Tensor& x_in, const at::Tensor& spa
   constexpr const char* op = "attention_reweight";
   check_reweight_args(x_in, spatial_in, temporal_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::MemoryFormat format = x_in.suggest_memory_format();  // the result's, as on the CPU
-  const at::Tensor x = x_in.contiguous(), s = spatial_in.contiguous(), a = temporal_in.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  if (x.numel() == 0) return in_memory_format(out, format);
+  // x is read and out written in x's memory format, NCTHW or NTHWC; other strides are copied into the format x
+  // suggests (as on the CPU).
+  const at::MemoryFormat format = x_in.suggest_memory_format();
+  const bool channels_last = format == at::MemoryFormat::ChannelsLast3d;
+  const at::Tensor x = x_in.contiguous(format), s = spatial_in.contiguous(), a = temporal_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(format));
+  if (x.numel() == 0) return out;
   check_int32_indexing(x, op, "x");
   const auto g = reweight_geometry<int32_t>(x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto numel = static_cast<int32_t>(x.numel());
-    reweight_forward_kernel<scalar_t, acc_t, int32_t><<<cuda::blocks_for(numel), cuda::kThreadsPerBlock, 0, stream>>>(
-        g, x.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), numel);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto launch = [&](auto kernel) {
+      kernel<<<cuda::blocks_for(numel), cuda::kThreadsPerBlock, 0, stream>>>(
+          g, x.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), numel);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (channels_last) {
+      launch(reweight_forward_kernel<true, scalar_t, acc_t, int32_t>);
+    } else {
+      launch(reweight_forward_kernel<false, scalar_t, acc_t, int32_t>);
+    }
   });
-  return in_memory_format(out, format);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_cuda(const at::Tensor& grad_in,
@@ -115,28 +162,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_cuda(
   check_reweight_args(x_in, spatial_in, temporal_in, op);
   check_reweight_grad(grad_in, x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::MemoryFormat format = x_in.suggest_memory_format();  // the result's, as on the CPU
-  const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous(), s = spatial_in.contiguous(),
+  const at::MemoryFormat format = x_in.suggest_memory_format();  // grad is read and dx written in x's format
+  const bool channels_last = format == at::MemoryFormat::ChannelsLast3d;
+  const at::Tensor grad = grad_in.contiguous(format), x = x_in.contiguous(format), s = spatial_in.contiguous(),
                    a = temporal_in.contiguous();
-  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(format));
   at::Tensor ds = at::empty(s.sizes(), s.options());
   at::Tensor da = at::empty(a.sizes(), a.options());
   // Sums over no channels or no pixels are zero (dA is not empty when only H*W is).
-  if (x.numel() == 0) return {in_memory_format(dx, format), ds.zero_(), da.zero_()};
+  if (x.numel() == 0) return {dx, ds.zero_(), da.zero_()};
   const int64_t positions = x.size(0) * x.size(2) * x.size(3) * x.size(4);
-  const int64_t groups = std::clamp<int64_t>((kTargetThreads + positions - 1) / positions, 1, x.size(1));
+  // NCTHW: channel groups, so that groups * positions threads are in flight; NTHWC: one group, a team per position.
+  const int64_t groups =
+      channels_last ? 1 : std::clamp<int64_t>((kTargetThreads + positions - 1) / positions, 1, x.size(1));
   check_int32_indexing(x, op, "x");  // groups * positions <= C * positions = x.numel()
   const auto g = reweight_geometry<int32_t>(x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor partial = at::empty({groups * positions}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    const auto threads = static_cast<int32_t>(groups * positions);
-    reweight_backward_kernel<scalar_t, acc_t, int32_t>
-        <<<cuda::blocks_for(threads), cuda::kThreadsPerBlock, 0, stream>>>(
-            g, static_cast<int32_t>(groups), grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-            s.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
-            partial.mutable_data_ptr<acc_t>(), threads);
+    if (channels_last) {
+      const int width = team_width(x.size(1));
+      reweight_backward_cl_kernel<scalar_t, acc_t, int32_t>
+          <<<cuda::blocks_for(cuda::team_threads(positions, width), cuda::kTeamThreads), cuda::kTeamThreads, 0,
+             stream>>>(g, width, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                       s.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+                       partial.mutable_data_ptr<acc_t>());
+    } else {
+      const auto threads = static_cast<int32_t>(groups * positions);
+      reweight_backward_kernel<scalar_t, acc_t, int32_t>
+          <<<cuda::blocks_for(threads), cuda::kThreadsPerBlock, 0, stream>>>(
+              g, static_cast<int32_t>(groups), grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+              s.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+              partial.mutable_data_ptr<acc_t>(), threads);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     reweight_backward_finish_kernel<kFinishThreads, scalar_t, acc_t, int32_t>
         <<<cuda::blocks_for(int64_t(g.N) * g.T, 1), kFinishThreads, 0, stream>>>(
@@ -144,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reweight_backward_cuda(
             a.const_data_ptr<scalar_t>(), ds.mutable_data_ptr<scalar_t>(), da.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {in_memory_format(dx, format), ds, da};
+  return {dx, ds, da};
 }
 
 }  // namespace

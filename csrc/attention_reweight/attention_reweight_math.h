@@ -1,8 +1,8 @@
 #pragma once
 // Attention reweighting of EPAM-Net's RGB features by the pose-driven maps, the math shared by CPU and CUDA.
 //
-//   out = x * (1 + S * A)        x (N, C, T, P), S (N, T, P), A (N, T); P = H*W, all contiguous (as the GPU
-//                                kernels and the thread-body hook index them; the CPU kernels also read NTHWC)
+//   out = x * (1 + S * A)        x (N, C, T, P), S (N, T, P), A (N, T); P = H*W, S and A contiguous, x (and
+//                                g, out, dx) NCTHW or, at the end of this file, NTHWC (channels_last_3d)
 //   dx = g * (1 + S * A),   dS = A * sum_c g * x,   dA = sum_{c, p} g * x * S
 //
 // Everything is computed in acc_t (float for half/bfloat16 inputs). The formulas below are templates in the value
@@ -131,6 +131,42 @@ HOST_DEVICE_INLINE void reweight_backward_finish_frame(index_t frame, index_t gr
                                                                          s, av, ds);
   }
   da[frame] = static_cast<scalar_t>(total);
+}
+
+// ---- channels_last_3d (NTHWC) memory, on the GPU ------------------------------------------------------------------
+// x, out, grad and dx are then (N, T, P, C): element i is channel i % C at position i / C = frame * P + p, whose S is
+// s[i / C] (S stays dense (N, T, P)). The forward pass is elementwise; the backward pass's first step gives each
+// position a team of lanes (common/teams.h) that reads its channels in consecutive addresses, writes their dx and
+// adds their g*x, and one lane writes the team's sum as the position's partial sum, the second step then as above
+// with one group (reweight_backward_finish_frame).
+
+// One GPU thread of the forward kernel in NTHWC memory: element i.
+template <typename scalar_t, typename acc_t, typename index_t>
+HOST_DEVICE_INLINE void reweight_forward_thread_cl(index_t i, const ReweightGeometry<index_t>& g, const scalar_t* x,
+                                                   const scalar_t* s, const scalar_t* a, scalar_t* out) {
+  const index_t position = i / g.C;
+  const acc_t factor = reweight_factor(static_cast<acc_t>(s[position]), static_cast<acc_t>(a[position / g.P]));
+  out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * factor);
+}
+
+// Backward, first step, in NTHWC memory: lane `lane` of the `width` lanes at `position` (= frame * P + p) takes the
+// channels lane, lane + width, ... below C. Writes their dx and returns their sum of g*x (0 for a lane past C).
+template <typename scalar_t, typename acc_t, typename index_t>
+HOST_DEVICE_INLINE acc_t reweight_backward_lane_cl(index_t position, index_t lane, index_t width,
+                                                   const ReweightGeometry<index_t>& g, const scalar_t* grad,
+                                                   const scalar_t* x, const scalar_t* s, const scalar_t* a,
+                                                   scalar_t* dx) {
+  acc_t sum = 0;
+  if (lane >= g.C) return sum;
+  const acc_t factor = reweight_factor(static_cast<acc_t>(s[position]), static_cast<acc_t>(a[position / g.P]));
+  const index_t first = position * g.C + lane, count = (g.C - 1 - lane) / width + 1;  // c = lane + k * width < C
+  for (index_t k = 0; k < count; ++k) {
+    const index_t i = first + k * width;
+    const acc_t gv = static_cast<acc_t>(grad[i]);
+    dx[i] = static_cast<scalar_t>(gv * factor);
+    sum += gv * static_cast<acc_t>(x[i]);
+  }
+  return sum;
 }
 
 }  // namespace epamx

@@ -48,7 +48,9 @@ inline void check_pool_grad(const at::Tensor& grad, const at::Tensor& x, int64_t
 }
 
 // Test hook, CPU only: runs the CUDA kernel's per-thread bodies (forward, or backward with `grad`) for the
-// thread indices in `order`, any order.
+// thread indices in `order`, any order: one per output (forward) or input (backward) position. For a
+// channels_last_3d x, the NTHWC kernels' bodies: position i's team, its lanes in descending order combined by
+// team_butterfly; the result is then channels_last_3d too.
 at::Tensor channel_pool_run_thread_bodies(const at::Tensor& x, int64_t t_stride, const std::optional<at::Tensor>& grad,
                                           const at::Tensor& order);
 

@@ -6,10 +6,12 @@
 
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #include "channel_pool/channel_pool.h"
 #include "channel_pool/channel_pool_cpu_kernel.h"
 #include "common/cpu_memory.h"
+#include "common/teams.h"
 
 namespace epamx {
 namespace {
@@ -103,31 +105,58 @@ at::Tensor channel_pool_run_thread_bodies(const at::Tensor& x_in, int64_t t_stri
   check_device_type(x_in, c10::DeviceType::CPU, op, "x");
   check_device_type(order, c10::DeviceType::CPU, op, "order");
   if (grad) check_pool_grad(*grad, x_in, t_stride, op);
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor out = grad ? at::empty(x.sizes(), x.options()) : at::empty(pool_output_shape(x, t_stride), x.options());
-  const at::Tensor pooled = grad ? *grad : out;  // the (N, 2, T', H, W) tensor the kernel also indexes
+  // x, grad and the result in x's memory format, as the CUDA launchers read and write them.
+  const at::MemoryFormat format = x_in.suggest_memory_format();
+  const bool channels_last = format == at::MemoryFormat::ChannelsLast3d;
+  const at::Tensor x = x_in.contiguous(format);
+  const auto options = x.options().memory_format(format);
+  at::Tensor out = grad ? at::empty(x.sizes(), options) : at::empty(pool_output_shape(x, t_stride), options);
+  const at::Tensor gr = grad ? grad->contiguous(format) : at::Tensor();
+  const at::Tensor pooled = grad ? gr : out;  // the (N, 2, T', H, W) tensor the kernel also indexes
   const int64_t threads = pooled.size(0) * (grad ? x.size(2) : pooled.size(2)) * x.size(3) * x.size(4);
   TORCH_CHECK_VALUE(order.numel() == threads, op, ": order must list all ", threads, " thread indices, got ",
                     order.numel());
   const at::Tensor o = order.to(at::kLong).contiguous();
-  const at::Tensor gr = grad ? grad->contiguous() : at::Tensor();
   // The index type the CUDA launcher would pick for these tensors, so the int32 bodies the GPU runs are tested.
   const auto run = [&]<typename index_t>() {
     const auto g = pool_geometry<index_t>(x, t_stride);
+    const auto width = static_cast<index_t>(team_width(g.C));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
       for (int64_t k = 0; k < threads; ++k) {
         const int64_t i = o.const_data_ptr<int64_t>()[k];
         TORCH_CHECK_VALUE(i >= 0 && i < threads, op, ": thread index ", i, " out of range");
-        if (grad) {
-          channel_pool_backward_thread<scalar_t, acc_t, index_t>(static_cast<index_t>(i), g,
-                                                                 gr.const_data_ptr<scalar_t>(),
-                                                                 x.const_data_ptr<scalar_t>(),
+        const auto position = static_cast<index_t>(i);
+        if (channels_last && grad) {  // the team of input position i: lanes in descending order, butterfly, writes
+          PoolArgMax<acc_t, index_t> lanes[kWarpLanes];
+          for (index_t lane = width - 1; lane >= 0; --lane) {
+            lanes[lane] = channel_pool_backward_lane_cl<scalar_t, acc_t, index_t>(position, lane, width, g, xp);
+          }
+          team_butterfly(lanes, width, [](const PoolArgMax<acc_t, index_t>& a, const PoolArgMax<acc_t, index_t>& b) {
+            return pool_arg_max_combine(a, b);
+          });
+          for (index_t lane = width - 1; lane >= 0; --lane) {
+            channel_pool_backward_write_cl<scalar_t, acc_t, index_t>(position, lane, width, lanes[lane].arg, g,
+                                                                     gr.const_data_ptr<scalar_t>(),
+                                                                     out.mutable_data_ptr<scalar_t>());
+          }
+        } else if (channels_last) {  // the team of output position i
+          std::pair<acc_t, acc_t> lanes[kWarpLanes];  // (max, sum)
+          for (index_t lane = width - 1; lane >= 0; --lane) {
+            channel_pool_forward_lane_cl<scalar_t, acc_t, index_t>(position, lane, width, g, xp, lanes[lane].first,
+                                                                   lanes[lane].second);
+          }
+          team_butterfly(lanes, width, [](const std::pair<acc_t, acc_t>& a, const std::pair<acc_t, acc_t>& b) {
+            return std::pair<acc_t, acc_t>(pool_max_step(a.first, b.first), a.second + b.second);
+          });
+          channel_pool_forward_write_cl<scalar_t, acc_t, index_t>(position, g, lanes[0].first, lanes[0].second,
+                                                                  out.mutable_data_ptr<scalar_t>());
+        } else if (grad) {
+          channel_pool_backward_thread<scalar_t, acc_t, index_t>(position, g, gr.const_data_ptr<scalar_t>(), xp,
                                                                  out.mutable_data_ptr<scalar_t>());
         } else {
-          channel_pool_forward_thread<scalar_t, acc_t, index_t>(static_cast<index_t>(i), g,
-                                                                x.const_data_ptr<scalar_t>(),
-                                                                out.mutable_data_ptr<scalar_t>());
+          channel_pool_forward_thread<scalar_t, acc_t, index_t>(position, g, xp, out.mutable_data_ptr<scalar_t>());
         }
       }
     });

@@ -167,6 +167,31 @@ def test_gpu_thread_bodies_are_order_independent(groups):
             torch.testing.assert_close(act, exp, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 17, 3, 5, 3), (2, 3, 3, 5, 3), (1, 40, 2, 2, 3), (2, 1, 2, 3, 1)], ids=_id)
+def test_gpu_thread_bodies_channels_last_3d(shape):
+    # The NTHWC bodies: a team of lanes per position (C = 17: 32 lanes, 15 idle; C = 3: 4 lanes; C = 40: 32 lanes,
+    # 8 of them with two channels; C = 1: one lane), the lanes' sums of g*x added by the GPU's butterfly.
+    x, s, a = make_inputs(shape)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    grad = torch.randn_like(x)
+    assert grad.is_contiguous(memory_format=torch.channels_last_3d)
+    expected = torch.ops.epamx._attention_reweight_backward(grad, x, s, a)
+    n, _, t, h, w = shape
+    positions, frames = n * t * h * w, n * t
+    g = torch.Generator().manual_seed(1)
+    hook = _C._testing.attention_reweight_backward_run_thread_bodies
+    for order1, order2 in [(torch.arange(positions), torch.arange(frames)),
+                           (torch.randperm(positions, generator=g), torch.randperm(frames, generator=g))]:
+        with poisoned_allocations():
+            actual = hook(grad, x, s, a, 1, order1, order2)
+        assert_format_of(actual[0], x)
+        for act, exp in zip(actual, expected):
+            torch.testing.assert_close(act, exp, rtol=1e-5, atol=1e-5)
+    if shape[1] > 1:
+        with pytest.raises(ValueError, match="takes one group"):
+            hook(grad, x, s, a, 2, torch.arange(2 * positions), torch.arange(frames))
+
+
 def test_thread_body_hook_checks_its_orders():
     x, s, a = make_inputs((1, 2, 2, 1, 3))
     grad = torch.randn_like(x)
