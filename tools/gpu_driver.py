@@ -4,7 +4,7 @@ result against the CPU kernel: the program tools/gpu_check.sh runs under compute
 initcheck, synccheck). Small, so that it stays quick under the sanitizers' instrumentation.
 
     python tools/gpu_driver.py                          # on the GPU
-    python tools/gpu_driver.py --ops attention_reweight # some ops only (racecheck: the one kernel with shared memory)
+    python tools/gpu_driver.py --ops attention_reweight # some ops only (racecheck: the kernels with shared memory)
     python tools/gpu_driver.py --device cpu             # the same calls on the CPU (the dry run's plumbing check)
 
 Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1 under memcheck: every tensor is then its own allocation, so a read or
@@ -96,31 +96,37 @@ class Driver:
             self.check(f"temporal_shift autograd inplace={inplace} {dtype}", grads[1], grads[0], exact=True)
 
     def attention_reweight(self, dtype):
-        # One channel group (C small, many positions) and several (the GPU splits channels into groups).
-        for shape in [(2, 17, 3, 5, 3), (1, 3, 2, 61, 67), (3, 1, 5, 2, 4)]:
+        # NCTHW: one channel group (C small, many positions) and several (the GPU splits channels into groups).
+        # channels_last_3d: a team of lanes per position, from 1 lane (C = 1) to 32 (C = 17: 15 idle; C = 40: 8 lanes
+        # with two channels).
+        for shape in [(2, 17, 3, 5, 3), (1, 3, 2, 61, 67), (3, 1, 5, 2, 4), (1, 40, 2, 3, 5)]:
             n, c, t, h, w = shape
-            cpu = [_randn(*shape, seed=1, dtype=dtype), _rand(n, 1, t, h, w, seed=2, dtype=dtype),
-                   _rand(n, 1, t, 1, 1, seed=3, dtype=dtype)]
-            dev = [self.to(v) for v in cpu]
-            grad = _randn(*shape, seed=4, dtype=dtype)
-            name = f"attention_reweight {shape} {dtype}"
-            self.check(name, attention_reweight(*dev), attention_reweight(*cpu))
-            expected = torch.ops.epamx._attention_reweight_backward(grad, *cpu)
-            actual = torch.ops.epamx._attention_reweight_backward(self.to(grad), *dev)
-            for what, a, e in zip(("dx", "dS", "dA"), actual, expected):
-                scale = max(1.0, e.abs().max().item())
-                self.check(f"{name} backward {what}", a / scale, e / scale)
+            for layout, fmt in [("NCTHW", torch.contiguous_format), ("channels-last", torch.channels_last_3d)]:
+                cpu = [_randn(*shape, seed=1, dtype=dtype).contiguous(memory_format=fmt),
+                       _rand(n, 1, t, h, w, seed=2, dtype=dtype), _rand(n, 1, t, 1, 1, seed=3, dtype=dtype)]
+                dev = [self.to(v) for v in cpu]
+                grad = _randn(*shape, seed=4, dtype=dtype).contiguous(memory_format=fmt)
+                name = f"attention_reweight {shape} {layout} {dtype}"
+                self.check(name, attention_reweight(*dev), attention_reweight(*cpu))
+                expected = torch.ops.epamx._attention_reweight_backward(grad, *cpu)
+                actual = torch.ops.epamx._attention_reweight_backward(self.to(grad), *dev)
+                for what, a, e in zip(("dx", "dS", "dA"), actual, expected):
+                    scale = max(1.0, e.abs().max().item())
+                    self.check(f"{name} backward {what}", a / scale, e / scale)
 
     def channel_pool(self, dtype):
-        for shape, t_stride in [((2, 9, 5, 2, 4), 2), ((3, 1, 4, 3, 3), 1), ((1, 17, 7, 5, 3), 3), ((1, 5, 3, 1, 1), 2**32)]:
-            x = _randn(*shape, seed=5, dtype=dtype)
-            name = f"channel_pool {shape} t_stride={t_stride} {dtype}"
-            out = channel_pool(x, t_stride)
-            self.check(name, channel_pool(self.to(x), t_stride), out)
-            grad = _randn(*out.shape, seed=6, dtype=dtype)
-            back = torch.ops.epamx._channel_pool_backward
-            self.check(name + " backward", back(self.to(grad), self.to(x), t_stride),
-                       back(grad, x, t_stride))
+        # In both memory formats: channels-last gives each position a team of lanes (1 to 32 here).
+        for shape, t_stride in [((2, 9, 5, 2, 4), 2), ((3, 1, 4, 3, 3), 1), ((1, 17, 7, 5, 3), 3), ((1, 5, 3, 1, 1), 2**32),
+                                ((1, 40, 4, 3, 5), 2)]:
+            for layout, fmt in [("NCTHW", torch.contiguous_format), ("channels-last", torch.channels_last_3d)]:
+                x = _randn(*shape, seed=5, dtype=dtype).contiguous(memory_format=fmt)
+                name = f"channel_pool {shape} t_stride={t_stride} {layout} {dtype}"
+                out = channel_pool(x, t_stride)
+                self.check(name, channel_pool(self.to(x), t_stride), out)
+                grad = _randn(*out.shape, seed=6, dtype=dtype).contiguous(memory_format=fmt)
+                back = torch.ops.epamx._channel_pool_backward
+                self.check(name + " backward", back(self.to(grad), self.to(x), t_stride),
+                           back(grad, x, t_stride))
 
     def render_heatmaps(self, dtype):
         g = torch.Generator().manual_seed(7)
@@ -137,15 +143,17 @@ class Driver:
 
     def batch_norm_act(self, dtype):
         # The four kernels (_channel_moments, affine_act, _affine_act_backward_reduce, _affine_act_backward), each
-        # activation, odd shapes (one pixel per frame; a long row per thread: 61 x 67) in the three layouts the
-        # kernels tell apart, then batch_norm_act with a gate through autograd.
+        # activation, odd shapes in the three layouts the kernels tell apart, then batch_norm_act with a gate through
+        # autograd. The reductions' launch plans (batch_norm_act.h, row_reduce_plan): (2, 5, 3, 7, 9) one row a
+        # block; (3, 17, 2, 1, 1) 2-element rows, many a block; (1, 3, 2, 61, 67) rows cut into 2 (contiguous) or 6
+        # (channels-last) slices, added by a second pass; (2, 300, 1, 2, 3) two channel tiles of 150 per sample.
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         # The backward reduction sums float32 terms (u = grad * act'(...)) in float64: a few float32 ulp apart.
         sum_tol = 1e-10 if dtype == torch.float64 else 1e-5
         layouts = [("contiguous", lambda v: v),
                    ("channels_last_3d", lambda v: v.contiguous(memory_format=torch.channels_last_3d)),
                    ("transposed", lambda v: v.transpose(3, 4).contiguous().transpose(3, 4))]
-        for shape in [(2, 5, 3, 7, 9), (3, 17, 2, 1, 1), (1, 3, 2, 61, 67)]:
+        for shape in [(2, 5, 3, 7, 9), (3, 17, 2, 1, 1), (1, 3, 2, 61, 67), (2, 300, 1, 2, 3)]:
             n, c = shape[:2]
             scale = ((_rand(n, c, seed=11) + 0.5) * torch.where(_rand(n, c, seed=12) < 0.2, -1, 1)).to(acc)
             shift = (_randn(n, c, seed=13) * 0.3).to(acc)

@@ -15,6 +15,10 @@ DTYPE_IDS = [str(d).replace("torch.", "") for d in FLOAT_DTYPES]
 # How an input is laid out in memory: as allocated, a strided view (every other W column of a wider tensor), or
 # channels-last (C innermost); batch_norm_act's kernels also tell apart "transposed" (dense, H and W swapped).
 LAYOUTS = ["contiguous", "strided", "channels_last"]
+# attention_reweight and channel_pool read NCTHW or channels-last memory in place and copy anything else into the
+# format it suggests: also dense H/W-transposed memory (copied to NCTHW) and a strided view of channels-last memory
+# (copied to channels-last).
+NATIVE_LAYOUTS = LAYOUTS + ["transposed", "channels_last_strided"]
 
 
 def randn(shape, seed, dtype=torch.float32):
@@ -35,6 +39,11 @@ def lay_out(t, layout):
         return t.contiguous(memory_format=torch.channels_last_3d)
     if layout == "transposed":
         return t.transpose(3, 4).contiguous().transpose(3, 4)
+    if layout == "channels_last_strided":
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide = wide.contiguous(memory_format=torch.channels_last_3d)
+        wide[..., ::2] = t
+        return wide[..., ::2]
     return t
 
 
@@ -107,6 +116,8 @@ def test_temporal_shift_on_a_side_stream_backward():
 
 # ---- attention_reweight ------------------------------------------------------------------------------------------
 
+# In channels-last memory a position's channels go to a team of lanes: 32 for C >= 17 (C = 432: 13 or 14 channels a
+# lane, C = 33: lane 0 takes two, C = 17: 15 lanes idle), 16 for C = 9, 4 for C = 3, 1 for C = 1.
 REWEIGHT_SHAPES = [(2, 432, 16, 7, 7), (1, 17, 3, 5, 3), (3, 1, 5, 2, 4), (2, 9, 1, 1, 1), (1, 33, 7, 14, 14),
                    (1, 3, 2, 61, 67)]
 
@@ -116,7 +127,7 @@ def reweight_inputs(shape, dtype, seed=0):
     return [randn(shape, seed, dtype), rand((n, 1, t, h, w), seed + 1, dtype), rand((n, 1, t, 1, 1), seed + 2, dtype)]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", NATIVE_LAYOUTS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", REWEIGHT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_attention_reweight(shape, dtype, layout):
@@ -135,25 +146,43 @@ def test_attention_reweight(shape, dtype, layout):
         torch.testing.assert_close(gpu.cpu().double(), cpu.double(), rtol=rtol, atol=atol * scale)
 
 
-def test_attention_reweight_on_a_side_stream():
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_attention_reweight_on_a_side_stream(layout):
     x, s, a = [t.cuda() for t in reweight_inputs((2, 432, 16, 7, 7), torch.float32)]
-    grad = torch.randn_like(x)
+    x = lay_out(x, layout)
+    grad = lay_out(torch.randn_like(x), layout)
     out = on_busy_side_stream(attention_reweight, x, s, a)
     close(out, attention_reweight(x.cpu(), s.cpu(), a.cpu()), torch.float32)
-    # The backward pass is two kernels (per-group partial sums, then the per-frame reduction) and a scratch buffer.
+    # The backward pass is two kernels (per-group or per-team partial sums, then the per-frame reduction) and a
+    # scratch buffer.
     dx, ds, da = on_busy_side_stream(torch.ops.epamx._attention_reweight_backward, grad, x, s, a)
     expected = torch.ops.epamx._attention_reweight_backward(grad.cpu(), x.cpu(), s.cpu(), a.cpu())
     for gpu, cpu in zip((dx, ds, da), expected):
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_attention_reweight_backward_is_deterministic(layout, dtype):
+    # dS and dA are sums over channels and pixels, taken in an order fixed by the shape: two runs agree bit for bit.
+    x, s, a = [lay_out(t.cuda(), layout) if t.shape[1] > 1 else t.cuda()
+               for t in reweight_inputs((12, 432, 16, 7, 7), dtype, seed=3)]
+    grad = lay_out(randn(x.shape, 4, dtype).cuda(), layout)
+    first = torch.ops.epamx._attention_reweight_backward(grad, x, s, a)
+    second = torch.ops.epamx._attention_reweight_backward(grad, x, s, a)
+    for one, two in zip(first, second):
+        assert torch.equal(one, two)
+    assert first[0].is_contiguous(memory_format=torch.channels_last_3d) == (layout == "channels_last")
+
+
 # ---- channel_pool ------------------------------------------------------------------------------------------------
 
+# Channels-last teams of 32 lanes (C = 216: 6 or 7 channels a lane; 33, 17), 16 (C = 9), 8 (C = 5), 4 (C = 3), 1.
 POOL_CASES = [((2, 216, 48, 7, 7), 3), ((1, 17, 7, 5, 3), 3), ((2, 9, 5, 2, 4), 2), ((3, 1, 4, 3, 3), 1),
               ((1, 5, 3, 1, 1), 4), ((2, 33, 16, 14, 14), 5), ((1, 3, 5, 2, 2), 2**32)]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", NATIVE_LAYOUTS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-s{c[1]}")
 def test_channel_pool(case, dtype, layout):
@@ -171,21 +200,39 @@ def test_channel_pool(case, dtype, layout):
     assert out_gpu.stride() == out_cpu.stride() and dx_gpu.stride() == dx_cpu.stride()
 
 
-def test_channel_pool_ties_and_nan_route_like_the_cpu_kernel():
-    x = torch.randint(0, 3, (2, 6, 4, 3, 3), generator=torch.Generator().manual_seed(1)).float()
+@pytest.mark.parametrize("channels", [6, 45], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channel_pool_ties_and_nan_route_like_the_cpu_kernel(layout, channels):
+    # Many ties (3 values): the first channel holding the maximum takes the max gradient, in channels-last memory
+    # whichever lane of the team holds it (C = 45: lanes 0-12 hold two channels); the first NaN wins over all.
+    x = torch.randint(0, 3, (2, channels, 4, 3, 3), generator=torch.Generator().manual_seed(1)).float()
     x[0, 2, 0, 1, 1] = float("nan")
-    grad = randn((2, 2, 2, 3, 3), 2)
+    x[1, -1, 2, 0, 2] = x[1, 1, 2, 0, 2] = float("nan")
+    x = lay_out(x, layout)
+    grad = lay_out(randn((2, 2, 2, 3, 3), 2), layout)
     expected = torch.ops.epamx._channel_pool_backward(grad, x, 2)
     close(torch.ops.epamx._channel_pool_backward(grad.cuda(), x.cuda(), 2), expected, torch.float32, exact=True)
     close(channel_pool(x.cuda(), 2), channel_pool(x, 2), torch.float32, exact=True)
 
 
-def test_channel_pool_on_a_side_stream():
-    x = randn((2, 216, 48, 7, 7), 5).cuda()
-    grad = randn((2, 2, 16, 7, 7), 6).cuda()
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channel_pool_on_a_side_stream(layout):
+    x = lay_out(randn((2, 216, 48, 7, 7), 5).cuda(), layout)
+    grad = lay_out(randn((2, 2, 16, 7, 7), 6).cuda(), layout)
     close(on_busy_side_stream(lambda v: channel_pool(v, 3), x), channel_pool(x.cpu(), 3), torch.float32)
     dx = on_busy_side_stream(lambda g, v: torch.ops.epamx._channel_pool_backward(g, v, 3), grad, x)
     close(dx, torch.ops.epamx._channel_pool_backward(grad.cpu(), x.cpu(), 3), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channel_pool_is_deterministic(layout, dtype):
+    # The mean sums channels in an order fixed by C (a lane tree in channels-last memory): two runs agree bit for bit.
+    x = lay_out(randn((12, 216, 48, 7, 7), 7, dtype).cuda(), layout)
+    grad = lay_out(randn((12, 2, 16, 7, 7), 8, dtype).cuda(), layout)
+    assert torch.equal(channel_pool(x, 3), channel_pool(x, 3))
+    back = torch.ops.epamx._channel_pool_backward
+    assert torch.equal(back(grad, x, 3), back(grad, x, 3))
 
 
 # ---- render_heatmaps ---------------------------------------------------------------------------------------------
@@ -220,9 +267,14 @@ def test_render_heatmaps_strided_inputs():
     close(render_heatmaps(kp.cuda(), scores.cuda(), (23, 31), limbs=COCO17_LIMBS), cpu, torch.float32)
 
 
-# ---- batch_norm_act: per-row sums in float64 (one thread per (n, c) row), elementwise affine + activation --------
+# ---- batch_norm_act: per-row sums in float64 (two passes of block reductions), elementwise affine + activation ---
 
-BN_SHAPES = [(2, 6, 3, 5, 7), (3, 1, 2, 4, 3), (2, 5, 4, 1, 1), (2, 54, 2, 28, 28), (1, 3, 2, 61, 67)]
+# The reductions' launch plans (batch_norm_act.h, row_reduce_plan; contiguous / channels-last): rows shorter than a
+# block, several a block ((2, 6, 3, 5, 7) two of 105 elements, (3, 1, 2, 4, 3), (2, 5, 4, 1, 1)); rows cut into slices
+# whose partial sums a second pass adds ((2, 54, 2, 28, 28) 1 / 24 slices, (1, 3, 2, 61, 67) 2 / 6, (2, 3, 4, 56, 56)
+# 3 / 9); C > 256, two channel tiles of 150 per sample in channels-last memory ((2, 300, 2, 3, 5)).
+BN_SHAPES = [(2, 6, 3, 5, 7), (3, 1, 2, 4, 3), (2, 5, 4, 1, 1), (2, 54, 2, 28, 28), (1, 3, 2, 61, 67),
+             (2, 3, 4, 56, 56), (2, 300, 2, 3, 5)]
 BN_LAYOUTS = LAYOUTS + ["transposed"]
 BN_ACTS = list(ACTIVATIONS)
 
@@ -336,6 +388,27 @@ def test_batch_norm_act(shape, dtype, layout, act, gated):
         assert err <= 10 * rtol * scale + atol, f"{name}: max error {err:.3g} at scale {scale:.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_batch_norm_act_reductions_at_epamnet_scale(layout, dtype):
+    # EPAM-Net's first RGB stage: 216 rows of 50176 elements, 2160 (contiguous) or 2008 (channels-last) blocks of
+    # partial sums and a second pass. Against the CPU kernels, and bit for bit the same on a second run.
+    shape = (4, 54, 16, 56, 56)
+    x, grad = randn(shape, 11, dtype), randn(shape, 12, dtype)
+    scale, shift, _, _ = bn_coefficients(shape, dtype, 13)
+    (x_cpu, grad_cpu), (x_gpu, grad_gpu) = both_devices([x, grad], layout)
+    ops = torch.ops.epamx
+    runs = [(ops._channel_moments(x_gpu), ops._affine_act_backward_reduce(grad_gpu, x_gpu, scale.cuda(), shift.cuda(), 2))
+            for _ in range(2)]
+    for one, two in zip(runs[0], runs[1]):
+        for a, b in zip(one, two):
+            assert torch.equal(a, b)
+    for gpu, cpu in zip(runs[0][0], ops._channel_moments(x_cpu)):
+        rows_close(gpu, cpu, 1e-10)
+    for gpu, cpu in zip(runs[0][1], ops._affine_act_backward_reduce(grad_cpu, x_cpu, scale, shift, 2)):
+        rows_close(gpu, cpu, 1e-5)
+
+
 def test_batch_norm_act_on_a_side_stream():
     shape = (2, 54, 4, 14, 14)
     x = randn(shape, 3).contiguous(memory_format=torch.channels_last_3d)
@@ -371,19 +444,28 @@ def _slices_close(gpu, cpu_fn, x_gpu, dim, size, dtype, exact=False):
         close(gpu.narrow(dim, lo, size), cpu_fn(part), dtype, exact)
 
 
+def _big(shape, layout, generator):
+    """A float16 standard-normal tensor on the GPU, in `layout` ("contiguous" or "channels_last")."""
+    x = torch.randn(shape, device="cuda", dtype=torch.float16, generator=generator)
+    return x.contiguous(memory_format=torch.channels_last_3d) if layout == "channels_last" else x
+
+
 @pytest.mark.slow
-def test_int32_boundary_attention_reweight():
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_int32_boundary_attention_reweight(layout):
+    # channels_last: the forward pass steps past 2^31 - 1 in NTHWC order; the backward pass's teams (32 lanes per
+    # position, 1386 channels) read up to the last element.
     shape = (1, 2 * 9 * 7 * 11, 31, *P_ODD)
     assert torch.Size(shape).numel() == BIG
     g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(shape, device="cuda", dtype=torch.float16, generator=g)
+    x = _big(shape, layout, g)
     s = torch.rand(1, 1, 31, *P_ODD, device="cuda", dtype=torch.float16, generator=g)
     a = torch.rand(1, 1, 31, 1, 1, device="cuda", dtype=torch.float16, generator=g)
     out = attention_reweight(x, s, a)
     torch.cuda.synchronize()
     _slices_close(out, lambda part: attention_reweight(part, s.cpu(), a.cpu()), x, 1, 2, torch.float16)
     del out
-    grad = torch.randn(shape, device="cuda", dtype=torch.float16, generator=g)
+    grad = _big(shape, layout, g)
     dx, ds, da = torch.ops.epamx._attention_reweight_backward(grad, x, s, a)
     torch.cuda.synchronize()
     # dx is elementwise per channel; dS and dA sum over all channels: against the same sums taken by torch.
@@ -397,14 +479,16 @@ def test_int32_boundary_attention_reweight():
 
 
 @pytest.mark.slow
-def test_int32_boundary_channel_pool():
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_int32_boundary_channel_pool(layout):
+    # channels_last: teams of 2 lanes (C = 2), ~2^31 of them in all, so the team loop's counter passes 2^31 - 1.
     shape = (1, 2, 9 * 7 * 11 * 31, *P_ODD)
     assert torch.Size(shape).numel() == BIG
-    x = torch.randn(shape, device="cuda", dtype=torch.float16, generator=torch.Generator(device="cuda").manual_seed(1))
+    x = _big(shape, layout, torch.Generator(device="cuda").manual_seed(1))
     out = channel_pool(x, 1)
     torch.cuda.synchronize()
     _slices_close(out, lambda part: channel_pool(part, 1), x, 2, 3, torch.float16)
-    grad = torch.randn_like(out)
+    grad = torch.randn_like(out)  # out's layout
     dx = torch.ops.epamx._channel_pool_backward(grad, x, 1)
     torch.cuda.synchronize()
     for lo in (0, shape[2] - 3):
@@ -440,8 +524,9 @@ def test_int32_boundary_temporal_shift():
 
 @pytest.mark.slow
 def test_int32_boundary_batch_norm_act():
-    # channels_last_3d, EPAM-Net's layout: one row thread per (n, c) walks 49981 positions C apart, up to the last
-    # element; the elementwise kernels step past 2^31 - 1 as the others do.
+    # channels_last_3d, EPAM-Net's layout: the reductions' blocks (84 tiles of 256 of the 21483 channels per sample,
+    # 13 slices of 3845 positions) read 49981 positions C apart, up to the last element; the elementwise kernels step
+    # past 2^31 - 1 as the others do.
     shape = (2, 9 * 7 * 11 * 31, 1, *P_ODD)
     assert torch.Size(shape).numel() == BIG
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -471,3 +556,47 @@ def test_int32_boundary_batch_norm_act():
         rows_close(sum_u[:, c], expected[0], 1e-5)
         rows_close(sum_ux[:, c], expected[1], 1e-5)
         close(dx[:, c], ops._affine_act_backward(*part[:4], part[2], *part[4:], 2), torch.float16)
+
+
+def _row_sums(a, b=None, chunk=4096):
+    """Per-(n, c) float64 sums of a (times b), taken in chunks of H rows: (N, C) on the CPU."""
+    total = torch.zeros(a.shape[:2], dtype=torch.float64, device=a.device)
+    for h0 in range(0, a.shape[3], chunk):
+        part = a[:, :, :, h0:h0 + chunk].double()
+        if b is not None:
+            part = part * b[:, :, :, h0:h0 + chunk].double()
+        total += part.sum((2, 3, 4))
+        del part
+    return total.cpu()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_int64_indexing_batch_norm_act(layout):
+    # Past int32: 2^31 + 7237153 elements, so the kernels index with int64 (the reductions' rows of 718M elements cut
+    # into slices, the elementwise kernels' last elements beyond 2^31).
+    shape = (1, 3, 1, 26800, 26800)
+    assert torch.Size(shape).numel() > 2**31
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = _big(shape, layout, g)
+    scale, shift, coef_x, coef_1 = coefs = [t.cuda() for t in bn_coefficients(shape, torch.float16, 10)]
+    ops = torch.ops.epamx
+    s1, s2 = ops._channel_moments(x)
+    rows_close(s1, _row_sums(x), 1e-10)
+    rows_close(s2, _row_sums(x, x), 1e-10)
+    tail = (slice(None), slice(None), slice(None), slice(-2, None))  # the last two rows of every channel
+
+    def cpu_part(t):
+        return t[tail].cpu()
+
+    out = ops.affine_act(x, scale, shift, 2)
+    close(cpu_part(out), ops.affine_act(cpu_part(x), scale.cpu(), shift.cpu(), 2), torch.float16)
+    del out
+    grad = _big(shape, layout, g)
+    sum_u, sum_ux = ops._affine_act_backward_reduce(grad, x, scale, shift, 0)  # identity: u is grad
+    rows_close(sum_u, _row_sums(grad), 1e-10)
+    rows_close(sum_ux, _row_sums(grad, x), 1e-10)
+    dx = ops._affine_act_backward(grad, x, scale, shift, scale, coef_x, coef_1, 2)
+    expected = ops._affine_act_backward(cpu_part(grad), cpu_part(x), *[t.cpu() for t in coefs[:2]], scale.cpu(),
+                                        *[t.cpu() for t in coefs[2:]], 2)
+    close(cpu_part(dx), expected, torch.float16)
