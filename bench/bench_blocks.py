@@ -1,5 +1,5 @@
 """The pieces of an X-ShiftNet block that dominate a CPU training step, forward + backward, in channels_last_3d
-memory (the format EPAM-Net trains in on a CPU), float32:
+memory (the format EPAM-Net trains in on a CPU), float32 (on CUDA the batch norm also in contiguous memory):
 
 - batch norm with batch statistics and what follows it: ReLU (after a block's first convolution), or the
   squeeze-and-excitation gate and Swish (after its depthwise convolution); epamx.ops.batch_norm_act against
@@ -29,19 +29,23 @@ def _cpu_only(device):
         pytest.skip("the fused batch norm and the frame-wise convolution are the CPU training path")
 
 
+@pytest.mark.parametrize("layout", ["channels_last_3d", "contiguous"])
 @pytest.mark.parametrize("branch", ["relu", "se-silu"])
 @pytest.mark.parametrize("case", list(BN_SHAPES))
-def test_batch_norm_act(compare, device, case, branch):
-    _cpu_only(device)
+def test_batch_norm_act(compare, device, case, branch, layout):
+    # CUDA: both layouts, whose per-(n, c) reductions split the rows differently (batch_norm_act_cuda.cu).
+    if device.type == "cpu" and layout != "channels_last_3d":
+        pytest.skip("the CPU rows are the CPU training layout, channels_last_3d")
+    memory_format = CL if layout == "channels_last_3d" else torch.contiguous_format
     shape = BN_SHAPES[case]
     torch.manual_seed(0)
-    x = torch.randn(shape).contiguous(memory_format=CL).requires_grad_()
-    weight = (torch.rand(shape[1]) + 0.5).requires_grad_()
-    bias = torch.randn(shape[1]).requires_grad_()
-    se = SqueezeExcite(shape[1], 1 / 16) if branch == "se-silu" else None  # X-ShiftNet's SE
+    x = torch.randn(shape).to(device).contiguous(memory_format=memory_format).requires_grad_()
+    weight = (torch.rand(shape[1]) + 0.5).to(device).requires_grad_()
+    bias = torch.randn(shape[1]).to(device).requires_grad_()
+    se = SqueezeExcite(shape[1], 1 / 16).to(device) if branch == "se-silu" else None  # X-ShiftNet's SE
     gate, params = (se.gate, tuple(se.parameters())) if se is not None else (None, ())
     act = "silu" if se is not None else "relu"
-    grad = torch.randn(shape).contiguous(memory_format=CL)
+    grad = torch.randn(shape).to(device).contiguous(memory_format=memory_format)
 
     def run(fn):
         def step():
@@ -49,10 +53,10 @@ def test_batch_norm_act(compare, device, case, branch):
             fn(x, weight, bias, None, None, 0.1, 1e-5, act, gate, params).backward(grad)
         return step
 
-    copy_src = torch.empty(8 * x.numel() // 2, dtype=torch.float32)
+    copy_src = torch.empty(8 * x.numel() // 2, dtype=torch.float32, device=device)
     copy_dst = torch.empty_like(copy_src)
     nbytes = 8 * x.numel() * 4
-    compare("batch norm + activation fwd+bwd", f"{case} {shape} {branch} float32 channels_last_3d",
+    compare("batch norm + activation fwd+bwd", f"{case} {shape} {branch} float32 {layout}",
             {"reference": run(batch_norm_act_reference), "fused": run(batch_norm_act),
              "copy": lambda: copy_dst.copy_(copy_src)}, device=device, bytes_moved=nbytes)
 

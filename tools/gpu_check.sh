@@ -15,12 +15,12 @@
 #   cuda-tests     tests/ops/test_cuda_vs_cpu.py: every kernel against the CPU kernel; pytest-xdist across the cores,
 #                  the int32-boundary tests (marked slow, several GiB each) at the same time in one process of their own
 #   sanitizer      compute-sanitizer memcheck over tools/gpu_driver.py (every kernel), racecheck over its
-#                  attention_reweight calls (the one kernel with shared memory and barriers), at the same time
+#                  attention_reweight and batch_norm_act calls (the kernels with shared memory), at the same time
 #   bench-ops      one short benchmark table: the ops at EPAM-Net's shapes and EPAM-Net's training step (bf16), fused
 #                  vs reference: DIR/cuda-<gpu>-ops.md (commit it under bench/results/)
 #   model          EPAM-Net clips/s, inference and training steps, fused vs reference ops, bf16 autocast: DIR/model.md
 #   sanitizer-more initcheck over the whole driver (unfiltered: torch's own kernels write inputs too), synccheck over
-#                  its attention_reweight calls
+#                  its attention_reweight, batch_norm_act and channel_pool calls (barriers, warp shuffles)
 #   train          python -m epamx train, one epoch per stage, on the embedded dataset (needs PyAV)
 #   bench          every benchmark on CUDA: DIR/cuda-<gpu>.md
 #   tests          the whole test suite with CUDA present (device-parametrised tests on cpu and cuda)
@@ -41,10 +41,11 @@ cd "$ROOT"
 
 # Each stage: estimated GPU-machine seconds, the least time worth starting it with, and its cap. Estimates for the
 # H100 lease (16 cores), not yet measured there: build from the 2-core CPU build (~4 min for 25 objects) scaled to
-# 16 jobs plus nvcc for one architecture; cuda-tests ~900 small cases over 12 workers plus their start-up, the
-# int32 tests ~10 s each; sanitizer ~2000 instrumented launches; bench-ops 20 cases of 0.25 s timed rounds; model 4
-# rows of 5 steps after a warm-up. Replace them with the times the first GPU run reports.
-declare -A EST=([build]=150 [cuda-tests]=80 [sanitizer]=110 [bench-ops]=90 [model]=45
+# 16 jobs plus nvcc for one architecture; cuda-tests ~1500 small cases over 12 workers plus their start-up, beside
+# 9 int32/int64-boundary tests of ~10 s each; sanitizer ~2000 instrumented launches (racecheck ~1000 of them);
+# bench-ops 27 cases of 0.25 s timed rounds; model 4 rows of 5 steps after a warm-up. Replace them with the times
+# the first GPU run reports.
+declare -A EST=([build]=150 [cuda-tests]=100 [sanitizer]=120 [bench-ops]=110 [model]=45
                 [sanitizer-more]=120 [train]=120 [bench]=400 [tests]=300)
 declare -A MIN=([build]=90 [cuda-tests]=45 [sanitizer]=60 [bench-ops]=45 [model]=30
                 [sanitizer-more]=60 [train]=60 [bench]=60 [tests]=60)
@@ -290,9 +291,15 @@ PY
 )
 }
 
+# The ops whose kernels share memory between threads (attention_reweight's per-frame block sum, batch_norm_act's lane
+# trees: racecheck), and those with barriers or warp shuffles (those two, and channel_pool's channels-last teams:
+# synccheck).
+SHARED_MEMORY_OPS=attention_reweight,batch_norm_act
+BARRIER_OPS=attention_reweight,batch_norm_act,channel_pool
+
 stage_sanitizer() {
   if [ "$DRY" = 1 ]; then
-    sanitize memcheck epamx; sanitize racecheck epamx --ops attention_reweight
+    sanitize memcheck epamx; sanitize racecheck epamx --ops "$SHARED_MEMORY_OPS"
     run "$PYTHON" tools/gpu_driver.py --device cpu || { NOTE="the driver fails on the CPU"; return 1; }
     NOTE="commands printed; the driver ran on the CPU"; return 0
   fi
@@ -300,7 +307,7 @@ stage_sanitizer() {
   command -v compute-sanitizer >/dev/null || { NOTE="compute-sanitizer not found"; return 1; }
   compute-sanitizer --version | tail -1
   sanitize memcheck epamx & local p1=$!
-  sanitize racecheck epamx --ops attention_reweight & local p2=$!
+  sanitize racecheck epamx --ops "$SHARED_MEMORY_OPS" & local p2=$!
   wait $p1; echo "memcheck exit $?"; wait $p2; echo "racecheck exit $?"
   for tool in memcheck racecheck; do echo; echo "==== $tool (last 40 lines) ===="; tail -n 40 "$LOGS/sanitizer-$tool.log"; done
   sanitizer_verdict memcheck racecheck
@@ -308,13 +315,13 @@ stage_sanitizer() {
 
 stage_sanitizer_more() {
   if [ "$DRY" = 1 ]; then
-    sanitize initcheck ""; sanitize synccheck epamx --ops attention_reweight
+    sanitize initcheck ""; sanitize synccheck epamx --ops "$BARRIER_OPS"
     NOTE="commands printed (the driver ran in the sanitizer stage)"; return 0
   fi
   need_gpu || return 1
   command -v compute-sanitizer >/dev/null || { NOTE="compute-sanitizer not found"; return 1; }
   sanitize initcheck "" & local p1=$!
-  sanitize synccheck epamx --ops attention_reweight & local p2=$!
+  sanitize synccheck epamx --ops "$BARRIER_OPS" & local p2=$!
   wait $p1; echo "initcheck exit $?"; wait $p2; echo "synccheck exit $?"
   for tool in initcheck synccheck; do echo; echo "==== $tool (last 40 lines) ===="; tail -n 40 "$LOGS/sanitizer-$tool.log"; done
   sanitizer_verdict initcheck synccheck
@@ -329,8 +336,9 @@ bench_table() {  # bench_table NAME ARGS...: pytest bench ARGS..., the table at 
   return $((rc == 0 ? 0 : 1))
 }
 
-# EPAM-Net's shapes only: the ops (temporal shift's stages, the attention at batch 12) and the training step.
-BENCH_OPS_K="cuda and (test_temporal_shift or test_attention_reweight or test_channel_pool or test_epamnet_training_step) and not large"
+# EPAM-Net's shapes only: the ops (temporal shift's stages, the attention at batch 12, the ReLU batch norm of the
+# X-ShiftNet stages in both layouts) and the training step.
+BENCH_OPS_K="cuda and (test_temporal_shift or test_attention_reweight or test_channel_pool or (test_batch_norm_act and relu) or test_epamnet_training_step) and not large"
 
 stage_bench_ops() {
   if [ "$DRY" = 1 ]; then
@@ -345,7 +353,7 @@ stage_bench_ops() {
 
 # The full benchmarks, one file at a time (most wanted first), each table appended to $OUT/cuda-<gpu>.md as its file
 # ends: the deadline or a timeout then costs the file running, not the whole table.
-BENCH_FILES=(bench_attention bench_temporal_shift bench_epamnet bench_render_heatmaps bench_train bench_data)
+BENCH_FILES=(bench_attention bench_blocks bench_temporal_shift bench_epamnet bench_render_heatmaps bench_train bench_data)
 
 stage_bench() {
   if [ "$DRY" = 1 ]; then
