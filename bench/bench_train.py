@@ -48,7 +48,7 @@ def _training_step(device, mode, fused: bool, channels_last: bool):
     model.memory_format = "channels_last_3d" if channels_last else "contiguous"
     model = model.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
     optim = CONFIG.optim
-    lr = optim.stage_lr_per_16(mode) * CONFIG.train.batch_size / 16
+    lr = CONFIG.stage(mode).lr_per_16 * CONFIG.stage(mode).batch_size / 16
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
                                 nesterov=optim.nesterov)
     params = [p for p in model.parameters() if p.requires_grad]

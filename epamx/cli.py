@@ -47,7 +47,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _train_overrides(args: argparse.Namespace) -> List[str]:
-    from epamx.config import override
+    from epamx.config import STAGES, override
 
     overrides = []
     if args.mode:
@@ -61,8 +61,7 @@ def _train_overrides(args: argparse.Namespace) -> List[str]:
     if args.device:
         overrides.append(override("train.device", args.device))
     if args.epochs is not None:  # every stage's: a config's per-stage epochs would otherwise take precedence
-        overrides += [f"train.epochs={args.epochs}", "train.pose_epochs=0", "train.rgb_epochs=0",
-                      "train.epamnet_epochs=0"]
+        overrides += [f"train.epochs={args.epochs}"] + [f"stages.{s}.epochs={args.epochs}" for s in STAGES]
     if args.no_resume:
         overrides.append("train.resume=false")
     return overrides + list(args.overrides)
@@ -74,7 +73,23 @@ def _train(args: argparse.Namespace) -> int:
     from epamx.train import run
 
     cfg = load_config(args.config, _train_overrides(args))
+    data = f"the config's dataset ({cfg.data.dataset}: {cfg.data.ann_file or 'embedded'})"
+    if args.generated_data:
+        from epamx.data.generated import generated_config
+
+        cfg = generated_config(cfg)
+        data = (f"generated stand-in clips at the config's sizes ({cfg.data.ann_file}; not the real data: for speed, "
+                f"memory and plumbing only)")
+        print(f"epamx: {data}; run folder {cfg.train.out_dir}", flush=True)
     try:
+        if args.plan:
+            from epamx.train.plan import format_plan, plan_run
+
+            plans = plan_run(cfg, args.plan_iters, args.plan_clips)
+            if distributed.is_main():
+                device = distributed.init_distributed(cfg.train.device).device
+                print(format_plan(plans, args.config, device, data, args.plan_clips is not None, args.generated_data))
+            return 0
         result = run(cfg)
     finally:
         distributed.teardown()
@@ -249,6 +264,18 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _clip_counts(text: str):
+    """An argparse type: "TRAIN,VAL", two integers >= 1."""
+    parts = text.split(",")
+    try:
+        counts = tuple(int(p) for p in parts)
+    except ValueError:
+        counts = ()
+    if len(counts) != 2 or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected TRAIN,VAL clip counts (two integers >= 1), got {text!r}")
+    return counts
+
+
 def _add_overrides(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
                    help=f"config overrides, before, between or after the options, e.g. {example}")
@@ -313,7 +340,19 @@ def _add_train_command(commands) -> None:
     train.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
     train.add_argument("--epochs", type=_at_least(1), default=None,
-                       help="epochs of every stage (over the config's train.<stage>_epochs)")
+                       help="epochs of every stage (over the config's stages.<stage>.epochs)")
+    train.add_argument("--generated-data", action="store_true",
+                       help="rehearse on generated stand-in clips at the config's sizes (its splits, classes and "
+                            "file names; cached), training into <out>-generated: for plumbing, speed and memory, "
+                            "before the dataset is there")
+    train.add_argument("--plan", action="store_true",
+                       help="do not train: measure a few iterations of each stage here and print clips/s, peak "
+                            "memory, data loading against compute, advice, and the whole schedule's time")
+    train.add_argument("--plan-iters", type=_at_least(1), default=3, metavar="N",
+                       help="measured iterations per stage for --plan (after one warm-up; default 3)")
+    train.add_argument("--plan-clips", type=_clip_counts, default=None, metavar="TRAIN,VAL",
+                       help="training and held-out clips the --plan schedule is for (default: the data's split "
+                            "sizes), e.g. 40091,16487 for NTU-60 X-Sub")
     resume = train.add_mutually_exclusive_group()
     resume.add_argument("--resume", dest="no_resume", action="store_false", default=False,
                         help="continue from the run folder's latest checkpoints (the default: a run started again "

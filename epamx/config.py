@@ -4,6 +4,11 @@
     [model]           ModelConfig                the network
     [optim]           OptimConfig                SGD, the learning-rate schedule, gradient clipping
     [train]           TrainConfig                the protocol, batch, devices, checkpoints, output folder
+    [stages.pose]     StageConfig                one stage's own recipe (pipeline, epochs, batch, optimiser, amp);
+    [stages.rgb]                                 what it leaves out it takes from [train] and [optim]
+    [stages.epamnet]
+
+``config.stage("pose")`` is a stage's resolved recipe (StageSettings).
 
 ``load_config("ntu60_xsub")`` reads a config shipped in ``epamx/configs/``, ``load_config("my.toml")`` a file;
 ``overrides`` are ``section.key=value`` strings from the command line (the value a TOML literal, or a bare string),
@@ -21,13 +26,14 @@ import tomllib
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from epamx.data.config import DataConfig, EmbeddedConfig
 from epamx.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "DataConfig", "EmbeddedConfig", "ModelConfig", "OptimConfig", "TrainConfig", "available_configs", "load_config",
-           "config_from_dict", "override", "parse_override", "to_toml"]
+__all__ = ["Config", "ConfigError", "DataConfig", "EmbeddedConfig", "ModelConfig", "OptimConfig", "StageConfig",
+           "StageSettings", "StagesConfig", "STAGES", "TrainConfig", "available_configs", "config_from_dict", "load_config",
+           "override", "parse_override", "to_toml"]
 
 
 @dataclass(frozen=True)
@@ -52,23 +58,13 @@ class OptimConfig:
     warmup_iters: int = 0            # linear warm-up from 0, within the cosine's iterations
     clip_grad: float = 40.0          # max L2 norm of all gradients; 0 disables clipping
     min_lr: float = 0.0              # the cosine's floor
-    pose_lr_per_16: float = 0.0      # per-stage lr_per_16 for mode "all" and single stages (0: lr_per_16)
-    rgb_lr_per_16: float = 0.0
-    epamnet_lr_per_16: float = 0.0
-
-    def stage_lr_per_16(self, mode: str) -> float:
-        """lr_per_16 of a stage ("pose", "rgb", "epamnet"): its own value where set, else lr_per_16."""
-        return getattr(self, f"{mode}_lr_per_16") or self.lr_per_16
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The protocol and the run's mechanics."""
     mode: str = "all"                # "rgb", "pose" or "epamnet" alone; "all": pose, rgb, then EPAM-Net from both
-    epochs: int = 10                 # per stage
-    pose_epochs: int = 0             # per-stage epochs (0: epochs)
-    rgb_epochs: int = 0
-    epamnet_epochs: int = 0
+    epochs: int = 10                 # per stage (unless [stages.<stage>] says otherwise)
     batch_size: int = 12             # per process (the authors: 12 per GPU)
     workers: int = 4                 # DataLoader worker processes per training process
     seed: int = 0
@@ -85,9 +81,50 @@ class TrainConfig:
     progress: bool = True            # a tqdm progress bar (rank 0)
     tensorboard: bool = False        # also log to <stage folder>/tensorboard (needs the tensorboard package)
 
-    def stage_epochs(self, mode: str) -> int:
-        """Epochs of a stage ("pose", "rgb", "epamnet"): its own value where set, else epochs."""
-        return getattr(self, f"{mode}_epochs") or self.epochs
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage's own recipe ([stages.pose], [stages.rgb], [stages.epamnet]). A key left out (None) takes
+    the value of the same key in [train] or [optim]; the pipeline defaults to "multimodal"."""
+    pipeline: Optional[str] = None   # epamx.data.pipelines: "multimodal", "pose_only" (pose), "rgb_only" (rgb)
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr_per_16: Optional[float] = None
+    momentum: Optional[float] = None
+    weight_decay: Optional[float] = None
+    nesterov: Optional[bool] = None
+    warmup_iters: Optional[int] = None
+    clip_grad: Optional[float] = None
+    min_lr: Optional[float] = None
+    amp: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class StagesConfig:
+    pose: StageConfig = field(default_factory=StageConfig)
+    rgb: StageConfig = field(default_factory=StageConfig)
+    epamnet: StageConfig = field(default_factory=StageConfig)
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """A stage's resolved recipe: its [stages.<stage>] values, the rest from [train] and [optim]."""
+    mode: str
+    pipeline: str
+    epochs: int
+    batch_size: int
+    lr_per_16: float
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+    warmup_iters: int
+    clip_grad: float
+    min_lr: float
+    amp: str
+
+
+_STAGE_DEFAULTS = {"pipeline": "multimodal"}
+_STAGE_FROM = {"epochs": "train", "batch_size": "train", "amp": "train"}  # the other keys come from [optim]
 
 
 @dataclass(frozen=True)
@@ -96,36 +133,85 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+
+    def stage(self, mode: str) -> StageSettings:
+        """The recipe of stage ``mode`` ("pose", "rgb" or "epamnet")."""
+        own: StageConfig = getattr(self.stages, mode)
+        values = {}
+        for f in dataclasses.fields(StageConfig):
+            value = getattr(own, f.name)
+            if value is None:
+                value = _STAGE_DEFAULTS.get(f.name)
+            if value is None:
+                value = getattr(getattr(self, _STAGE_FROM.get(f.name, "optim")), f.name)
+            values[f.name] = value
+        return StageSettings(mode=mode, **values)
 
 
+STAGES = ("pose", "rgb", "epamnet")  # the authors' protocol, in order
+_AMP = ("auto", "bf16", "fp16", "off")
 _CHOICES = {
     ("train", "mode"): ("rgb", "pose", "epamnet", "all"),
-    ("train", "amp"): ("auto", "bf16", "fp16", "off"),
+    ("train", "amp"): _AMP,
+    ("data", "keypoint_flip"): ("mirror", "authors"),
+    **{("stages", s, "pipeline"): ("multimodal", "pose_only", "rgb_only") for s in STAGES},
+    **{("stages", s, "amp"): _AMP for s in STAGES},
     ("train", "metric"): ("top1", "top5", "mean_class_accuracy"),
     ("model", "channels_last"): (True, False, "auto"),
     ("model", "inference_dtype"): ("float32", "bfloat16"),
 }
-_POSITIVE = {("model", "pose_channels"), ("train", "epochs"), ("train", "batch_size"), ("optim", "lr_per_16")}
+_POSITIVE = {("model", "pose_channels"), ("train", "epochs"), ("train", "batch_size"), ("optim", "lr_per_16"),
+             *{("stages", s, k) for s in STAGES for k in ("epochs", "batch_size", "lr_per_16")}}
 _NON_NEGATIVE = {("model", "num_classes"), ("train", "workers"), ("train", "eval_every_epochs"),
-                 ("train", "pose_epochs"), ("train", "rgb_epochs"), ("train", "epamnet_epochs"),
-                 ("optim", "pose_lr_per_16"), ("optim", "rgb_lr_per_16"), ("optim", "epamnet_lr_per_16"),
                  ("train", "checkpoint_every_iters"), ("train", "keep_checkpoints"), ("optim", "weight_decay"),
-                 ("optim", "momentum"), ("optim", "warmup_iters"), ("optim", "clip_grad"), ("optim", "min_lr")}
+                 ("optim", "momentum"), ("optim", "warmup_iters"), ("optim", "clip_grad"), ("optim", "min_lr"),
+                 *{("stages", s, k) for s in STAGES
+                   for k in ("momentum", "weight_decay", "warmup_iters", "clip_grad", "min_lr")}}
 
 
 # The EPAM-Net stage was called "fused" before it had a name of its own ("fused" now means only the C++ kernels,
-# model.fused). Configs and overrides that still say so are read with the new names, with a warning.
-_KEY_ALIASES = {("train", "fused_epochs"): "epamnet_epochs", ("optim", "fused_lr_per_16"): "epamnet_lr_per_16"}
+# model.fused); and per-stage epochs and learning rates were keys of [train] and [optim] before each stage had its
+# own table. Configs and overrides that still say so are read with the new names, with a warning.
+_MOVED = {
+    **{("train", f"{s}_epochs"): ("stages", s, "epochs") for s in STAGES},
+    **{("optim", f"{s}_lr_per_16"): ("stages", s, "lr_per_16") for s in STAGES},
+    ("train", "fused_epochs"): ("stages", "epamnet", "epochs"),
+    ("optim", "fused_lr_per_16"): ("stages", "epamnet", "lr_per_16"),
+}
 _VALUE_ALIASES = {("train", "mode"): {"fused": "epamnet"}}
 
 
-def _alias(path: Tuple[str, ...], key: str, source: str) -> str:
-    new = _KEY_ALIASES.get(path + (key,))
+def _moved(path: Tuple[str, ...], source: str) -> Optional[Tuple[str, ...]]:
+    """The new place of a key that moved (with a FutureWarning), else None."""
+    new = _MOVED.get(tuple(path))
     if new is None:
-        return key
-    warnings.warn(f"{source}: {'.'.join(path + (key,))} is now {'.'.join(path + (new,))} (the EPAM-Net stage is "
-                  f"called 'epamnet'); read as that", FutureWarning, stacklevel=4)
+        return None
+    why = " (the EPAM-Net stage is called 'epamnet')" if "fused" in path[-1] else ""
+    warnings.warn(f"{source}: {'.'.join(path)} is now {'.'.join(new)}{why}; read as that", FutureWarning,
+                  stacklevel=5)
     return new
+
+
+def _move_keys(raw: Dict[str, Any], source: str) -> None:
+    """Move the per-stage keys of [train] and [optim] that have their own place now ([stages.<stage>]); the old
+    keys' 0 meant "not set"."""
+    for old in list(_MOVED):
+        table = raw.get(old[0])
+        if not isinstance(table, dict) or old[1] not in table:
+            continue
+        new = _moved(old, source)
+        value = table.pop(old[1])
+        if value == 0 and not isinstance(value, bool):
+            continue
+        stages = raw.setdefault("stages", {})
+        stage = stages.setdefault(new[1], {}) if isinstance(stages, dict) else None
+        if not isinstance(stage, dict):
+            raise ConfigError(f"{source}: [stages.{new[1]}] must be a table")
+        if new[2] in stage and stage[new[2]] != value:
+            raise ConfigError(f"{source}: {'.'.join(old)} = {value!r} contradicts {'.'.join(new)} = "
+                              f"{stage[new[2]]!r}; keep only {'.'.join(new)}")
+        stage[new[2]] = value
 
 
 def _alias_value(path: Tuple[str, ...], value: Any, source: str) -> Any:
@@ -142,7 +228,7 @@ def _alias_value(path: Tuple[str, ...], value: Any, source: str) -> Any:
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin in (list, List):
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
@@ -199,7 +285,6 @@ def _build(cls, table: Dict[str, Any], path: Tuple[str, ...], source: str):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in table.items():
-        key = _alias(path, key, source)
         value = _alias_value(path + (key,), value, source)
         if key not in names:
             raise ConfigError(f"{source}: unknown key '{key}' in {where}{_suggest(key, names)}")
@@ -241,9 +326,16 @@ def parse_override(text: str) -> Tuple[Tuple[str, ...], Any]:
 
 def _apply_override(raw: Dict[str, Any], text: str) -> None:
     path, value = parse_override(text)
+    moved = _moved(path, f"override {text!r}")
+    if moved is not None:
+        if value == 0 and not isinstance(value, bool):  # the old "0: not set", now: leave the key out
+            table = raw.get("stages", {}).get(moved[1], {})
+            if isinstance(table, dict):
+                table.pop(moved[2], None)
+            return
+        path = moved
     cls, table = Config, raw
     for i, part in enumerate(path):
-        part = _alias(path[:i], part, f"override {text!r}")
         names = [f.name for f in dataclasses.fields(cls)]
         if part not in names:
             where = f"[{'.'.join(path[:i])}]" if i else "the top level"
@@ -268,13 +360,37 @@ def config_from_dict(raw: Dict[str, Any], overrides: Sequence[str] = (), source:
                      name: str = "run") -> Config:
     """A Config from a parsed TOML document plus overrides; ``name`` names the default out_dir (runs/<name>)."""
     raw = _deep_copy(raw)
+    _move_keys(raw, source)
     for text in overrides:
         _apply_override(raw, text)
     source = source + (f" (with overrides {', '.join(overrides)})" if overrides else "")
     config = _build(Config, raw, (), source)
+    _check_consistent(config, source)
     if not config.train.out_dir:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=f"runs/{name}"))
     return config
+
+
+def _check_consistent(config: Config, source: str) -> None:
+    """Settings that are valid alone but contradict each other: one line naming the keys and values."""
+    from epamx.data.pipelines import get_pipeline
+    from epamx.models.streams import modalities
+
+    d = config.data
+    if d.clip_len % d.rgb_every:
+        raise ConfigError(f"{source}: data.clip_len = {d.clip_len} must be a multiple of data.rgb_every = "
+                          f"{d.rgb_every} (the RGB stream reads every rgb_every-th pose frame)")
+    stages = STAGES if config.train.mode == "all" else (config.train.mode,)
+    for mode in stages:
+        pipeline = config.stage(mode).pipeline
+        problem = get_pipeline(pipeline).check_streams(modalities(mode))
+        if problem:
+            raise ConfigError(f"{source}: stages.{mode}.pipeline = {pipeline!r}: {problem}, which the {mode} stage "
+                              f"reads; use 'multimodal'" + (f" or '{mode}_only'" if mode != "epamnet" else ""))
+    if "epamnet" in stages and d.frame_size != 4 * d.heatmap_size:
+        raise ConfigError(f"{source}: data.frame_size = {d.frame_size} must be 4 x data.heatmap_size = "
+                          f"{d.heatmap_size} for the EPAM-Net stage (its attention maps pose features onto RGB "
+                          f"features of the same size)")
 
 
 def _deep_copy(value):
@@ -352,12 +468,15 @@ def _write_table(obj, path: Tuple[str, ...], lines: List[str]) -> None:
     values, tables = [], []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        if value is None:  # not set: left out, so that it takes its default
+            continue
         (tables if dataclasses.is_dataclass(value) else values).append((f.name, value))
-    if path:
+    if path and (values or not tables):  # a table of tables alone needs no header of its own
         lines.append(f"[{'.'.join(path)}]")
-    lines.extend(f"{k} = {_toml_value(v)}" for k, v in values)
-    if path:
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values)
         lines.append("")
+    elif not path:
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values)
     for k, v in tables:
         _write_table(v, path + (k,), lines)
 

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # 12 classes x (2 + 1) clips of 12 frames at 32x32; 6 pose frames at 8x8, 2 RGB frames at 32x32; one epoch a stage.
 TINY = ["data.embedded.train_per_class=2", "data.embedded.val_per_class=1", "data.embedded.frames=12",
         "data.embedded.image_size=32", "data.frame_size=32", "data.heatmap_size=8", "data.clip_len=6",
-        "train.batch_size=4", "train.workers=0", "train.pose_epochs=1", "train.rgb_epochs=1",
-        "train.epamnet_epochs=1", "train.epochs=1", "train.progress=false"]
+        "train.batch_size=4", "train.workers=0", "stages.pose.epochs=1", "stages.rgb.epochs=1",
+        "stages.epamnet.epochs=1", "train.epochs=1", "train.progress=false"]
 
 
 def tiny(tmp: Path, out: str = "run"):
@@ -77,7 +77,7 @@ def test_train_runs_the_three_stages_and_says_where(trained):
     root, run, rc, out = trained
     assert rc == 0, out
     for stage, primary in (("pose", "pose"), ("rgb", "rgb"), ("epamnet", "summed")):
-        assert re.search(rf"^\[{stage}\] held-out top1 \({primary}\): \d+\.\d\d%$", out, re.M), out
+        assert re.search(rf"^\[{stage}\] held-out top1 \({primary}\): \d+\.\d\d% \(last epoch, 1\)$", out, re.M), out
     assert f"Everything is in {run}/" in out
     for name in ("summary.json", "config.toml", "environment.json"):
         assert (run / name).is_file(), name
@@ -105,13 +105,13 @@ def test_epochs_sets_every_stage(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(epamx.train, "run", run)
     assert cli(capsys, "train", "--epochs", 3, f"train.out_dir={tmp_path}")[0] == 0
-    assert cli(capsys, "train", "--epochs", 3, "train.epamnet_epochs=1", f"train.out_dir={tmp_path}")[0] == 0
+    assert cli(capsys, "train", "--epochs", 3, "stages.epamnet.epochs=1", f"train.out_dir={tmp_path}")[0] == 0
     assert cli(capsys, "train", f"train.out_dir={tmp_path}")[0] == 0
-    stages = [[cfg.train.stage_epochs(m) for m in ("pose", "rgb", "epamnet")] for cfg in configs]
+    stages = [[cfg.stage(m).epochs for m in ("pose", "rgb", "epamnet")] for cfg in configs]
     from epamx.config import load_config
 
-    shipped = load_config("embedded").train
-    assert stages == [[3, 3, 3], [3, 3, 1], [shipped.stage_epochs(m) for m in ("pose", "rgb", "epamnet")]]
+    shipped = load_config("embedded")
+    assert stages == [[3, 3, 3], [3, 3, 1], [shipped.stage(m).epochs for m in ("pose", "rgb", "epamnet")]]
 
 
 # ---- eval --------------------------------------------------------------------------------------------------------

@@ -403,7 +403,7 @@ stage_tests() {
 
 stage_train() {
   local run_dir="$WORK/train" cache="$WORK/cache"
-  local args=(train --out "$run_dir" "data.cache_dir=\"$cache\"" train.pose_epochs=1 train.rgb_epochs=1 train.epamnet_epochs=1)
+  local args=(train --out "$run_dir" "data.cache_dir=\"$cache\"" stages.pose.epochs=1 stages.rgb.epochs=1 stages.epamnet.epochs=1)
   if ! has_module av; then
     NOTE="skipped: PyAV is not importable (carry its wheel in .whl/)"
     [ "$DRY" = 1 ] && show "$PYTHON" -m epamx "${args[@]}" --device cuda

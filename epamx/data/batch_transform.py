@@ -3,7 +3,7 @@
 Runs batched on the training device (GPU or CPU): horizontal flip of the frames (per clip), ImageNet mean/std
 normalisation, and the pose stream's crop -> rescale -> flip -> heatmap rendering (epamx.nn.PoseHeatmaps with
 the authors' MMCompact settings: padding 0.25, square, clipped to the image; GeneratePoseTarget: sigma 0.6,
-eps 1e-4, joints only).
+eps 1e-4, joints only). The pose-only pipeline's keypoints arrive cropped (by the workers): only flip and render.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from epamx.data.config import DataConfig
+from epamx.data.pipelines import get_pipeline
 from epamx.errors import DataError
 from epamx.nn import PoseHeatmaps
 from epamx.ops import COCO17_FLIP_PAIRS, NTU25_FLIP_PAIRS
@@ -32,19 +33,23 @@ class BatchTransform(nn.Module):
     heatmaps: float32 (N, K, T_p, h, w) rendered from the keypoints (None if ``"pose"`` is not in modalities);
     labels: int64 (N,). With ``channels_last`` both come in channels_last_3d memory.
 
-    ``cfg.skeleton`` names the joint layout: "coco17", "ntu25", or "any" (any joint count; a flip then mirrors the
+    ``pipeline`` (epamx.data.pipelines) is the one the clips were read through. ``cfg.skeleton`` names the joint
+    layout: "coco17", "ntu25", or "any" (any joint count; a flip then mirrors the
     coordinates without swapping left and right joints, so set ``flip_prob = 0`` unless the skeleton is symmetric).
     An unknown skeleton, or keypoints with another joint count, raise DataError.
     """
 
-    def __init__(self, cfg: DataConfig, modalities: Sequence[str] = ("rgb", "pose")):
+    def __init__(self, cfg: DataConfig, modalities: Sequence[str] = ("rgb", "pose"), pipeline: str = "multimodal"):
         super().__init__()
         if cfg.skeleton not in SKELETONS:
             raise DataError(f"data.skeleton must be one of {sorted(SKELETONS)}, got {cfg.skeleton!r}")
         self.modalities = tuple(modalities)
+        self.pipeline = get_pipeline(pipeline)
         self.num_joints, flip_pairs = SKELETONS[cfg.skeleton]
+        # multimodal: MMCompact here; pose_only: the workers cropped the keypoints to the heatmap grid already
         self.heatmaps = PoseHeatmaps(size=cfg.heatmap_size, sigma=cfg.sigma, eps=cfg.eps, padding=0.25,
-                                     threshold=10, hw_ratio=1.0, allow_imgpad=False, flip_pairs=flip_pairs)
+                                     threshold=10, hw_ratio=1.0, allow_imgpad=False, flip_pairs=flip_pairs,
+                                     crop=self.pipeline.pose_crop != "posec3d", flip_rule=cfg.keypoint_flip)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1), persistent=False)
 

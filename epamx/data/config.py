@@ -47,6 +47,7 @@ class DataConfig:
     max_persons: int = 2             # persons per clip kept (the highest-scoring ones)
     skeleton: str = "coco17"         # joint layout: "coco17", "ntu25" (left/right pairs for flipping) or "any"
     flip_prob: float = 0.5           # horizontal flip when training
+    keypoint_flip: str = "mirror"    # a flipped keypoint's x: "mirror" (W - 1) - x, as the frames; "authors" W - x
     skip_bad: bool = False           # skip unreadable samples (counted and logged) instead of stopping
     cache_dir: str = ""              # where the embedded dataset is cached ("" = $EPAMX_CACHE or ~/.cache/epamx)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)

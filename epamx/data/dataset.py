@@ -29,9 +29,10 @@ from epamx.data.annotations import check_labels, inferred_class_count, load_anno
 from epamx.data.batch_transform import SKELETONS
 from epamx.data.config import DataConfig
 from epamx.data.decoding import read_frame_folder, read_video
+from epamx.data.pipelines import get_pipeline
 from epamx.data.sampler import ClipSampler, sample_seed
 from epamx.data.sampling import rgb_frame_indices, uniform_sample_frames
-from epamx.data.transforms import crop_resize_frames, is_precropped, person_box, select_persons
+from epamx.data.transforms import crop_resize_frames, is_precropped, person_box, posec3d_keypoints, select_persons
 from epamx.errors import DataError, DataFileNotFound
 
 __all__ = ["ClipDataset", "SampleError", "build_dataset", "build_loader", "collate_clips"]
@@ -58,6 +59,10 @@ class ClipDataset(torch.utils.data.Dataset):
             cannot be cropped ones: they are cropped here whatever this says (with a warning), never squashed.
         clip_len, rgb_every, frame_size, max_persons, flip_prob: as in DataConfig.
         skip_bad: return None for an unreadable sample (collate drops it and counts it) instead of raising.
+        pipeline: the input pipeline's name (epamx.data.pipelines): "multimodal" (the default), "pose_only" (its
+            keypoints come cropped to a ``heatmap_size`` square, randomly when training) or "rgb_only" (its
+            ``clip_len // rgb_every`` frames sampled on their own).
+        heatmap_size: the heatmaps' side, the pose-only pipeline's keypoint grid.
 
     ``dataset[index]`` or ``dataset[(index, seed)]`` (what ClipSampler yields) is one clip; a sample that cannot be
     read raises SampleError naming the sample and the file, with the decoder's error as its cause. Settings out of
@@ -68,14 +73,19 @@ class ClipDataset(torch.utils.data.Dataset):
                  modalities: Sequence[str] = MODALITIES, video_root: str = "", video_suffix: str = ".mp4",
                  frame_root: str = "", frame_template: str = "img_{:05d}.jpg", rgb_precropped: bool = True,
                  clip_len: int = 48, rgb_every: int = 3, frame_size: int = 224, max_persons: int = 2,
-                 flip_prob: float = 0.5, skip_bad: bool = False):
+                 flip_prob: float = 0.5, skip_bad: bool = False, pipeline: str = "multimodal",
+                 heatmap_size: int = 56):
         modalities = tuple(modalities)
         if not modalities or any(m not in MODALITIES for m in modalities):
             raise ValueError(f"ClipDataset: modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+        self.pipeline = get_pipeline(pipeline)
+        problem = self.pipeline.check_streams(modalities)
+        if problem:
+            raise ValueError(f"ClipDataset: {problem}")
         if "rgb" in modalities and not (video_root or frame_root):
             raise ValueError("ClipDataset: the RGB stream needs video_root (videos) or frame_root (JPEG folders)")
         for name, value in (("clip_len", clip_len), ("rgb_every", rgb_every), ("frame_size", frame_size),
-                            ("max_persons", max_persons)):
+                            ("max_persons", max_persons), ("heatmap_size", heatmap_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ClipDataset: {name} must be an int >= 1, got {value!r}")
         if clip_len % rgb_every:
@@ -89,6 +99,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.frame_root, self.frame_template = frame_root, frame_template
         self.rgb_precropped = rgb_precropped
         self.clip_len, self.rgb_every, self.frame_size = clip_len, rgb_every, frame_size
+        self.heatmap_size = heatmap_size
         self.max_persons = max_persons
         self.flip_prob = flip_prob
         self.skip_bad = skip_bad
@@ -119,22 +130,32 @@ class ClipDataset(torch.utils.data.Dataset):
             raise SampleError(message) from e
 
     def _load(self, index: int, ann: Dict[str, Any], rng: np.random.RandomState) -> Dict[str, Any]:
-        inds = uniform_sample_frames(ann["total_frames"], self.clip_len, test_mode=not self.train, rng=rng)
+        if self.pipeline.rgb_sampling == "direct":  # the RGB frames sampled on their own (and the keypoints with them)
+            inds = uniform_sample_frames(ann["total_frames"], self.clip_len // self.rgb_every,
+                                         test_mode=not self.train, rng=rng)
+            rgb_inds = inds
+        else:
+            inds = uniform_sample_frames(ann["total_frames"], self.clip_len, test_mode=not self.train, rng=rng)
+            rgb_inds = rgb_frame_indices(inds, self.rgb_every)
         flip = bool(self.train and rng.rand() < self.flip_prob)
         kp_all, score_all = ann["keypoint"], ann["keypoint_score"]
         m, _, v, _ = kp_all.shape
         if m:
             kp, score = kp_all[:, inds], score_all[:, inds]
         else:
-            kp = np.zeros((0, self.clip_len, v, 2), np.float32)
-            score = np.zeros((0, self.clip_len, v), np.float32)
+            kp = np.zeros((0, len(inds), v, 2), np.float32)
+            score = np.zeros((0, len(inds), v), np.float32)
         kp, score = select_persons(np.nan_to_num(kp, nan=0.0), score, self.max_persons)
+        img_shape = tuple(ann["img_shape"])
+        if self.pipeline.pose_crop == "posec3d":  # cropped here, randomly when training; the device only rescales
+            kp = posec3d_keypoints(kp, img_shape, self.heatmap_size, rng if self.train else None)
+            img_shape = (self.heatmap_size, self.heatmap_size)
         sample = {"keypoint": torch.from_numpy(np.ascontiguousarray(kp, dtype=np.float32)),
                   "keypoint_score": torch.from_numpy(np.ascontiguousarray(score, dtype=np.float32)),
-                  "img_shape": torch.tensor(ann["img_shape"], dtype=torch.int64),
+                  "img_shape": torch.tensor(img_shape, dtype=torch.int64),
                   "flip": flip, "label": ann["label"], "index": index, "frame_dir": ann["frame_dir"]}
         if "rgb" in self.modalities:
-            sample["imgs"] = torch.from_numpy(self._frames(ann, rgb_frame_indices(inds, self.rgb_every)))
+            sample["imgs"] = torch.from_numpy(self._frames(ann, rgb_inds))
         return sample
 
     def _read_frames(self, ann: Dict[str, Any], inds: np.ndarray) -> np.ndarray:
@@ -211,10 +232,11 @@ def _class_names(cfg: DataConfig, ann_file: str, file_classes: Optional[List[str
 
 
 def build_dataset(cfg: DataConfig, split: str, train: bool, modalities: Sequence[str] = MODALITIES,
-                  num_classes: Optional[int] = None, progress: bool = True) -> ClipDataset:
+                  num_classes: Optional[int] = None, progress: bool = True,
+                  pipeline: str = "multimodal") -> ClipDataset:
     """The dataset ``cfg`` describes, for ``split`` ("train"/"val" or the pickle's own names; the config's
     train_split / val_split are what the training command passes). The embedded dataset is generated (and cached)
-    on first use.
+    on first use. ``pipeline`` names the input pipeline (epamx.data.pipelines; a training stage's own).
 
     Class names: data.label_map's, else the pickle's 'classes', else class_<i> for ``num_classes`` or, when that is
     None, for the count the labels imply (epamx.data.annotations.inferred_class_count, which refuses a label far
@@ -249,7 +271,7 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, modalities: Sequence
     names = _class_names(cfg, ann_file, file_classes, annotations, num_classes)
     return ClipDataset(annotations, names, train, modalities, video_root, cfg.video_suffix, frame_root,
                        cfg.frame_template, cfg.rgb_precropped, cfg.clip_len, cfg.rgb_every, cfg.frame_size,
-                       cfg.max_persons, cfg.flip_prob, cfg.skip_bad)
+                       cfg.max_persons, cfg.flip_prob, cfg.skip_bad, pipeline, cfg.heatmap_size)
 
 
 def _worker_init(_: int) -> None:

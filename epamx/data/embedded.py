@@ -31,7 +31,8 @@ __all__ = ["build_embedded", "embedded_dir", "CLASSES"]
 _VERSION = 6  # bump when the generator's output changes, so old caches are not reused
 
 
-def _cache_root(cfg: DataConfig) -> Path:
+def cache_root(cfg: DataConfig) -> Path:
+    """Where epamx caches generated data: data.cache_dir, else $EPAMX_CACHE, else ~/.cache/epamx."""
     root = cfg.cache_dir or os.environ.get("EPAMX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "epamx")
     return Path(root)
 
@@ -39,7 +40,7 @@ def _cache_root(cfg: DataConfig) -> Path:
 def embedded_dir(cfg: DataConfig) -> Path:
     """The cache folder of the embedded dataset ``cfg.embedded`` describes (a hash of its settings)."""
     spec = json.dumps({"version": _VERSION, **dataclasses.asdict(cfg.embedded)}, sort_keys=True)
-    return _cache_root(cfg) / f"embedded-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+    return cache_root(cfg) / f"embedded-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
 
 
 def _clip_seed(seed: int, index: int) -> int:

@@ -1,17 +1,18 @@
 """The worker-side steps of the paper's pipeline, as small pure functions on NumPy arrays.
 
 What runs here is what must run per clip on the CPU: sampling frame indices, choosing persons, the persons' box
-for cropping raw RGB frames, and cropping/resizing those frames (uint8). Everything per-pixel on floats (the
-keypoint crop and rescale, flipping, heatmaps, normalisation) runs batched on the training device
-(epamx.data.BatchTransform).
+for cropping raw RGB frames, cropping/resizing those frames (uint8), and the pose-only pipeline's random keypoint
+crop (a few hundred coordinates). Everything per-pixel on floats (the multimodal pipeline's keypoint crop and
+rescale, flipping, heatmaps, normalisation) runs batched on the training device (epamx.data.BatchTransform).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ["compact_box", "crop_resize_frames", "is_precropped", "person_box", "select_persons"]
+__all__ = ["compact_box", "crop_resize_frames", "is_precropped", "person_box", "posec3d_keypoints", "random_resized_crop",
+           "select_persons"]
 
 # Frames whose aspect ratio is within this of the annotation image's are that image, scaled.
 _ASPECT_TOLERANCE = 0.02
@@ -51,6 +52,54 @@ def compact_box(keypoint: np.ndarray, img_shape: Tuple[int, int], padding: float
         x0, y0 = max(0.0, x0), max(0.0, y0)
         x1, y1 = min(float(w), x1), min(float(h), y1)
     return int(x0), int(y0), int(x1), int(y1)
+
+
+def random_resized_crop(rng: np.random.RandomState, img_shape: Tuple[int, int], area_range=(0.56, 1.0),
+                        aspect_range=(3 / 4, 4 / 3), max_attempts: int = 10) -> Tuple[int, int, int, int]:
+    """A random box (x0, y0, x1, y1) of an image of ``img_shape`` (h, w), as mmaction2's RandomResizedCrop draws it:
+    ``max_attempts`` (area fraction, log-uniform aspect ratio) candidates, the first that fits is placed at a random
+    integer offset; if none fits, the largest centred square."""
+    h, w = img_shape
+    area = h * w
+    ratios = np.exp(rng.uniform(np.log(aspect_range[0]), np.log(aspect_range[1]), size=max_attempts))
+    areas = rng.uniform(area_range[0], area_range[1], size=max_attempts) * area
+    widths = np.round(np.sqrt(areas * ratios)).astype(np.int32)
+    heights = np.round(np.sqrt(areas / ratios)).astype(np.int32)
+    for cw, ch in zip(widths, heights):
+        if ch <= h and cw <= w:
+            x0 = int(rng.randint(0, w - cw + 1))
+            y0 = int(rng.randint(0, h - ch + 1))
+            return x0, y0, x0 + int(cw), y0 + int(ch)
+    side = min(h, w)
+    x0, y0 = (w - side) // 2, (h - side) // 2
+    return x0, y0, x0 + side, y0 + side
+
+
+def posec3d_keypoints(keypoint: np.ndarray, img_shape: Tuple[int, int], size: int,
+                      rng: Optional[np.random.RandomState] = None, short_side: int = 64,
+                      area_range=(0.56, 1.0)) -> np.ndarray:
+    """The pose-only pipeline's keypoint geometry (PoseC3D's X3D recipe, the authors' dataPrep.py): keypoints
+    (M, T, V, 2) in the pixels of an image of ``img_shape`` (h, w) -> keypoints in the pixels of a ``size`` square.
+
+    PoseCompact (padding 0.25, threshold 10, hw_ratio 1, allow_imgpad=True: the box may extend beyond the image);
+    with ``rng`` (training) Resize to a short side of ``short_side`` -> RandomResizedCrop(``area_range``) -> Resize
+    to ``size``; without (testing) Resize to ``size`` directly. Scale factors are float32, as mmaction2's Resize.
+    Zeros mean "missing" (NaN is read as missing too): they stay 0 and draw nothing (their score is 0).
+    """
+    kp = np.nan_to_num(np.asarray(keypoint, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    missing = kp == 0
+    x0, y0, x1, y1 = compact_box(kp, img_shape, allow_imgpad=True)
+    kp = np.where(missing, kp, kp - np.array([x0, y0], dtype=np.float32))
+    h, w = y1 - y0, x1 - x0
+    if rng is not None:
+        scale = short_side / min(h, w)
+        new_w, new_h = int(w * scale + 0.5), int(h * scale + 0.5)
+        kp = kp * np.array([new_w / w, new_h / h], dtype=np.float32)
+        cx0, cy0, cx1, cy1 = random_resized_crop(rng, (new_h, new_w), area_range)
+        kp = np.where(missing, kp, kp - np.array([cx0, cy0], dtype=np.float32))
+        h, w = cy1 - cy0, cx1 - cx0
+    kp = kp * np.array([size / w, size / h], dtype=np.float32)
+    return np.where(missing, np.float32(0), kp).astype(np.float32)
 
 
 def person_box(keypoint: np.ndarray, img_shape: Tuple[int, int], frame_shape: Tuple[int, int]

@@ -153,15 +153,17 @@ def evaluate_checkpoint(loaded: LoadedModel, split: Optional[str] = None, *, pro
     cfg: Config = loaded.config
     info = D.init_distributed(cfg.train.device)
     meta, mode = loaded.meta, loaded.mode
+    recipe = cfg.stage(mode)
     dataset = build_dataset(cfg.data, split or cfg.data.val_split, train=False, modalities=modalities(mode),
-                            num_classes=meta["num_classes"], progress=progress and info.is_main)
+                            num_classes=meta["num_classes"], progress=progress and info.is_main,
+                            pipeline=recipe.pipeline)
     if int(dataset.num_classes) != meta["num_classes"]:
         raise CheckpointError(f"{loaded.checkpoint}: checkpoint has {meta['num_classes']} classes, the dataset "
                               f"{dataset.num_classes}")
-    loader = build_loader(dataset, cfg.train.batch_size, train=False, seed=cfg.train.seed, workers=cfg.train.workers,
+    loader = build_loader(dataset, recipe.batch_size, train=False, seed=cfg.train.seed, workers=cfg.train.workers,
                           rank=info.rank, world_size=info.world_size, pin_memory=info.device.type == "cuda")
     transform = build_batch_transform(cfg, mode, info.device)
     return evaluate(loaded.optimized(), loader, transform, mode=mode, device=info.device,
                     channels_last=resolve_channels_last(cfg.model.channels_last, info.device),
-                    amp_dtype=resolve_amp(cfg.train.amp, info.device), progress=progress,
+                    amp_dtype=resolve_amp(recipe.amp, info.device), progress=progress,
                     class_names=loaded.class_names)

@@ -93,7 +93,7 @@ def input_contract(loaded: LoadedModel, batch_size: Optional[int] = None) -> Dic
         "heatmaps": {"size": d.heatmap_size, "sigma": d.sigma, "eps": d.eps, "skeleton": d.skeleton,
                      "channels": cfg.model.pose_channels, "limbs": False},
         "sampling": {"clip_len": d.clip_len, "rgb_every": d.rgb_every, "frame_size": d.frame_size,
-                     "max_persons": d.max_persons},
+                     "max_persons": d.max_persons, "pipeline": cfg.stage(loaded.mode).pipeline},
     }
 
 

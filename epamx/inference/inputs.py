@@ -28,9 +28,9 @@ __all__ = ["build_batch_transform", "clip_batch", "clip_from_video", "clips", "c
 
 
 def build_batch_transform(cfg: Config, mode: str, device: torch.device) -> BatchTransform:
-    """The device-side transform for a model of ``mode``, on ``device``; the config's heatmap channels must be the
-    skeleton's joints."""
-    transform = data.BatchTransform(cfg.data, modalities(mode))
+    """The device-side transform for a model of ``mode``, on ``device``, for clips read through that stage's
+    pipeline (``cfg.stage(mode).pipeline``); the config's heatmap channels must be the skeleton's joints."""
+    transform = data.BatchTransform(cfg.data, modalities(mode), cfg.stage(mode).pipeline)
     joints = transform.num_joints
     if "pose" in transform.modalities and joints is not None and joints != cfg.model.pose_channels:
         raise ConfigError(f"model.pose_channels = {cfg.model.pose_channels}, but data.skeleton "
@@ -60,7 +60,7 @@ def _dataset(cfg: Config, annotations: List[Dict[str, Any]], class_names: Sequen
                        frame_root=frame_root or d.frame_root, frame_template=d.frame_template,
                        rgb_precropped=d.rgb_precropped if precropped is None else precropped,
                        clip_len=d.clip_len, rgb_every=d.rgb_every, frame_size=d.frame_size,
-                       max_persons=d.max_persons)
+                       max_persons=d.max_persons, pipeline=cfg.stage(mode).pipeline, heatmap_size=d.heatmap_size)
 
 
 def clips_from_annotations(cfg: Config, class_names: Sequence[str], mode: str, ann_file: str,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from epamx.config import Config
-from epamx.data import ClipDataset
+from epamx.data import ClipDataset, get_pipeline
 from epamx.data.decoding import DecodeError, decode_chunks
 from epamx.data.sampling import rgb_frame_indices, uniform_sample_frames
 from epamx.errors import ConfigError, DataError, DataFileNotFound
@@ -53,12 +53,17 @@ class WindowPlan:
     """Windows of ``length`` frames starting every ``stride`` frames, and the frames each samples (``offsets``,
     relative to its start; ``rgb_offsets`` those of the RGB stream)."""
 
-    def __init__(self, fps: float, window: float, stride: float, clip_len: int, rgb_every: int):
+    def __init__(self, fps: float, window: float, stride: float, clip_len: int, rgb_every: int,
+                 rgb_sampling: Optional[str] = "every"):
         self.fps = fps
         self.length = max(1, round(window * fps))
         self.stride = max(1, min(self.length, round(stride * fps)))
         self.offsets = uniform_sample_frames(self.length, clip_len, test_mode=True)
-        self.rgb_offsets = set(rgb_frame_indices(self.offsets, rgb_every).tolist())
+        if rgb_sampling == "direct":  # the rgb_only pipeline samples its frames on their own
+            rgb = uniform_sample_frames(self.length, clip_len // rgb_every, test_mode=True)
+        else:
+            rgb = rgb_frame_indices(self.offsets, rgb_every)
+        self.rgb_offsets = set(rgb.tolist())
 
     def start(self, k: int) -> int:
         return k * self.stride
@@ -132,7 +137,7 @@ def predict_timeline(model, cfg: Config, class_names: Sequence[str], mode: str, 
     path = os.fspath(video)
     if not os.path.isfile(path):
         raise DataFileNotFound(f"video {path} does not exist")
-    d = cfg.data
+    d, pipeline = cfg.data, cfg.stage(mode).pipeline
     made: PoseEstimator = (estimator or load_estimator("mediapipe"))()
     made.reset()
     keypoints, held, results = _Keypoints(), {}, []
@@ -141,7 +146,8 @@ def predict_timeline(model, cfg: Config, class_names: Sequence[str], mode: str, 
         for first, chunk, stream in decode_chunks(path, CHUNK, _QUEUE):
             if plan is None:
                 fps = float(stream.average_rate or stream.guessed_rate or 30)
-                plan, shape = WindowPlan(fps, window, stride, d.clip_len, d.rgb_every), chunk.shape[1:3]
+                plan = WindowPlan(fps, window, stride, d.clip_len, d.rgb_every, get_pipeline(pipeline).rgb_sampling)
+                shape = chunk.shape[1:3]
             held.update({first + i: chunk[i].copy() for i in range(len(chunk)) if plan.rgb_needed(first + i)})
             keypoints.add(first, *check_estimate(*made.estimate(chunk), len(chunk), made.num_joints,
                                                  type(made).__name__))
@@ -154,7 +160,8 @@ def predict_timeline(model, cfg: Config, class_names: Sequence[str], mode: str, 
                        "original_shape": shape, "total_frames": plan.length, "keypoint": kp, "keypoint_score": sc}
                 clip = _WindowClips(ann, held, start, class_names=class_names, modalities=modalities(mode),
                                     rgb_precropped=precropped, clip_len=d.clip_len, rgb_every=d.rgb_every,
-                                    frame_size=d.frame_size, max_persons=d.max_persons)
+                                    frame_size=d.frame_size, max_persons=d.max_persons, pipeline=pipeline,
+                                    heatmap_size=d.heatmap_size)
                 (prediction,) = predict(model, cfg, clip, top_k=top_k, batch_size=1, device=device)
                 results.append(_window_result(prediction, plan, next_k))
                 if on_window is not None:

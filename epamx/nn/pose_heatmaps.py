@@ -8,6 +8,8 @@ from torch import Tensor, nn
 from epamx.ops import COCO17_FLIP_PAIRS, render_heatmaps
 
 ImageShape = Union[Tensor, Sequence[float]]
+# flip_rule -> the width a flipped x is subtracted from, given the heatmap width W
+FLIP_RULES = {"mirror": lambda width: width - 1, "authors": lambda width: width}
 
 
 class PoseHeatmaps(nn.Module):
@@ -22,11 +24,11 @@ class PoseHeatmaps(nn.Module):
        with ``allow_imgpad=False`` clipped to the image first. The arithmetic follows NumPy 1.x on float32
        keypoints (the sum and difference of the extremes in float32, the rest in float64).
     2. Rescale the box to ``size`` (pyskl ``Resize(keep_ratio=False)``): x * float32(W / box width), likewise y.
-    3. Optionally flip horizontally: x -> (W - 1) - x in heatmap pixels, and swap the left/right joints of
-       ``flip_pairs``. This mirrors pixel centres, like flipping the frames (``img[:, ::-1]``) and like
-       ``GeneratePoseTarget(double=True)``'s heatmap flip; pyskl's keypoint ``Flip`` uses W - x instead, one pixel
-       off from both of those. (A rendered flip still differs from a flipped render at window edges, because the
-       3-sigma window is asymmetric.)
+    3. Optionally flip horizontally: x -> (W - 1) - x in heatmap pixels (``flip_rule="mirror"``), and swap the
+       left/right joints of ``flip_pairs``. This mirrors pixel centres, like flipping the frames (``img[:, ::-1]``)
+       and like ``GeneratePoseTarget(double=True)``'s heatmap flip; pyskl's keypoint ``Flip``, which the authors
+       trained with, uses W - x instead (``flip_rule="authors"``), one pixel off from both of those. (A rendered
+       flip still differs from a flipped render at window edges, because the 3-sigma window is asymmetric.)
     4. Render with :func:`epamx.ops.render_heatmaps`.
 
     Coordinates equal to 0 mean "missing" in PoseC3D annotations: as in pyskl, they are left out of the box and
@@ -46,13 +48,16 @@ class PoseHeatmaps(nn.Module):
             authors' multimodal pipeline's MMCompact uses).
         flip_pairs: (left, right) joint index pairs swapped by a flip (COCO-17's by default,
             ``epamx.ops.NTU25_FLIP_PAIRS`` for NTU's 25 joints).
+        crop: False skips step 1: the keypoints are already cropped (the pose-only pipeline crops them in the
+            loader's workers, epamx.data.transforms.posec3d_keypoints) and are only rescaled from img_shape.
+        flip_rule: "mirror" (x -> (W - 1) - x) or "authors" (x -> W - x), see step 3.
     """
 
     def __init__(self, size: Union[int, Tuple[int, int]] = 56, sigma: float = 0.6,
                  limbs: Optional[Sequence[Tuple[int, int]]] = None, with_joints: bool = True, eps: float = 1e-4,
                  padding: float = 0.25, threshold: float = 10.0, hw_ratio: Optional[float] = 1.0,
                  allow_imgpad: bool = True, flip_pairs: Sequence[Tuple[int, int]] = COCO17_FLIP_PAIRS,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, crop: bool = True, flip_rule: str = "mirror"):
         super().__init__()
         self.size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
         if len(self.size) != 2 or min(self.size) < 1:
@@ -63,6 +68,10 @@ class PoseHeatmaps(nn.Module):
             raise ValueError(f"PoseHeatmaps: padding must be >= 0, got {padding!r}")
         if hw_ratio is not None and not hw_ratio > 0:
             raise ValueError(f"PoseHeatmaps: hw_ratio must be > 0 or None, got {hw_ratio!r}")
+        if flip_rule not in FLIP_RULES:
+            raise ValueError(f"PoseHeatmaps: flip_rule must be one of {', '.join(FLIP_RULES)}, got {flip_rule!r}")
+        self.crop = bool(crop)
+        self.flip_rule = flip_rule
         self.sigma = float(sigma)
         self.limbs = tuple((int(a), int(b)) for a, b in limbs) if limbs is not None else None
         self.with_joints = with_joints
@@ -112,7 +121,7 @@ class PoseHeatmaps(nn.Module):
         y = torch.where(y != 0, y - y0.to(torch.float32).view(n, 1, 1, 1), y) * scale_y
         if flip is not None and flip is not False:
             flip = torch.as_tensor(flip, dtype=torch.bool, device=device).expand(n).view(n, 1, 1, 1)
-            x = torch.where(flip & (x != 0), (out_w - 1) - x, x)
+            x = torch.where(flip & (x != 0), FLIP_RULES[self.flip_rule](out_w) - x, x)
             order = self._flip_order(kp.shape[3], device)
             x = torch.where(flip, x[..., order], x)
             y = torch.where(flip, y[..., order], y)
@@ -127,7 +136,7 @@ class PoseHeatmaps(nn.Module):
         max_x = torch.where(valid_x, x, -inf).flatten(1).amax(1)
         min_y = torch.where(valid_y, y, inf).flatten(1).amin(1)
         max_y = torch.where(valid_y, y, -inf).flatten(1).amax(1)
-        compact = (max_x - min_x >= self.threshold) & (max_y - min_y >= self.threshold)
+        compact = (max_x - min_x >= self.threshold) & (max_y - min_y >= self.threshold) & self.crop
         # NumPy 1.x: float32 scalar + float32 scalar stays float32; dividing by the Python int 2 goes to float64.
         center_x = (max_x + min_x).double() / 2
         center_y = (max_y + min_y).double() / 2
@@ -159,8 +168,13 @@ class PoseHeatmaps(nn.Module):
         text = f"size={self.size}, sigma={self.sigma}, eps={self.eps}, with_joints={self.with_joints}"
         if self.limbs is not None:
             text += f", limbs={len(self.limbs)}"
-        text += (f", padding={self.padding}, threshold={self.threshold}, hw_ratio={self.hw_ratio}, "
-                 f"allow_imgpad={self.allow_imgpad}")
+        if self.crop:
+            text += (f", padding={self.padding}, threshold={self.threshold}, hw_ratio={self.hw_ratio}, "
+                     f"allow_imgpad={self.allow_imgpad}")
+        else:
+            text += ", crop=False"
+        if self.flip_rule != "mirror":
+            text += f", flip_rule={self.flip_rule!r}"
         if self.dtype is not None:
             text += f", dtype={self.dtype}"
         return text

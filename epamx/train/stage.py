@@ -24,7 +24,7 @@ from torch import nn
 
 import epamx
 from epamx import distributed as D
-from epamx.config import Config, to_toml
+from epamx.config import Config, StageSettings, to_toml
 from epamx.errors import CheckpointError, DataError, RunExistsError
 from epamx.inference.evaluation import Evaluation, evaluate, resolve_amp
 from epamx.inference.inputs import build_batch_transform
@@ -44,7 +44,7 @@ from epamx.train.epoch import cosine_schedule, train_one_epoch
 from epamx.train.signals import StopFlag, stop_on_signals
 from epamx.train.stage_log import StageLog
 
-__all__ = ["StageResult", "run_stage"]
+__all__ = ["StageResult", "best_evaluation", "run_stage"]
 
 Hook = Optional[Callable[[Dict[str, Any]], None]]
 
@@ -58,9 +58,34 @@ class StageResult:
     primary: str = ""
     stopped: bool = False
     resume_from: Optional[Path] = None   # the checkpoint a stopped stage continues from
+    epochs: int = 0                      # the last epoch, whose evaluation ``metrics`` is
+    best: Optional[Dict[str, Any]] = None  # the best held-out evaluation: {"epoch", "step", "metric", "metrics"}
 
     def headline(self, metric: str = "top1") -> float:
+        """The last epoch's held-out ``metric`` of the primary prediction (the headline)."""
         return self.metrics.get(self.primary, {}).get(metric, float("nan"))
+
+    def best_value(self, metric: str = "top1") -> float:
+        """The best epoch's held-out ``metric`` of the primary prediction (NaN when there is none)."""
+        if not self.best:
+            return float("nan")
+        return self.best["metrics"].get(self.primary, {}).get(metric, float("nan"))
+
+
+def best_evaluation(history: Sequence[Dict[str, Any]], metric: str) -> Optional[Dict[str, Any]]:
+    """Of a stage's held-out evaluations (its history's "eval" entries), the one whose primary prediction scores
+    the highest ``metric`` (the earliest of equals): {"epoch", "step", "metric", "metrics"}; None without any."""
+    best = None
+    for entry in history:
+        if entry.get("type") != "eval":
+            continue
+        value = entry["metrics"].get(entry["primary"], {}).get(metric, float("nan"))
+        if best is None or value > best[0]:
+            best = (value, entry)
+    if best is None:
+        return None
+    entry = best[1]
+    return {"epoch": entry["epoch"], "step": entry["step"], "metric": metric, "metrics": entry["metrics"]}
 
 
 @dataclass
@@ -68,6 +93,7 @@ class _Stage:
     """Everything one stage's steps share."""
     cfg: Config
     mode: str
+    recipe: StageSettings
     folder: Path
     info: D.DistInfo
     stop: StopFlag
@@ -114,7 +140,8 @@ def run_stage(cfg: Config, mode: str, out_dir=None, init_from: Sequence = (), *,
         raise ValueError(f"run_stage: mode must be one of {', '.join(MODES)}, got {mode!r}")
     info = D.init_distributed(cfg.train.device)
     folder = Path(out_dir) if out_dir is not None else Path(cfg.train.out_dir) / mode
-    stage = _Stage(cfg, mode, folder, info, stop if stop is not None else StopFlag(), on_iteration, to_toml(cfg))
+    stage = _Stage(cfg, mode, cfg.stage(mode), folder, info, stop if stop is not None else StopFlag(), on_iteration,
+                   to_toml(cfg))
     complete = _completed(stage)
     if complete is not None:
         return complete
@@ -143,7 +170,10 @@ def _completed(stage: _Stage) -> Optional[StageResult]:
         return None
     final = load_checkpoint(final_path)
     stage.say(f"already complete: {final_path} (delete it to train the stage again)")
-    return StageResult(stage.mode, stage.folder, final_path, final.get("metrics", {}), final.get("primary", ""))
+    history = final.get("history", [])
+    return StageResult(stage.mode, stage.folder, final_path, final.get("metrics", {}), final.get("primary", ""),
+                       epochs=max([e["epoch"] for e in history if e.get("type") == "eval"], default=0),
+                       best=best_evaluation(history, stage.cfg.train.metric))
 
 
 def _checkpoint_to_resume(stage: _Stage) -> Optional[Path]:
@@ -180,13 +210,13 @@ def _build_data(stage: _Stage) -> None:
     embedded dataset is generated on first use), the other ranks once it is there."""
     from epamx.data import build_dataset, build_loader
 
-    cfg, info, streams = stage.cfg, stage.info, modalities(stage.mode)
+    cfg, info, streams, pipeline = stage.cfg, stage.info, modalities(stage.mode), stage.recipe.pipeline
     if not info.is_main:
         D.barrier()
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True, modalities=streams,
-                              num_classes=cfg.model.num_classes or None, progress=info.is_main)
+                              num_classes=cfg.model.num_classes or None, progress=info.is_main, pipeline=pipeline)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False, modalities=streams,
-                            num_classes=train_set.num_classes, progress=info.is_main)
+                            num_classes=train_set.num_classes, progress=info.is_main, pipeline=pipeline)
     if info.is_main:
         D.barrier()
     if cfg.model.num_classes and cfg.model.num_classes != train_set.num_classes:
@@ -194,18 +224,18 @@ def _build_data(stage: _Stage) -> None:
                         f"classes; set model.num_classes = {train_set.num_classes} (or 0 to take the dataset's)")
     loader = dict(seed=cfg.train.seed, workers=cfg.train.workers, rank=info.rank, world_size=info.world_size,
                   pin_memory=info.device.type == "cuda")
-    stage.train_loader = build_loader(train_set, cfg.train.batch_size, train=True, **loader)
-    stage.val_loader = build_loader(val_set, cfg.train.batch_size, train=False, **loader)
+    stage.train_loader = build_loader(train_set, stage.recipe.batch_size, train=True, **loader)
+    stage.val_loader = build_loader(val_set, stage.recipe.batch_size, train=False, **loader)
     stage.transform = build_batch_transform(cfg, stage.mode, info.device)
     stage.class_names = list(train_set.class_names)
 
 
 def _build_training(stage: _Stage, init_from: Sequence) -> None:
     """The model (initialised from ``init_from``, then wrapped for DDP), SGD, the schedule and the scaler."""
-    cfg, info, mode = stage.cfg, stage.info, stage.mode
+    cfg, info, mode, recipe = stage.cfg, stage.info, stage.mode, stage.recipe
     num_classes = len(stage.class_names)
     stage.channels_last = resolve_channels_last(cfg.model.channels_last, info.device)
-    stage.amp_dtype = resolve_amp(cfg.train.amp, info.device)
+    stage.amp_dtype = resolve_amp(recipe.amp, info.device)
     model = build_model(mode, num_classes, cfg.model.pose_channels, cfg.model.fused, cfg.model.dropout)
     model.memory_format = memory_format_name(stage.channels_last)
     model = model.to(info.device, memory_format=torch.channels_last_3d if stage.channels_last
@@ -217,18 +247,18 @@ def _build_training(stage: _Stage, init_from: Sequence) -> None:
     # rank draws its own dropout masks.
     _seed_process(cfg, info, info.rank)
     stage.model = D.wrap_model(model, info, cfg.model.sync_bn)
-    batch, world = cfg.train.batch_size, info.world_size
-    stage.optimizer = torch.optim.SGD(stage.model.parameters(), lr=cfg.optim.stage_lr_per_16(mode) * batch * world / 16,
-                                      momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                                      nesterov=cfg.optim.nesterov)
+    batch, world = recipe.batch_size, info.world_size
+    stage.optimizer = torch.optim.SGD(stage.model.parameters(), lr=recipe.lr_per_16 * batch * world / 16,
+                                      momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                                      nesterov=recipe.nesterov)
     stage.train_loader.sampler.set_epoch(0, 0)
     stage.iters_per_epoch = len(stage.train_loader)
     if stage.iters_per_epoch == 0:
         raise DataError(f"[{mode}] the training split {cfg.data.train_split!r} yields no full batch of {batch} clips "
-                        f"per process (train.batch_size)")
-    stage.epochs = cfg.train.stage_epochs(mode)
-    stage.scheduler = cosine_schedule(stage.optimizer, stage.epochs * stage.iters_per_epoch, cfg.optim.warmup_iters,
-                                      cfg.optim.min_lr)
+                        f"per process (stages.{mode}.batch_size or train.batch_size)")
+    stage.epochs = recipe.epochs
+    stage.scheduler = cosine_schedule(stage.optimizer, stage.epochs * stage.iters_per_epoch, recipe.warmup_iters,
+                                      recipe.min_lr)
     stage.scaler = torch.amp.GradScaler(info.device.type, enabled=stage.amp_dtype == torch.float16)
     stage.meta = {"mode": mode, "num_classes": num_classes, "pose_channels": cfg.model.pose_channels,
                   "class_names": stage.class_names, "world_size": world, "batch_size": batch,
@@ -304,7 +334,7 @@ def _train_epochs(stage: _Stage):
             result = train_one_epoch(
                 stage.model, stage.train_loader, stage.transform, stage.optimizer, stage.scheduler, mode=stage.mode,
                 device=stage.info.device, epoch=epoch, start_iter=stage.start_iter if epoch == stage.start_epoch else 0,
-                scaler=stage.scaler, amp_dtype=stage.amp_dtype, clip_grad=cfg.optim.clip_grad,
+                scaler=stage.scaler, amp_dtype=stage.amp_dtype, clip_grad=stage.recipe.clip_grad,
                 channels_last=stage.channels_last, stop=stage.stop, on_iteration=lambda r: _iteration_done(stage, r),
                 progress=cfg.train.progress, desc=f"[{stage.mode}] epoch {epoch + 1}/{stage.epochs}")
             if result.stopped:
@@ -330,13 +360,16 @@ def _train_epochs(stage: _Stage):
 def _finish(stage: _Stage, evaluation: Evaluation) -> StageResult:
     """final.pt, the evaluation's report and the training curves (rank 0), then every rank returns together."""
     final_path = stage.folder / "final.pt"
+    best = best_evaluation(stage.history, stage.cfg.train.metric)
     if stage.info.is_main:
         from epamx.plots import plot_training_curves
 
         final = {"meta": stage.meta, "model": D.unwrap(stage.model).state_dict(), "config": stage.config_text,
                  "metrics": evaluation.metrics, "primary": evaluation.primary, "history": stage.history}
         save_checkpoint(final, final_path)
-        write_evaluation_report(stage.folder, evaluation, f"{stage.mode} stage: {evaluation.primary} predictions")
+        write_evaluation_report(stage.folder, evaluation, f"{stage.mode} stage: {evaluation.primary} predictions",
+                                {"epoch": stage.epochs, "best_epoch": best})
         plot_training_curves(stage.folder / "log.jsonl", stage.folder / "curves.png", title=f"{stage.mode} stage")
     D.barrier()
-    return StageResult(stage.mode, stage.folder, final_path, evaluation.metrics, evaluation.primary)
+    return StageResult(stage.mode, stage.folder, final_path, evaluation.metrics, evaluation.primary,
+                       epochs=stage.epochs, best=best)

@@ -105,7 +105,8 @@ def test_onnx_file_is_standard_small_and_carries_its_contract(onnx_file, run):
     assert contract["rgb_normalisation"]["mean"] == [123.675, 116.28, 103.53]
     assert contract["heatmaps"] == {"size": 8, "sigma": 0.6, "eps": 1e-4, "skeleton": "coco17", "channels": 17,
                                     "limbs": False}
-    assert contract["sampling"] == {"clip_len": 6, "rgb_every": 3, "frame_size": 32, "max_persons": 2}
+    assert contract["sampling"] == {"clip_len": 6, "rgb_every": 3, "frame_size": 32, "max_persons": 2,
+                                    "pipeline": "multimodal"}
     assert contract["epamx_version"] == epamx.__version__
 
 

@@ -67,7 +67,7 @@ class SyntheticClips(torch.utils.data.Dataset):
 
 
 def build_dataset(cfg, split: str, train: bool, modalities=("rgb", "pose"), num_classes=None,
-                  progress=True) -> SyntheticClips:
+                  progress=True, pipeline="multimodal") -> SyntheticClips:
     if num_classes is not None and num_classes < NUM_CLASSES:
         raise ValueError(f"synthetic: label {NUM_CLASSES - 1} >= num_classes = {num_classes}")
     dataset = SyntheticClips(cfg, split, train, modalities)
@@ -88,7 +88,7 @@ class BatchTransform(nn.Module):
     """uint8 frames -> normalised float (N, 3, T, H, W), flipped where 'flip'; keypoints -> heatmaps."""
     num_joints = 17
 
-    def __init__(self, cfg, modalities=("rgb", "pose")):
+    def __init__(self, cfg, modalities=("rgb", "pose"), pipeline="multimodal"):
         super().__init__()
         self.cfg, self.modalities = cfg, tuple(modalities)
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1, 1), persistent=False)

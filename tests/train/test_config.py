@@ -161,73 +161,116 @@ def test_configs_are_frozen():
         config.train.epochs = 3
 
 
-# ---- per-stage epochs and learning rates (0: the shared value) ---------------------------------------------------
+# ---- per-stage recipes ([stages.<stage>]; a key left out takes [train]'s or [optim]'s) ---------------------------
 
 STAGES = ("pose", "rgb", "epamnet")
 
 
-def test_stage_settings_inherit_the_shared_ones_by_default():
-    config = config_from_dict({"train": {"epochs": 4}, "optim": {"lr_per_16": 0.01}})
-    assert [config.train.stage_epochs(s) for s in STAGES] == [4, 4, 4]
-    assert [config.optim.stage_lr_per_16(s) for s in STAGES] == [0.01, 0.01, 0.01]
+def test_a_stage_takes_the_shared_settings_by_default():
+    config = config_from_dict({"train": {"epochs": 4, "batch_size": 8, "amp": "off"},
+                               "optim": {"lr_per_16": 0.01, "weight_decay": 1e-4, "nesterov": True}})
+    for s in STAGES:
+        recipe = config.stage(s)
+        assert (recipe.mode, recipe.pipeline, recipe.epochs, recipe.batch_size, recipe.lr_per_16) == \
+            (s, "multimodal", 4, 8, 0.01)
+        assert (recipe.weight_decay, recipe.nesterov, recipe.amp, recipe.momentum) == (1e-4, True, "off", 0.9)
 
 
-def test_a_stage_setting_overrides_only_its_stage():
-    config = config_from_dict({"train": {"epochs": 4, "rgb_epochs": 7}, "optim": {"lr_per_16": 0.01}},
-                              ["optim.epamnet_lr_per_16=0.002", "train.pose_epochs=1", "optim.pose_lr_per_16=3"])
-    assert [config.train.stage_epochs(s) for s in STAGES] == [1, 7, 4]
-    assert [config.optim.stage_lr_per_16(s) for s in STAGES] == [3.0, 0.01, 0.002]
-    # 0 sets a stage back to the shared value
-    config = config_from_dict({"train": {"epochs": 4, "pose_epochs": 6, "rgb_epochs": 5, "epamnet_epochs": 2},
-                               "optim": {"lr_per_16": 0.04, "pose_lr_per_16": 0.1, "rgb_lr_per_16": 0.05,
-                                         "epamnet_lr_per_16": 0.02}},
-                              ["train.epamnet_epochs=0", "optim.rgb_lr_per_16=0", "train.epochs=9"])
-    assert [config.train.stage_epochs(s) for s in STAGES] == [6, 5, 9]
-    assert [config.optim.stage_lr_per_16(s) for s in STAGES] == [0.1, 0.04, 0.02]
+def test_a_stage_table_overrides_only_its_stage():
+    config = config_from_dict({"train": {"epochs": 4}, "optim": {"lr_per_16": 0.01},
+                               "stages": {"rgb": {"epochs": 7, "pipeline": "rgb_only", "batch_size": 3}}},
+                              ["stages.epamnet.lr_per_16=0.002", "stages.pose.epochs=1", "stages.pose.lr_per_16=3",
+                               "stages.pose.pipeline=pose_only", "stages.pose.amp=bf16"])
+    assert [config.stage(s).epochs for s in STAGES] == [1, 7, 4]
+    assert [config.stage(s).lr_per_16 for s in STAGES] == [3.0, 0.01, 0.002]
+    assert [config.stage(s).pipeline for s in STAGES] == ["pose_only", "rgb_only", "multimodal"]
+    assert [config.stage(s).batch_size for s in STAGES] == [12, 3, 12]
+    assert [config.stage(s).amp for s in STAGES] == ["bf16", "auto", "auto"]
+
+
+def test_the_old_per_stage_keys_move_to_their_stage_with_a_warning():
+    with pytest.warns(FutureWarning) as warned:
+        config = config_from_dict({"train": {"epochs": 4, "pose_epochs": 6, "rgb_epochs": 0},
+                                   "optim": {"lr_per_16": 0.04, "epamnet_lr_per_16": 0.02}},
+                                  ["train.epamnet_epochs=2", "optim.rgb_lr_per_16=0.5"])
+    messages = " | ".join(str(w.message) for w in warned)
+    assert "train.pose_epochs is now stages.pose.epochs" in messages
+    assert "optim.rgb_lr_per_16 is now stages.rgb.lr_per_16" in messages
+    assert [config.stage(s).epochs for s in STAGES] == [6, 4, 2]      # rgb_epochs = 0 meant "not set"
+    assert [config.stage(s).lr_per_16 for s in STAGES] == [0.04, 0.5, 0.02]
+    with pytest.warns(FutureWarning):  # an old 0 override still means "the shared value"
+        config = config_from_dict({"stages": {"pose": {"epochs": 9}}}, ["train.pose_epochs=0"])
+    assert config.stage("pose").epochs == config.train.epochs
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="train.pose_epochs = 3 contradicts "
+                                                                        "stages.pose.epochs = 5"):
+        config_from_dict({"train": {"pose_epochs": 3}, "stages": {"pose": {"epochs": 5}}})
 
 
 def test_the_shipped_stage_settings():
     embedded = load_config("embedded")  # tuned to train from scratch in minutes: every stage set on its own
-    assert all(getattr(embedded.train, f"{s}_epochs") > 0 for s in STAGES)
-    assert all(getattr(embedded.optim, f"{s}_lr_per_16") > 0.001 for s in STAGES)
-    for name in AUTHORS:  # the authors' recipe: the same for every stage
+    assert all(embedded.stages.__dict__[s].epochs and embedded.stage(s).lr_per_16 > 0.001 for s in STAGES)
+    for name in AUTHORS:  # the paper's recipe per stage (sources in the config's comments)
         config = load_config(name)
-        assert [config.train.stage_epochs(s) for s in STAGES] == [10, 10, 10]
-        assert [config.optim.stage_lr_per_16(s) for s in STAGES] == [0.001, 0.001, 0.001]
+        pose, rgb, epamnet = (config.stage(s) for s in STAGES)
+        assert (pose.pipeline, pose.epochs, pose.batch_size, pose.lr_per_16) == ("pose_only", 240, 32, 0.025)
+        assert (rgb.pipeline, rgb.epochs, rgb.batch_size, rgb.lr_per_16) == ("rgb_only", 205, 12, 0.025)
+        assert (epamnet.pipeline, epamnet.epochs, epamnet.batch_size, epamnet.lr_per_16) == \
+            ("multimodal", 10, 12, 0.001)
+        assert {pose.amp, rgb.amp, epamnet.amp} == {"off"}                  # float32, as the authors
+        assert {pose.weight_decay, rgb.weight_decay, epamnet.weight_decay} == {3e-4}
+        assert config.data.keypoint_flip == "authors"
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.pose_epochs=-1", "train.pose_epochs must be >= 0"),
-    ("train.epamnet_epochs=1.5", "train.epamnet_epochs must be an integer"),
-    ("optim.rgb_lr_per_16=-0.1", "optim.rgb_lr_per_16 must be >= 0"),
-    ("optim.epamnet_lr_per_16=inf", "optim.epamnet_lr_per_16 must be finite"),
-    ("train.rgb_epoch=2", "unknown key 'rgb_epoch' in [train]; did you mean 'rgb_epochs'"),
-    ("optim.pose_lr=0.1", "unknown key 'pose_lr' in [optim]; did you mean 'pose_lr_per_16'"),
+    ("stages.pose.epochs=0", "stages.pose.epochs must be > 0"),
+    ("stages.epamnet.epochs=1.5", "stages.epamnet.epochs must be an integer"),
+    ("stages.rgb.lr_per_16=-0.1", "stages.rgb.lr_per_16 must be > 0"),
+    ("stages.rgb.weight_decay=-1", "stages.rgb.weight_decay must be >= 0"),
+    ("stages.epamnet.lr_per_16=inf", "stages.epamnet.lr_per_16 must be finite"),
+    ("stages.rgb.epoch=2", "unknown key 'epoch' in [stages.rgb]; did you mean 'epochs'"),
+    ("stages.fused.epochs=2", "unknown key 'fused' in [stages]"),
+    ("stages.pose.pipeline=pose", "stages.pose.pipeline must be one of \"multimodal\", \"pose_only\", \"rgb_only\""),
+    ("stages.pose.amp=bf32", "stages.pose.amp must be one of"),
+    ("data.keypoint_flip=left", "data.keypoint_flip must be one of \"mirror\", \"authors\", got \"left\""),
+    # settings that contradict each other
+    ("stages.epamnet.pipeline=pose_only", "stages.epamnet.pipeline = 'pose_only': pipeline 'pose_only' feeds only "
+                                          "the pose stream, not rgb, which the epamnet stage reads"),
+    ("stages.pose.pipeline=rgb_only", "stages.pose.pipeline = 'rgb_only': pipeline 'rgb_only' feeds only the rgb "
+                                      "stream, not pose"),
+    ("data.clip_len=13", "data.clip_len = 13 must be a multiple of data.rgb_every = 3"),
+    ("data.frame_size=60", "data.frame_size = 60 must be 4 x data.heatmap_size = 16 for the EPAM-Net stage"),
 ])
 def test_bad_stage_settings(override, message):
     with pytest.raises(ConfigError) as err:
         load_config("embedded", [override])
     assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_contradictions_only_count_for_the_stages_that_run():
+    config = load_config("embedded", ["train.mode=pose", "stages.epamnet.pipeline=pose_only", "data.frame_size=60"])
+    assert config.stage("pose").pipeline == "multimodal"
 
 
 def test_stage_settings_round_trip(tmp_path):
-    config = load_config("embedded", ["train.rgb_epochs=3", "optim.pose_lr_per_16=0.125"])
+    config = load_config("ntu60_xsub", ["stages.rgb.epochs=3", "stages.pose.lr_per_16=0.125", "stages.rgb.nesterov=true"])
     text = to_toml(config)
-    assert "rgb_epochs = 3" in text and "pose_lr_per_16 = 0.125" in text
+    assert "[stages.rgb]\npipeline = \"rgb_only\"\nepochs = 3\n" in text and "lr_per_16 = 0.125" in text
+    assert "momentum" not in text.split("[stages.pose]")[1]  # unset keys are left out, so they keep inheriting
     assert load_config(write(tmp_path, text)) == config
 
 
 def test_the_stage_s_old_name_is_read_as_an_alias_with_a_warning():
     """The EPAM-Net stage was called "fused" (a word that now means only the C++ kernels): old configs still load."""
-    with pytest.warns(FutureWarning, match="train.fused_epochs is now train.epamnet_epochs"):
+    with pytest.warns(FutureWarning, match="train.fused_epochs is now stages.epamnet.epochs"):
         config = config_from_dict({"train": {"mode": "all", "fused_epochs": 3}})
-    assert config.train.epamnet_epochs == 3
+    assert config.stage("epamnet").epochs == 3
     with pytest.warns(FutureWarning) as warned:
         config = config_from_dict({"train": {"mode": "fused"}}, ["optim.fused_lr_per_16=0.5"])
     messages = [str(w.message) for w in warned]
     assert any("train.mode = 'fused' is now 'epamnet'" in m for m in messages), messages
-    assert any("optim.fused_lr_per_16 is now optim.epamnet_lr_per_16" in m for m in messages), messages
-    assert config.train.mode == "epamnet" and config.optim.epamnet_lr_per_16 == 0.5
+    assert any("optim.fused_lr_per_16 is now stages.epamnet.lr_per_16" in m for m in messages), messages
+    assert config.train.mode == "epamnet" and config.stage("epamnet").lr_per_16 == 0.5
 
 
 @pytest.mark.parametrize("value", ["runs/a b", 'quote " and \\ back', "tab\tline\nünï", ["a.pt", "b c.pt"], 3, True])

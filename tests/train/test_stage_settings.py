@@ -1,5 +1,6 @@
-"""Per-stage epochs and learning rates (train.<stage>_epochs, optim.<stage>_lr_per_16) in a run: each stage trains
-its own number of epochs, from its own learning rate, with a cosine schedule spanning just those epochs."""
+"""Per-stage recipes ([stages.<stage>]) in a run: each stage trains its own number of epochs, with its own batch
+size, from its own learning rate, with a cosine schedule spanning just those epochs; the best held-out epoch is
+reported beside the last."""
 import json
 import math
 
@@ -37,9 +38,9 @@ def assert_stage(folder, epochs, lr_per_16):
 def test_each_stage_of_the_protocol_runs_its_own_epochs_at_its_own_lr(tmp_path, synthetic_data):
     cfg = synthetic_data.tiny_config(tmp_path, "all", [
         f"train.batch_size={BATCH}", "train.epochs=1", "optim.lr_per_16=0.02",
-        "train.pose_epochs=3", "optim.pose_lr_per_16=0.08",        # both its own
-        "optim.rgb_lr_per_16=0.04",                                # its own lr, the shared epochs
-        "train.epamnet_epochs=2"])                                   # its own epochs, the shared lr
+        "stages.pose.epochs=3", "stages.pose.lr_per_16=0.08",      # both its own
+        "stages.rgb.lr_per_16=0.04",                               # its own lr, the shared epochs
+        "stages.epamnet.epochs=2"])                                # its own epochs, the shared lr
     result = run(cfg)
     assert list(result.stages) == ["pose", "rgb", "epamnet"] and not result.stopped
     assert_stage(tmp_path / "pose", epochs=3, lr_per_16=0.08)
@@ -49,8 +50,46 @@ def test_each_stage_of_the_protocol_runs_its_own_epochs_at_its_own_lr(tmp_path, 
 
 def test_a_single_stage_takes_its_settings_too(tmp_path, synthetic_data):
     cfg = synthetic_data.tiny_config(tmp_path, "pose", [
-        f"train.batch_size={BATCH}", "train.epochs=5", "optim.lr_per_16=0.02", "train.pose_epochs=1",
-        "optim.pose_lr_per_16=0.16", "train.rgb_epochs=4", "optim.rgb_lr_per_16=0.01"])
+        f"train.batch_size={BATCH}", "train.epochs=5", "optim.lr_per_16=0.02", "stages.pose.epochs=1",
+        "stages.pose.lr_per_16=0.16", "stages.rgb.epochs=4", "stages.rgb.lr_per_16=0.01"])
     run(cfg)
     assert_stage(tmp_path / "pose", epochs=1, lr_per_16=0.16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "environment.json", "pose", "summary.json"]
+
+
+def test_a_stage_s_own_batch_size(tmp_path, synthetic_data):
+    cfg = synthetic_data.tiny_config(tmp_path, "pose", [
+        "train.batch_size=2", "train.epochs=1", "stages.pose.batch_size=6", "stages.pose.lr_per_16=0.16"])
+    run(cfg)
+    train, _ = records(tmp_path / "pose")
+    assert len(train) == 24 // 6
+    assert train[0]["lr"] == pytest.approx(0.16 * 6 / 16)
+    assert load_checkpoint(tmp_path / "pose" / "final.pt")["meta"]["batch_size"] == 6
+
+
+def test_the_best_epoch_is_reported_beside_the_last(tmp_path, synthetic_data, capsys):
+    from epamx.train.stage import best_evaluation
+
+    cfg = synthetic_data.tiny_config(tmp_path, "pose", [f"train.batch_size={BATCH}", "train.epochs=4"])
+    result = run(cfg).stages["pose"]
+    _, evals = records(tmp_path / "pose")
+    top1 = [e["metrics"]["pose"]["top1"] for e in evals]
+    best = max(range(len(top1)), key=lambda i: (top1[i], -i))
+    assert result.epochs == 4 and result.headline() == top1[-1]         # the headline is the last epoch
+    assert result.best["epoch"] == best + 1 and result.best_value() == top1[best]
+    metrics = json.loads((tmp_path / "pose" / "metrics.json").read_text())
+    assert metrics["epoch"] == 4 and metrics["best_epoch"]["epoch"] == best + 1
+    summary = json.loads((tmp_path / "summary.json").read_text())["stages"]["pose"]
+    assert summary["best_epoch"]["epoch"] == best + 1 and summary["epoch"] == 4
+    out = capsys.readouterr().out
+    assert "(last epoch, 4)" in out
+    if best + 1 != 4:
+        assert f"best {100 * top1[best]:.2f}% (epoch {best + 1})" in out
+    # ties go to the earliest epoch; no evaluation, no best
+    history = [{"type": "eval", "epoch": e, "step": e, "primary": "pose", "metrics": {"pose": {"top1": v}}}
+               for e, v in ((1, 0.5), (2, 0.7), (3, 0.7), (4, 0.6))]
+    assert best_evaluation(history, "top1")["epoch"] == 2
+    assert best_evaluation([{"type": "train"}], "top1") is None
+    # a complete stage run again reports the same
+    again = run(cfg).stages["pose"]
+    assert (again.epochs, again.best["epoch"]) == (4, best + 1)
