@@ -150,6 +150,7 @@ class Config:
 
 
 STAGES = ("pose", "rgb", "epamnet")  # the authors' protocol, in order
+_STREAMS = {"pose": ("pose",), "rgb": ("rgb",), "epamnet": ("rgb", "pose")}  # what each stage's model reads
 _AMP = ("auto", "bf16", "fp16", "off")
 _CHOICES = {
     ("train", "mode"): ("rgb", "pose", "epamnet", "all"),
@@ -374,7 +375,6 @@ def config_from_dict(raw: Dict[str, Any], overrides: Sequence[str] = (), source:
 def _check_consistent(config: Config, source: str) -> None:
     """Settings that are valid alone but contradict each other: one line naming the keys and values."""
     from epamx.data.pipelines import get_pipeline
-    from epamx.models.streams import modalities
 
     d = config.data
     if d.clip_len % d.rgb_every:
@@ -383,7 +383,7 @@ def _check_consistent(config: Config, source: str) -> None:
     stages = STAGES if config.train.mode == "all" else (config.train.mode,)
     for mode in stages:
         pipeline = config.stage(mode).pipeline
-        problem = get_pipeline(pipeline).check_streams(modalities(mode))
+        problem = get_pipeline(pipeline).check_streams(_STREAMS[mode])
         if problem:
             raise ConfigError(f"{source}: stages.{mode}.pipeline = {pipeline!r}: {problem}, which the {mode} stage "
                               f"reads; use 'multimodal'" + (f" or '{mode}_only'" if mode != "epamnet" else ""))
