@@ -112,3 +112,40 @@ def test_plan_clips_must_be_two_counts(value, capsys):
         main(["train", "--plan", "--plan-clips", value])
     assert exit_.value.code == 2
     assert f"--plan-clips: expected TRAIN,VAL clip counts (two integers >= 1), got '{value}'" in capsys.readouterr().err
+
+
+class _FakeTrial:
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.recipe = type("R", (), {"mode": "rgb"})()
+
+
+@pytest.mark.parametrize("device, memory, per_clip, base, batch, expected", [
+    ("cuda", 80, 3, 2, 12, (12, None)),      # fits: measured at the config's batch
+    ("cuda", 80, 9, 2, 12, (7, 7)),          # 2 + 9 * 7 = 65 <= 72 < 2 + 9 * 8: the largest that fits, found by trying
+    ("cuda", 80, 30, 5, 12, (2, 2)),
+    ("cpu", 100, 5, 10, 12, (12, None)),      # 10 + 5 * 12 = 70 <= 90
+    ("cpu", 100, 9, 10, 12, (8, 8)),          # estimated from batches 1 and 2: (90 - 19) // 9 + 1 = 8
+])
+def test_a_batch_that_does_not_fit_gets_the_largest_that_does(monkeypatch, device, memory, per_clip, base, batch,
+                                                              expected):
+    """The plan's batch search with the device's memory and each batch's peak stubbed: CUDA tries batches (an
+    out-of-memory error is caught), the CPU estimates from batches 1 and 2 (a CPU out of memory kills)."""
+    from epamx.train import plan
+
+    tried = []
+
+    def fits(trial, dataset, b, seed):
+        tried.append(b)
+        peak = base + per_clip * b
+        ok = peak <= memory * plan._HEADROOM
+        if trial.device.type == "cpu":
+            assert ok, f"the CPU tried batch {b}, which does not fit"
+        return ok, peak if ok else 0
+
+    monkeypatch.setattr(plan, "_fits", fits)
+    monkeypatch.setattr(plan, "_available", lambda device: memory)
+    chosen, advised, needed = plan._choose_batch(_FakeTrial(device), None, batch, 0)
+    assert (chosen, advised) == expected
+    assert (needed > memory * plan._HEADROOM) == (advised is not None and device == "cpu")
+    assert tried[:2] == [1, 2]
