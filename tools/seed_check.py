@@ -6,7 +6,7 @@ minimum of every column and the CPU's name. Exits 1 if a seed misses a goal (--m
 run fails.
 
     python tools/seed_check.py                                   # seeds 0, 1, 2 of the shipped embedded config
-    python tools/seed_check.py --seeds 0 1 2 3 4 train.rgb_epochs=10 optim.rgb_lr_per_16=0.1   # with overrides
+    python tools/seed_check.py --seeds 0 1 2 3 4 stages.rgb.epochs=10 stages.rgb.lr_per_16=0.1   # with overrides
     python tools/seed_check.py data.embedded.seed=1              # another dataset (generated first, and timed)
     python tools/seed_check.py --per-class train.mode=pose       # one stage; list each seed's imperfect classes
 
