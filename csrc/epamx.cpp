@@ -7,6 +7,7 @@
 #include "attention_reweight/attention_reweight.h"
 #include "batch_norm_act/batch_norm_act.h"
 #include "channel_pool/channel_pool.h"
+#include "common/cpu_cache.h"
 #include "common/cpu_isa.h"
 #include "render_heatmaps/render_heatmaps.h"
 #include "temporal_shift/temporal_shift.h"
@@ -67,6 +68,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cuda_runtime_version"] = pybind11::none();
 #endif
     return info;
+  });
+  // The caching CPU allocator behind epamx.memory.cpu_cache (see common/cpu_cache.h).
+  m.def("_cpu_cache_enter", &epamx::cpu_cache_enter);
+  m.def("_cpu_cache_exit", &epamx::cpu_cache_exit);
+  m.def("_cpu_cache_empty", &epamx::cpu_cache_empty);
+  m.def("_cpu_cache_size_class", &epamx::cpu_cache_size_class, pybind11::arg("nbytes"));
+  m.def("_cpu_cache_stats", [] {
+    const epamx::CpuCacheStats s = epamx::cpu_cache_stats();
+    pybind11::dict out;
+    out["active"] = s.active;
+    out["depth"] = s.depth;
+    out["in_use_bytes"] = s.in_use_bytes;
+    out["free_bytes"] = s.free_bytes;
+    out["peak_in_use_bytes"] = s.peak_in_use_bytes;
+    out["hits"] = s.hits;
+    out["misses"] = s.misses;
+    out["evictions"] = s.evictions;
+    out["min_bytes"] = epamx::kCacheMinBytes;
+    return out;
   });
   auto testing = m.def_submodule("_testing", "Hooks for epamx's own tests; not a public API");
   testing.def("temporal_shift_run_thread_bodies", &epamx::temporal_shift_run_thread_bodies, pybind11::arg("input"),

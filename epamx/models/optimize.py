@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 import warnings
 from typing import Any, Tuple
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from epamx.memory import cpu_cache_enter, cpu_cache_exit
 from epamx.models.epamnet import EPAMNet
 from epamx.models.memory_format import check_memory_format, resolve_memory_format
 from epamx.models.streams import PoseStream, RGBStream
@@ -58,6 +60,33 @@ def _outputs_to_float32(module: nn.Module, args: Tuple[Any, ...], output: Any) -
     return _cast_floating(output, torch.float32)
 
 
+class _CpuCacheHooks:
+    """Forward hooks that hold an epamx.memory.cpu_cache scope around each eager forward of a model on a CPU."""
+
+    def __init__(self):
+        self._entered = threading.local()
+
+    def _stack(self) -> list:
+        if not hasattr(self._entered, "stack"):
+            self._entered.stack = []
+        return self._entered.stack
+
+    def before(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        if torch.compiler.is_compiling():  # compiled code: the caller decides (docs/performance.md, Inference)
+            return
+        on_cpu = next(module.parameters()).device.type == "cpu"
+        if on_cpu:
+            cpu_cache_enter()
+        self._stack().append(on_cpu)
+
+    def after(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        stack = self._stack()
+        if stack and stack.pop():
+            cpu_cache_exit()
+
+
 def _resolve_dtype(dtype) -> torch.dtype:
     resolved = INFERENCE_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if resolved not in INFERENCE_DTYPES.values():
@@ -67,7 +96,7 @@ def _resolve_dtype(dtype) -> torch.dtype:
 
 
 def optimize_for_inference(model: nn.Module, memory_format: str = "auto",
-                           dtype: torch.dtype = torch.float32) -> nn.Module:
+                           dtype: torch.dtype = torch.float32, cache_memory: bool = True) -> nn.Module:
     """A copy of ``model`` (an :class:`EPAMNet`, :class:`RGBStream` or :class:`PoseStream`, on any device) for
     inference only; ``model`` itself is left as it was.
 
@@ -83,6 +112,9 @@ def optimize_for_inference(model: nn.Module, memory_format: str = "auto",
       the copy computes in bfloat16 (oneDNN's bfloat16 convolutions accumulate in float32); it takes float32
       inputs and returns float32 logits. On a CPU without bfloat16 instructions (:func:`cpu_has_bf16`) it warns
       that this is slower than float32.
+    - ``cache_memory`` (default True): on a CPU each forward runs in an :func:`epamx.memory.cpu_cache` scope, so
+      the next forward reuses its activations' memory (kept between calls: about 2.5x the activations of one
+      forward; :func:`epamx.memory.empty_cpu_cache` releases it). Compiled calls are left to the caller.
 
     The logits match the original's in eval mode within float rounding (|difference| <= 1e-4 for the
     2.5-million-parameter EPAM-Net in float32, about 1e-2 in bfloat16 with the same top-1 class). The copy can be compiled with ``torch.compile``; calling
@@ -118,4 +150,8 @@ def optimize_for_inference(model: nn.Module, memory_format: str = "auto",
         fast = fast.to(dtype)
         fast.register_forward_pre_hook(_inputs_to(dtype))
         fast.register_forward_hook(_outputs_to_float32)
+    if cache_memory:
+        hooks = _CpuCacheHooks()
+        fast.register_forward_pre_hook(hooks.before, prepend=True)
+        fast.register_forward_hook(hooks.after, always_call=True)
     return fast

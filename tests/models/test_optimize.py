@@ -201,6 +201,41 @@ def test_optimize_for_inference_refuses_other_modules_and_formats():
         optimize_for_inference(RGBStream(3), memory_format="nhwc")
 
 
+def test_optimized_model_reuses_activation_memory_with_identical_logits():
+    from epamx.memory import cpu_cache_stats, empty_cpu_cache
+    model = epamnet(num_classes=7)
+    g = torch.Generator().manual_seed(3)
+    imgs, heatmaps = torch.randn(1, 3, 8, 128, 128, generator=g), torch.rand(1, 17, 24, 32, 32, generator=g)
+    plain = optimize_for_inference(model, cache_memory=False)
+    cached = optimize_for_inference(model)
+    empty_cpu_cache()
+    with torch.no_grad():
+        want = plain(imgs, heatmaps)
+        before = cpu_cache_stats()
+        plain(imgs, heatmaps)
+        assert cpu_cache_stats()["misses"] == before["misses"]  # cache_memory=False: untouched
+        first = cached(imgs, heatmaps)
+        after_first = cpu_cache_stats()
+        second = cached(imgs, heatmaps)
+        after_second = cpu_cache_stats()
+    assert not after_second["active"]
+    assert after_first["misses"] > before["misses"]
+    assert after_second["misses"] == after_first["misses"]  # the second forward allocates nothing new
+    assert after_second["hits"] > after_first["hits"]
+    for out in (first, second):
+        for g_, w in zip(out, want):
+            assert torch.equal(g_, w)
+
+
+def test_a_failing_forward_closes_its_memory_scope():
+    from epamx.memory import cpu_cache_stats
+    fast = optimize_for_inference(epamnet())
+    imgs, heatmaps = small_clip()
+    with pytest.raises(ValueError, match="must be a multiple of the RGB frames"), torch.no_grad():
+        fast(imgs[:, :, :1].expand(-1, -1, 5, -1, -1), heatmaps)
+    assert cpu_cache_stats()["depth"] == 0
+
+
 def test_optimized_model_compiles():
     model = epamnet("contiguous")
     fast = optimize_for_inference(model)

@@ -1,0 +1,201 @@
+#include "common/cpu_cache.h"
+
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <iterator>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace epamx {
+namespace {
+
+class CachingCpuAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    if (n < kCacheMinBytes) {
+      // The default allocator's memory (enter() installs the cache only over it), so that either one may free a
+      // buffer the other allocated: oneDNN frees its raw buffers through whichever allocator is current then.
+      void* data = c10::alloc_cpu(n);
+      return {data, data, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
+    }
+    size_t size = cpu_cache_size_class(n);
+    std::vector<void*> evicted;
+    void* data = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      data = take(size, evicted);
+    }
+    for (void* p : evicted) c10::free_cpu(p);
+    // No huge-page advice on fresh buffers (unlike empty_for_overwrite): where the kernel compacts memory on a
+    // huge-page fault, the first forward pass ran 5x slower with it, and later passes reuse the buffers anyway.
+    if (data == nullptr) {
+      try {
+        data = c10::alloc_cpu(size);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        in_use_bytes_ -= size;
+        throw;
+      }
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    live_[data] = size;
+    return {data, data, &CachingCpuAllocator::release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &CachingCpuAllocator::release; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  void enter() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (depth_++ == 0) {
+      ++scopes_;
+      previous_ = c10::GetCPUAllocator();
+      // Only over PyTorch's default allocator, whose buffers (c10::alloc_cpu) this one can free and vice versa.
+      installed_ = previous_ == c10::GetDefaultCPUAllocator();
+      if (!installed_) TORCH_WARN_ONCE("epamx cpu_cache: another CPU allocator is installed; the cache stays off");
+      // The highest priority, so that nothing registered with a default priority displaces it mid-scope; the
+      // allocator it replaced is put back with the same priority on the way out.
+      if (installed_) c10::SetCPUAllocator(this, kPriority);
+    }
+  }
+
+  // The last scope out also releases the free buffers that neither it nor the scope before it used: after a
+  // change of input shapes, the old shapes' buffers go back once two forward passes have not needed them.
+  void exit() {
+    std::vector<void*> stale;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      TORCH_CHECK(depth_ > 0, "epamx cpu_cache: exit without a matching enter");
+      if (--depth_ > 0) return;
+      if (installed_) c10::SetCPUAllocator(previous_, kPriority);
+      installed_ = false;
+      previous_ = nullptr;
+      for (auto it = free_.begin(); it != free_.end();) {
+        if (it->second.scope + 1 < scopes_) {
+          stale.push_back(it->second.data);
+          free_bytes_ -= it->first;
+          ++evictions_;
+          it = free_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (void* p : stale) c10::free_cpu(p);
+  }
+
+  void empty() {
+    std::vector<void*> released;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto& entry : free_) released.push_back(entry.second.data);
+      free_.clear();
+      free_bytes_ = 0;
+    }
+    for (void* p : released) c10::free_cpu(p);
+  }
+
+  CpuCacheStats stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {installed_, depth_, in_use_bytes_, free_bytes_, peak_in_use_bytes_, hits_, misses_, evictions_};
+  }
+
+  static CachingCpuAllocator& instance() {
+    // Never destroyed: tensors freed during interpreter shutdown still call release().
+    static auto* allocator = new CachingCpuAllocator();
+    return *allocator;
+  }
+
+ private:
+  static constexpr uint8_t kPriority = 255;
+  static constexpr size_t kReserveFactor = 4;
+
+  // Under the lock: the smallest free buffer that fits `size` without wasting more than a quarter of it, or
+  // nullptr after choosing free buffers to release (into `evicted`, largest first) so that the buffers reserved
+  // (in use + free) stay within kReserveFactor times the most ever in use at once. A change of input shapes then
+  // recycles memory instead of growing the cache. Sets `size` to the buffer's own size.
+  void* take(size_t& size, std::vector<void*>& evicted) {
+    void* data = nullptr;
+    auto it = free_.lower_bound(size);
+    if (it != free_.end() && it->first - size <= size / 4) {
+      size = it->first;
+      data = it->second.data;
+      free_.erase(it);
+      free_bytes_ -= size;
+      ++hits_;
+    } else {
+      ++misses_;
+      const size_t limit = kReserveFactor * std::max(peak_in_use_bytes_, in_use_bytes_ + size);
+      while (!free_.empty() && in_use_bytes_ + free_bytes_ + size > limit) {
+        auto largest = std::prev(free_.end());
+        evicted.push_back(largest->second.data);
+        free_bytes_ -= largest->first;
+        free_.erase(largest);
+        ++evictions_;
+      }
+    }
+    in_use_bytes_ += size;
+    peak_in_use_bytes_ = std::max(peak_in_use_bytes_, in_use_bytes_);
+    return data;
+  }
+
+  // Also oneDNN's raw deleter while the cache is installed: a buffer it does not know came from c10::alloc_cpu
+  // (a small one of its own, or the default allocator's) and goes back there.
+  static void release(void* data) {
+    auto& self = instance();
+    std::unique_lock<std::mutex> lock(self.mutex_);
+    auto it = self.live_.find(data);
+    if (it == self.live_.end()) {
+      lock.unlock();
+      c10::free_cpu(data);
+      return;
+    }
+    const size_t size = it->second;
+    self.live_.erase(it);
+    self.in_use_bytes_ -= size;
+    self.free_.emplace(size, FreeBuffer{data, self.scopes_});
+    self.free_bytes_ += size;
+  }
+
+  std::mutex mutex_;
+  c10::Allocator* previous_ = nullptr;
+  bool installed_ = false;
+  int64_t depth_ = 0;
+  struct FreeBuffer {
+    void* data;
+    uint64_t scope;  // the outermost scope it was last freed in
+  };
+  std::multimap<size_t, FreeBuffer> free_;
+  uint64_t scopes_ = 0;  // outermost scopes opened so far
+  std::unordered_map<void*, size_t> live_;
+  size_t in_use_bytes_ = 0;
+  size_t free_bytes_ = 0;
+  size_t peak_in_use_bytes_ = 0;
+  int64_t hits_ = 0;
+  int64_t misses_ = 0;
+  int64_t evictions_ = 0;
+};
+
+}  // namespace
+
+size_t cpu_cache_size_class(size_t n) {
+  size_t power = 1;  // the largest power of two <= n
+  while (power <= n / 2) power <<= 1;
+  const size_t step = power / 16;
+  return (n + step - 1) / step * step;
+}
+
+void cpu_cache_enter() { CachingCpuAllocator::instance().enter(); }
+void cpu_cache_exit() { CachingCpuAllocator::instance().exit(); }
+void cpu_cache_empty() { CachingCpuAllocator::instance().empty(); }
+CpuCacheStats cpu_cache_stats() { return CachingCpuAllocator::instance().stats(); }
+
+}  // namespace epamx

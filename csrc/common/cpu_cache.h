@@ -1,0 +1,40 @@
+#pragma once
+// A caching allocator for large CPU buffers, active while at least one scope holds it (epamx.memory.cpu_cache).
+//
+// While active it is torch's CPU allocator: a request of kCacheMinBytes or more is served by the smallest free
+// cached buffer that fits it with at most a quarter to spare, and the buffer goes back to the free list when its
+// tensor is freed, instead of to the C library (which returns such buffers to the kernel, so the next forward
+// pass faults every page in again). Smaller requests get the default allocator's memory. The free buffers that
+// neither the last nor the one before last outermost scope used are released when a scope closes, and a miss
+// releases free buffers (largest first) while the reserve would exceed 4x the most ever in use at once.
+// What it buys: docs/performance.md, Inference.
+#include <cstddef>
+#include <cstdint>
+
+namespace epamx {
+
+constexpr size_t kCacheMinBytes = size_t(1) << 20;
+
+struct CpuCacheStats {
+  bool active;
+  int64_t depth;          // open scopes
+  size_t in_use_bytes;    // cached-class buffers now held by tensors
+  size_t free_bytes;      // buffers in the free lists
+  size_t peak_in_use_bytes;
+  int64_t hits;           // requests served from the free lists
+  int64_t misses;         // requests that allocated fresh memory
+  int64_t evictions;      // free buffers released to keep the reserve at or below the peak in use
+};
+
+// Opens a scope: the first one installs the cache as torch's CPU allocator.
+void cpu_cache_enter();
+// Closes a scope: the last one puts back the allocator that was there before. Throws if none is open.
+void cpu_cache_exit();
+// Releases every free buffer to the C library; buffers held by tensors come back to the cache when freed.
+void cpu_cache_empty();
+CpuCacheStats cpu_cache_stats();
+// The size a request of n bytes (n >= kCacheMinBytes) is rounded up to: a multiple of 1/16 of the largest power
+// of two <= n, so within 1/16 of n.
+size_t cpu_cache_size_class(size_t n);
+
+}  // namespace epamx

@@ -1,0 +1,60 @@
+"""A caching allocator for large CPU buffers: repeated forward passes reuse the memory of the last one.
+
+PyTorch's CPU tensors come from the C library's malloc, which hands buffers of more than a few tens of MB straight
+back to the operating system when they are freed; the next forward pass then faults every page of its activations
+in again, zero-filled, a pass over memory of its own. While a :func:`cpu_cache` scope is open (the models that
+:func:`epamx.models.optimize_for_inference` returns open one around each CPU forward), buffers of at least
+``min_bytes`` (1 MiB) freed by tensors stay with epamx and serve the next request of their size class (sizes are
+rounded up by at most 1/16). Smaller buffers go to the allocator the cache replaced.
+
+The cache never reserves more than the most memory its buffers ever held in use at once: a request that finds no
+free buffer of its class first releases free buffers of other classes. Buffers stay cached after the scope
+closes, for the next one; :func:`empty_cpu_cache` hands the free ones back. What it buys: docs/performance.md,
+Inference.
+
+While a scope is open the cache is the CPU allocator of the whole process (every thread), as PyTorch's own
+allocator is; it is safe to use from several threads and to nest.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator
+
+from epamx._extension import load_extension
+
+__all__ = ["cpu_cache", "cpu_cache_enter", "cpu_cache_exit", "cpu_cache_stats", "empty_cpu_cache"]
+
+
+@contextlib.contextmanager
+def cpu_cache() -> Iterator[None]:
+    """Within this block, large CPU tensors are allocated from (and freed back to) epamx's cache; scopes nest."""
+    cpu_cache_enter()
+    try:
+        yield
+    finally:
+        cpu_cache_exit()
+
+
+def cpu_cache_enter() -> None:
+    """Open a :func:`cpu_cache` scope (for hooks that cannot hold a ``with`` block); pair it with
+    :func:`cpu_cache_exit`."""
+    load_extension()._cpu_cache_enter()
+
+
+def cpu_cache_exit() -> None:
+    """Close the scope :func:`cpu_cache_enter` opened; RuntimeError if none is open."""
+    load_extension()._cpu_cache_exit()
+
+
+def cpu_cache_stats() -> Dict[str, Any]:
+    """The cache's state: ``active`` (a scope is open), ``depth`` (open scopes), ``in_use_bytes`` (its buffers
+    held by tensors), ``free_bytes`` (cached, free), ``peak_in_use_bytes``, ``hits`` / ``misses`` (requests served
+    from the cache / freshly allocated), ``evictions`` (free buffers released to make room) and ``min_bytes`` (the
+    smallest request it serves)."""
+    return dict(load_extension()._cpu_cache_stats())
+
+
+def empty_cpu_cache() -> None:
+    """Release every free cached buffer to the C library (buffers still held by tensors return to the cache when
+    they are freed)."""
+    load_extension()._cpu_cache_empty()
