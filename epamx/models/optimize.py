@@ -104,9 +104,9 @@ def optimize_for_inference(model: nn.Module, memory_format: str = "auto",
       spatial conv+BN).
     - The copy computes in ``memory_format`` ("auto": channels_last_3d on CPU, contiguous on CUDA), its weights
       converted once, here.
-    - The Swish activations run in place.
-    - Parameters no longer require gradients; the copy is in eval mode. The fused epamx ops are kept (with the
-      temporal shift done in place around its convolution).
+    - The Swish activations run in place; squeeze-and-excitation's gate and the Swish after it are one pass.
+    - Parameters no longer require gradients; the copy is in eval mode. The fused epamx ops are kept (without
+      ``cache_memory``, the temporal shift is done in place around its convolution).
 
     - ``dtype=torch.bfloat16`` (or ``"bfloat16"``): the folded weights are converted to bfloat16 once, here, and
       the copy computes in bfloat16 (oneDNN's bfloat16 convolutions accumulate in float32); it takes float32
@@ -135,8 +135,12 @@ def optimize_for_inference(model: nn.Module, memory_format: str = "auto",
         elif isinstance(module, SpatialTemporalAttention):
             module.spatial_conv = _fold(module.spatial_conv, module.spatial_bn)
             module.spatial_bn = nn.Identity()
-        elif isinstance(module, XShiftBlock) and isinstance(module.swish, nn.SiLU):
-            module.swish = nn.SiLU(inplace=True)
+        elif isinstance(module, XShiftBlock):
+            if isinstance(module.swish, nn.SiLU):
+                module.swish = nn.SiLU(inplace=True)
+            # With the memory cache the shifted copy costs no fresh allocation: one pass over the block's input
+            # instead of shifting it in place and restoring it.
+            module.inplace_shift = not cache_memory
     fast.requires_grad_(False)
     device = next(fast.parameters()).device
     fmt = resolve_memory_format(memory_format, device)

@@ -95,13 +95,14 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Conv3d(self.bottleneck, channels, kernel_size=1)
 
     def gate(self, pooled: Tensor) -> Tensor:
-        """The per-sample channel factors (N, C) from the channel means (N, C)."""
-        n, c = pooled.shape
-        return torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled.view(n, c, 1, 1, 1))))).view(n, c)
+        """The per-sample channel factors (N, C) from the channel means (N, C). The 1x1x1 convolutions run as the
+        linear maps they are (on (N, C, 1, 1, 1) PyTorch's convolution takes a slow path)."""
+        hidden = torch.relu(F.linear(pooled, self.fc1.weight.flatten(1), self.fc1.bias))
+        return torch.sigmoid(F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias))
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=(2, 3, 4), keepdim=True)))))
-        return x * scale
+        n, c = x.shape[:2]
+        return x * self.gate(x.mean(dim=(2, 3, 4))).view(n, c, 1, 1, 1)
 
 
 class XShiftBlock(nn.Module):
@@ -149,12 +150,13 @@ class XShiftBlock(nn.Module):
             out = batch_norm_act(self.conv1.bn, self.shift.conv(self.conv1.conv, x), "relu")
         else:
             out = self.conv1(self.shift(x))
-        if self.se_module is None and isinstance(self.swish, nn.SiLU) and self.conv2.folded_applies(out):
+        swish = isinstance(self.swish, nn.SiLU)
+        if self.se_module is None and swish and self.conv2.folded_applies(out):
             out = self.conv2.conv_act(out, "swish")
         elif self.fused and fused_batch_norm_applies(self.conv2.bn, out):
             se = self.se_module
             out = batch_norm_act(self.conv2.bn, self.conv2.convolve(out),
-                                 "silu" if isinstance(self.swish, nn.SiLU) else "identity",
+                                 "silu" if swish else "identity",
                                  se.gate if se is not None else None, tuple(se.parameters()) if se is not None else ())
         else:
             out = self.conv2(out)
