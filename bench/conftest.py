@@ -79,17 +79,18 @@ def device(request):
 @pytest.fixture
 def compare(benchmark, request):
     """compare(op, case, impls, *, device, baseline="reference", bytes_moved=0, yardstick="copy", ratios=(),
-    cuda_calls=20, repeats=None, min_rounds=None) -> harness.Case
+    cuda_calls=20, repeats=None, min_rounds=None, settle=0.0) -> harness.Case
 
     Times the callables of `impls` (name -> fn, all on the same inputs) interleaved and records the case for the
     table. bytes_moved: an int for all, or name -> bytes (0: no GB/s). yardstick: the implementation the vs-copy
     column divides by (ignored when absent). On CUDA a timed block is `cuda_calls` calls. The benchmark fixture
     times whole rounds (every implementation once), so pytest-benchmark's own table and JSON show a round's
-    time; extra_info holds each implementation's median and ratio."""
+    time; extra_info holds each implementation's median and ratio. settle: seconds slept (untimed) before each
+    timed call (harness.Interleaved)."""
     config = request.config
 
     def run(op: str, case: str, impls: dict, *, device, baseline="reference", bytes_moved=0, yardstick="copy",
-            ratios=(), cuda_calls=20, repeats=None, min_rounds=None) -> Case:
+            ratios=(), cuda_calls=20, repeats=None, min_rounds=None, settle=0.0) -> Case:
         device = torch.device(device)
         for name in [baseline] + [n for pair in ratios for n in pair]:
             if name is not None and name not in impls:
@@ -99,13 +100,13 @@ def compare(benchmark, request):
         sync = (lambda: torch.cuda.synchronize(device)) if cuda else None
         if benchmark.disabled:
             _STATE["smoke"] = True
-            timed = Interleaved(impls, 1, 1, calls, sync)
+            timed = Interleaved(impls, 1, 1, calls, sync, settle=settle)
         else:
             repeats = repeats or config.getoption("--bench-repeats")
-            round_seconds = warm_up(impls, config.getoption("--bench-warmup"), calls, sync)
+            round_seconds = warm_up(impls, config.getoption("--bench-warmup"), calls, sync, settle=settle)
             rounds = plan_rounds(round_seconds, config.getoption("--bench-time") * len(impls), repeats,
                                  min_rounds or config.getoption("--bench-min-rounds"))
-            timed = Interleaved(impls, repeats, rounds, calls, sync)
+            timed = Interleaved(impls, repeats, rounds, calls, sync, settle=settle)
         benchmark.group = f"{op} | {case}"
         benchmark.pedantic(timed.run, args=(1,), rounds=timed.total)
         nbytes = bytes_moved if isinstance(bytes_moved, dict) else {name: bytes_moved for name in impls}

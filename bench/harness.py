@@ -106,11 +106,15 @@ class Interleaved:
     A round calls every implementation once: in the given order on even rounds of a repeat, in reverse on odd
     ones. Garbage is collected before each repeat, not during one (gc stays off while the rounds run). On CUDA
     (`synchronize` given) a timed block is `calls` calls between two synchronisations, so neither launch latency
-    nor the synchronisation itself counts as kernel time; the time kept is the block's / calls."""
+    nor the synchronisation itself counts as kernel time; the time kept is the block's / calls. `settle`: seconds
+    of sleep (untimed) before each timed block, so that a runtime whose idle threads spin after a call (ONNX
+    Runtime's intra-op pool does, for tens of ms) does not take the CPUs from the implementation timed next."""
 
     def __init__(self, fns: Mapping[str, Callable], repeats: int, rounds: int, calls: int = 1,
-                 synchronize: Optional[Callable] = None, timer: Callable[[], float] = time.perf_counter):
+                 synchronize: Optional[Callable] = None, timer: Callable[[], float] = time.perf_counter,
+                 settle: float = 0.0, sleep: Callable[[float], None] = time.sleep):
         self.fns = dict(fns)
+        self.settle, self.sleep = settle, sleep
         self.repeats, self.rounds, self.calls = repeats, rounds, calls
         self.synchronize = synchronize or (lambda: None)
         self.timer = timer
@@ -128,6 +132,8 @@ class Interleaved:
         order = list(self.fns) if index % 2 == 0 else list(reversed(self.fns))
         for name in order:
             fn = self.fns[name]
+            if self.settle > 0:
+                self.sleep(self.settle)
             self.synchronize()
             start = self.timer()
             for _ in range(self.calls):
@@ -154,10 +160,10 @@ class Interleaved:
 
 
 def warm_up(fns: Mapping[str, Callable], seconds: float, calls: int = 1, synchronize: Optional[Callable] = None,
-            timer: Callable[[], float] = time.perf_counter) -> float:
+            timer: Callable[[], float] = time.perf_counter, settle: float = 0.0) -> float:
     """Interleaved rounds until `seconds` have passed, at least two (a first call may pay one-time costs, such as
     allocations and lazy initialisation); returns the last round's seconds, which plans the timed rounds."""
-    warm = Interleaved(fns, 1, 1_000_000, calls, synchronize, timer)
+    warm = Interleaved(fns, 1, 1_000_000, calls, synchronize, timer, settle)
     start = timer()
     while True:
         round_start = timer()

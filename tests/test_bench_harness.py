@@ -52,6 +52,20 @@ def test_cuda_blocks_time_several_calls_between_synchronisations():
     assert timed.samples["a"] == [[0.5]]
 
 
+def test_settle_sleeps_before_each_timed_call_and_is_not_timed():
+    clock, log, sleeps = _Clock(), [], []
+
+    def sleep(seconds):
+        sleeps.append((seconds, len(log)))
+        clock.now += seconds
+
+    fns = {"a": clock.cost("a", 2.0, log), "b": clock.cost("b", 1.0, log)}
+    timed = harness.Interleaved(fns, repeats=1, rounds=2, timer=clock, settle=0.25, sleep=sleep)
+    timed.run()
+    assert sleeps == [(0.25, 0), (0.25, 1), (0.25, 2), (0.25, 3)]
+    assert timed.samples == {"a": [[2.0, 2.0]], "b": [[1.0, 1.0]]}
+
+
 def test_ratio_spread_and_noise_limit():
     # b is twice as fast as a in repeat 0 and 3x in repeat 1: a spread of 1 on a median of 2.5 (40% > 25%)
     case = harness.Case("op", "cpu", "case", {"a": [[2.0, 2.0], [3.0, 3.0]], "b": [[1.0, 1.0], [1.0, 1.0]]},

@@ -118,7 +118,8 @@ class CachingCpuAllocator final : public c10::Allocator {
   static constexpr uint8_t kPriority = 255;
   static constexpr size_t kReserveFactor = 4;
 
-  // Under the lock: the smallest free buffer that fits `size` without wasting more than a quarter of it, or
+  // Under the lock: the smallest free buffer that fits `size` without wasting more than a quarter of it (the
+  // last freed of its size), or
   // nullptr after choosing free buffers to release (into `evicted`, largest first) so that the buffers reserved
   // (in use + free) stay within kReserveFactor times the most ever in use at once. A change of input shapes then
   // recycles memory instead of growing the cache. Sets `size` to the buffer's own size.
@@ -126,6 +127,8 @@ class CachingCpuAllocator final : public c10::Allocator {
     void* data = nullptr;
     auto it = free_.lower_bound(size);
     if (it != free_.end() && it->first - size <= size / 4) {
+      // Of the buffers of that size, the one freed last: the likeliest to be still in the CPU's caches.
+      it = std::prev(free_.upper_bound(it->first));
       size = it->first;
       data = it->second.data;
       free_.erase(it);

@@ -134,7 +134,7 @@ def _trace(loaded: LoadedModel, batch_size: Optional[int]) -> torch.export.Expor
     memory, on the CPU; the batch dimension dynamic unless ``batch_size`` fixes it."""
     model = loaded.model.cpu()
     model.fused = True
-    model = optimize_for_inference(model, "contiguous")
+    model = optimize_for_inference(model, "contiguous", cache_memory=False)
     shapes = _input_shapes(loaded.config, loaded.mode)
     # an example batch of 2: torch.export would specialise a dynamic dimension traced at size 1
     example = tuple(torch.randn(batch_size or 2, *shape) for shape in shapes.values())

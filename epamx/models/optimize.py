@@ -5,7 +5,7 @@ import copy
 import functools
 import threading
 import warnings
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,17 +42,21 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags or torch.backends.cpu.get_cpu_capability() == "AVX512_BF16"
 
 
-def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+def _cast_floating(value: Any, dtype: torch.dtype, clip_format: Optional[torch.memory_format] = None) -> Any:
+    """value's floating tensors in ``dtype``; 5-D ones (clips) also in ``clip_format`` where given, in the same
+    pass (the forward would otherwise convert the cast copy again)."""
     if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+        if clip_format is not None and value.dim() == 5:
+            return value.to(dtype=dtype, memory_format=clip_format)
         return value.to(dtype)
     if isinstance(value, (tuple, list)):
-        return type(value)(_cast_floating(v, dtype) for v in value)
+        return type(value)(_cast_floating(v, dtype, clip_format) for v in value)
     return value
 
 
-def _inputs_to(dtype: torch.dtype):
+def _inputs_to(dtype: torch.dtype, clip_format: Optional[torch.memory_format]):
     def hook(module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
-        return _cast_floating(args, dtype)
+        return _cast_floating(args, dtype, clip_format)
     return hook
 
 
@@ -152,7 +156,7 @@ def optimize_for_inference(model: nn.Module, memory_format: str = "auto",
             warnings.warn("optimize_for_inference: this CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16): "
                           "bfloat16 inference will be slower than float32 here", RuntimeWarning, stacklevel=2)
         fast = fast.to(dtype)
-        fast.register_forward_pre_hook(_inputs_to(dtype))
+        fast.register_forward_pre_hook(_inputs_to(dtype, fmt))
         fast.register_forward_hook(_outputs_to_float32)
     if cache_memory:
         hooks = _CpuCacheHooks()
