@@ -13,13 +13,20 @@
 namespace epamx {
 namespace {
 
-// Copies `count` elements from `src`, or writes zeros where `src` is null (a frame outside the clip).
+constexpr int64_t kPixelBlock = 256;
+
+// Channels [c0, c0 + count) of `pixels` rows of `row` elements: copied from `src`'s same rows, or zeros where
+// `src` is null.
 template <typename bits_t>
-void copy_or_zero(bits_t* dst, const bits_t* src, int64_t count) {
-  if (src == nullptr) {
-    std::fill_n(dst, count, bits_t(0));
-  } else {
-    std::copy_n(src, count, dst);
+void patch_channels(bits_t* dst, const bits_t* src, int64_t c0, int64_t count, int64_t row, int64_t pixels) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    bits_t* o = dst + p * row + c0;
+    if (src == nullptr) {
+      for (int64_t k = 0; k < count; ++k) o[k] = bits_t(0);
+    } else {
+      const bits_t* i = src + p * row + c0;
+      for (int64_t k = 0; k < count; ++k) o[k] = i[k];
+    }
   }
 }
 
@@ -42,12 +49,16 @@ at::Tensor shift_copy_channels_last_cpu(const at::Tensor& x, const ShiftLayout& 
           return s < 0 ? nullptr : src + (f - t + s) * frame;
         };
         const bits_t *first = source(0), *second = source(L.fold), *rest = source(2 * L.fold);
-        bits_t* o = dst + f * frame;
-        for (int64_t p = 0; p < L.P; ++p, o += row) {
-          const int64_t at = p * row;
-          copy_or_zero(o, first ? first + at : nullptr, L.fold);
-          copy_or_zero(o + L.fold, second ? second + at + L.fold : nullptr, L.fold);
-          std::copy_n(rest + at + 2 * L.fold, row - 2 * L.fold, o + 2 * L.fold);
+        bits_t* frame_out = dst + f * frame;
+        // Per block of pixels: one bulk copy of whole rows from the unshifted frame, then the two shifted groups
+        // patched in while the block is in cache (per-pixel copies of a few channels each ran 3-7x slower than
+        // a plain copy of the tensor).
+        for (int64_t p0 = 0; p0 < L.P; p0 += kPixelBlock) {
+          const int64_t pixels = std::min(kPixelBlock, L.P - p0), at = p0 * row;
+          bits_t* o = frame_out + at;
+          std::copy_n(rest + at, pixels * row, o);
+          patch_channels(o, first ? first + at : nullptr, 0, L.fold, row, pixels);
+          patch_channels(o, second ? second + at : nullptr, L.fold, L.fold, row, pixels);
         }
       }
     });

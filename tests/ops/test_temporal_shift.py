@@ -20,6 +20,7 @@ SHAPES = [
     (2, 7, 2, 3, 1, 3),
     (2, 5, 3, 2, 2, 5),
     (1, 3, 5, 2, 3, 2),
+    (2, 24, 3, 17, 19, 8),  # frames of 323 pixels: the channels-last kernel's blocks of 256 pixels and a partial one
 ]
 
 
