@@ -100,10 +100,18 @@ class SqueezeExcite(nn.Module):
         hidden = torch.relu(F.linear(pooled, self.fc1.weight.flatten(1), self.fc1.bias))
         return torch.sigmoid(F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _scale(self, x: Tensor) -> Tensor:
         n, c, t, h, w = x.shape
         # sum / count rather than mean: in bfloat16 PyTorch's mean over these dimensions runs several times slower
-        return x * self.gate(x.sum(dim=(2, 3, 4)) / (t * h * w)).view(n, c, 1, 1, 1)
+        return self.gate(x.sum(dim=(2, 3, 4)) / (t * h * w)).view(n, c, 1, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self._scale(x)
+
+    def forward_(self, x: Tensor) -> Tensor:
+        """:meth:`forward` in place: x is multiplied by its gate and returned (for inference, where x is not needed
+        for a gradient)."""
+        return x.mul_(self._scale(x))
 
 
 class XShiftBlock(nn.Module):
@@ -163,7 +171,9 @@ class XShiftBlock(nn.Module):
         else:
             out = self.conv2(out)
             if self.se_module is not None:
-                out = self.se_module(out)
+                # the convolution's fresh output is this block's own: in inference it is gated in place
+                inference = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and out.requires_grad)
+                out = self.se_module.forward_(out) if inference else self.se_module(out)
             out = self.swish(out)
         identity = self.downsample(x) if self.downsample is not None else x
         if self.conv3.folded_applies(out) and isinstance(self.relu, nn.ReLU):
