@@ -139,7 +139,7 @@ def test_inference_vs_onnxruntime(compare, record_metric, models, batch):
                 assert torch.equal(g.argmax(1), w.argmax(1)), name
 
     case = compare("EPAMNet inference vs ONNX Runtime", f"batch {batch}, 60 classes", impls, device="cpu",
-                   baseline="ort_authors", repeats=5 if batch == 1 else 3, settle=SETTLE_S,
+                   baseline="ort_authors", repeats=8 if batch == 1 else 3, settle=SETTLE_S,
                    ratios=[("optimized", "ort_epamx"), ("optimized_bf16", "ort_epamx"),
                            ("optimized_bf16", "optimized"), ("autocast_bf16", "optimized"),
                            ("optimized", "optimized_nocache"), ("compiled", "optimized"), ("compiled", "ort_epamx"),
