@@ -12,8 +12,10 @@ free buffer of its class first releases free buffers of other classes. Buffers s
 closes, for the next one; :func:`empty_cpu_cache` hands the free ones back. What it buys: docs/performance.md,
 Inference.
 
-While a scope is open the cache is the CPU allocator of the whole process (every thread), as PyTorch's own
-allocator is; it is safe to use from several threads and to nest.
+From the first scope on, the cache is the CPU allocator of the whole process (every thread), as PyTorch's own
+allocator is; outside scopes it hands every request to PyTorch's default allocator, and inside one, requests from
+any thread are served from the cache. Scopes nest and may be opened from several threads. If another CPU allocator
+than PyTorch's default is installed, the cache stays off (with a warning).
 """
 from __future__ import annotations
 

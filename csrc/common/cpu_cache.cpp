@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <iterator>
 #include <map>
 #include <mutex>
@@ -16,12 +17,11 @@ namespace {
 
 class CachingCpuAllocator final : public c10::Allocator {
  public:
+  // Outside a scope, and below kCacheMinBytes, the default allocator serves the request (with its profiler
+  // reporting); inside one, large requests come from the cache.
   c10::DataPtr allocate(size_t n) override {
-    if (n < kCacheMinBytes) {
-      // The default allocator's memory (enter() installs the cache only over it), so that either one may free a
-      // buffer the other allocated: oneDNN frees its raw buffers through whichever allocator is current then.
-      void* data = c10::alloc_cpu(n);
-      return {data, data, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
+    if (n < kCacheMinBytes || depth_.load(std::memory_order_acquire) == 0) {
+      return c10::GetDefaultCPUAllocator()->allocate(n);
     }
     size_t size = cpu_cache_size_class(n);
     std::vector<void*> evicted;
@@ -47,6 +47,8 @@ class CachingCpuAllocator final : public c10::Allocator {
     return {data, data, &CachingCpuAllocator::release, c10::Device(c10::DeviceType::CPU)};
   }
 
+  // oneDNN allocates raw buffers through the current allocator and frees them through whichever is current
+  // then; this one stays current once installed, so every buffer it handed out comes back through release().
   c10::DeleterFnPtr raw_deleter() const override { return &CachingCpuAllocator::release; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -55,16 +57,19 @@ class CachingCpuAllocator final : public c10::Allocator {
 
   void enter() {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (depth_++ == 0) {
-      ++scopes_;
-      previous_ = c10::GetCPUAllocator();
-      // Only over PyTorch's default allocator, whose buffers (c10::alloc_cpu) this one can free and vice versa.
-      installed_ = previous_ == c10::GetDefaultCPUAllocator();
-      if (!installed_) TORCH_WARN_ONCE("epamx cpu_cache: another CPU allocator is installed; the cache stays off");
-      // The highest priority, so that nothing registered with a default priority displaces it mid-scope; the
-      // allocator it replaced is put back with the same priority on the way out.
-      if (installed_) c10::SetCPUAllocator(this, kPriority);
+    if (!installed_) {
+      // Only over PyTorch's default allocator, whose buffers (c10::alloc_cpu) this one frees for it. Once
+      // installed it stays, passing requests through to the default allocator outside scopes; the highest
+      // priority keeps an allocator registered with a default priority from displacing it.
+      if (c10::GetCPUAllocator() != c10::GetDefaultCPUAllocator()) {
+        TORCH_WARN_ONCE("epamx cpu_cache: another CPU allocator is installed; the cache stays off");
+        depth_.fetch_add(1, std::memory_order_acq_rel);
+        return;
+      }
+      c10::SetCPUAllocator(this, kPriority);
+      installed_ = true;
     }
+    if (depth_.fetch_add(1, std::memory_order_acq_rel) == 0) ++scopes_;
   }
 
   // The last scope out also releases the free buffers that neither it nor the scope before it used: after a
@@ -73,11 +78,8 @@ class CachingCpuAllocator final : public c10::Allocator {
     std::vector<void*> stale;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      TORCH_CHECK(depth_ > 0, "epamx cpu_cache: exit without a matching enter");
-      if (--depth_ > 0) return;
-      if (installed_) c10::SetCPUAllocator(previous_, kPriority);
-      installed_ = false;
-      previous_ = nullptr;
+      TORCH_CHECK(depth_.load(std::memory_order_acquire) > 0, "epamx cpu_cache: exit without a matching enter");
+      if (depth_.fetch_sub(1, std::memory_order_acq_rel) > 1) return;
       for (auto it = free_.begin(); it != free_.end();) {
         if (it->second.scope + 1 < scopes_) {
           stale.push_back(it->second.data);
@@ -105,7 +107,8 @@ class CachingCpuAllocator final : public c10::Allocator {
 
   CpuCacheStats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {installed_, depth_, in_use_bytes_, free_bytes_, peak_in_use_bytes_, hits_, misses_, evictions_};
+    const int64_t depth = depth_.load(std::memory_order_acquire);
+    return {installed_ && depth > 0, depth, in_use_bytes_, free_bytes_, peak_in_use_bytes_, hits_, misses_, evictions_};
   }
 
   static CachingCpuAllocator& instance() {
@@ -150,15 +153,15 @@ class CachingCpuAllocator final : public c10::Allocator {
     return data;
   }
 
-  // Also oneDNN's raw deleter while the cache is installed: a buffer it does not know came from c10::alloc_cpu
-  // (a small one of its own, or the default allocator's) and goes back there.
+  // The cached buffers' deleter, and the raw deleter: a pointer it did not hand out is the default allocator's,
+  // freed by that allocator's raw deleter.
   static void release(void* data) {
     auto& self = instance();
     std::unique_lock<std::mutex> lock(self.mutex_);
     auto it = self.live_.find(data);
     if (it == self.live_.end()) {
       lock.unlock();
-      c10::free_cpu(data);
+      c10::GetDefaultCPUAllocator()->raw_deleter()(data);
       return;
     }
     const size_t size = it->second;
@@ -169,9 +172,8 @@ class CachingCpuAllocator final : public c10::Allocator {
   }
 
   std::mutex mutex_;
-  c10::Allocator* previous_ = nullptr;
   bool installed_ = false;
-  int64_t depth_ = 0;
+  std::atomic<int64_t> depth_{0};
   struct FreeBuffer {
     void* data;
     uint64_t scope;  // the outermost scope it was last freed in

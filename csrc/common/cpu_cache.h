@@ -1,7 +1,9 @@
 #pragma once
 // A caching allocator for large CPU buffers, active while at least one scope holds it (epamx.memory.cpu_cache).
 //
-// While active it is torch's CPU allocator: a request of kCacheMinBytes or more is served by the smallest free
+// The first scope installs it as torch's CPU allocator and it stays installed (so that every buffer it handed
+// out, including oneDNN's raw ones, is freed through it); outside scopes it passes requests to the default
+// allocator. While active: a request of kCacheMinBytes or more is served by the smallest free
 // cached buffer that fits it with at most a quarter to spare, and the buffer goes back to the free list when its
 // tensor is freed, instead of to the C library (which returns such buffers to the kernel, so the next forward
 // pass faults every page in again). Smaller requests get the default allocator's memory. The free buffers that
@@ -26,9 +28,9 @@ struct CpuCacheStats {
   int64_t evictions;      // free buffers released to keep the reserve at or below the peak in use
 };
 
-// Opens a scope: the first one installs the cache as torch's CPU allocator.
+// Opens a scope: the first one ever installs the cache as torch's CPU allocator (only over the default one).
 void cpu_cache_enter();
-// Closes a scope: the last one puts back the allocator that was there before. Throws if none is open.
+// Closes a scope (the last one open releases stale free buffers). Throws if none is open.
 void cpu_cache_exit();
 // Releases every free buffer to the C library; buffers held by tensors come back to the cache when freed.
 void cpu_cache_empty();
