@@ -122,10 +122,9 @@ class CachingCpuAllocator final : public c10::Allocator {
   static constexpr size_t kReserveFactor = 4;
 
   // Under the lock: the smallest free buffer that fits `size` without wasting more than a quarter of it (the
-  // last freed of its size), or
-  // nullptr after choosing free buffers to release (into `evicted`, largest first) so that the buffers reserved
-  // (in use + free) stay within kReserveFactor times the most ever in use at once. A change of input shapes then
-  // recycles memory instead of growing the cache. Sets `size` to the buffer's own size.
+  // last freed of its size), or nullptr after choosing free buffers to release (into `evicted`, largest first) so
+  // that the buffers reserved (in use + free) stay within kReserveFactor times the most ever in use at once. Sets
+  // `size` to the buffer's own size.
   void* take(size_t& size, std::vector<void*>& evicted) {
     void* data = nullptr;
     auto it = free_.lower_bound(size);

@@ -25,7 +25,7 @@ struct CpuCacheStats {
   size_t peak_in_use_bytes;
   int64_t hits;           // requests served from the free lists
   int64_t misses;         // requests that allocated fresh memory
-  int64_t evictions;      // free buffers released to keep the reserve at or below the peak in use
+  int64_t evictions;      // free buffers released: stale at a scope's end, or to bound the reserve on a miss
 };
 
 // Opens a scope: the first one ever installs the cache as torch's CPU allocator (only over the default one).
