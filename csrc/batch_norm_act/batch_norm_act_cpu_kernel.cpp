@@ -90,19 +90,11 @@ void for_each_vector(const AffineGeometry<int64_t>& g, const Body& body) {
   constexpr int64_t W = IO::kWidth;
   if (g.channels_last) {
     at::parallel_for(0, g.N * g.S, grain_for(g.C), [&](int64_t b, int64_t e) {
-      // One sample's pixels at a time: its row offset is computed once, not divided out per pixel.
-      for (int64_t p = b; p < e;) {
-        const int64_t n = p / g.S, stop = std::min(e, (n + 1) * g.S), row0 = n * g.C;
-        for (; p < stop; ++p) {
-          const int64_t base = p * g.C;
-          int64_t c = 0;
-          for (; c + W <= g.C; c += W) {
-            body(base + c, W, [&](const acc_t* coef) { return Vec::loadu(coef + row0 + c); });
-          }
-          if (c < g.C) {
-            const int64_t count = g.C - c;
-            body(base + c, count, [&](const acc_t* coef) { return Vec::loadu(coef + row0 + c, count); });
-          }
+      for (int64_t p = b; p < e; ++p) {
+        const int64_t base = p * g.C, row0 = p / g.S * g.C;
+        for (int64_t c = 0; c < g.C; c += W) {
+          const int64_t count = std::min(W, g.C - c);
+          body(base + c, count, [&](const acc_t* coef) { return Vec::loadu(coef + row0 + c, count); });
         }
       }
     });

@@ -95,23 +95,24 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Conv3d(self.bottleneck, channels, kernel_size=1)
 
     def gate(self, pooled: Tensor) -> Tensor:
-        """The per-sample channel factors (N, C) from the channel means (N, C). The 1x1x1 convolutions run as the
-        linear maps they are (on (N, C, 1, 1, 1) PyTorch's convolution takes a slow path)."""
-        hidden = torch.relu(F.linear(pooled, self.fc1.weight.flatten(1), self.fc1.bias))
-        return torch.sigmoid(F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias))
-
-    def _scale(self, x: Tensor) -> Tensor:
-        n, c, t, h, w = x.shape
-        # sum / count rather than mean: in bfloat16 PyTorch's mean over these dimensions runs several times slower
-        return self.gate(x.sum(dim=(2, 3, 4)) / (t * h * w)).view(n, c, 1, 1, 1)
+        """The per-sample channel factors (N, C) from the channel means (N, C)."""
+        n, c = pooled.shape
+        return torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled.view(n, c, 1, 1, 1))))).view(n, c)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self._scale(x)
+        scale = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=(2, 3, 4), keepdim=True)))))
+        return x * scale
 
     def forward_(self, x: Tensor) -> Tensor:
-        """:meth:`forward` in place: x is multiplied by its gate and returned (for inference, where x is not needed
-        for a gradient)."""
-        return x.mul_(self._scale(x))
+        """:meth:`forward` in place, for inference (x not needed for a gradient): x is multiplied by its gate and
+        returned. The same function, computed faster: channel sums / count (PyTorch's bfloat16 ``mean`` over these
+        dimensions runs several times slower) and the 1x1x1 convolutions as the linear maps they are (on
+        (N, C, 1, 1, 1) PyTorch's convolution takes a slow path). Training keeps :meth:`forward`'s exact
+        arithmetic, whose rounding the shipped results were trained with."""
+        n, c, t, h, w = x.shape
+        hidden = torch.relu(F.linear(x.sum(dim=(2, 3, 4)) / (t * h * w), self.fc1.weight.flatten(1), self.fc1.bias))
+        scale = torch.sigmoid(F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias))
+        return x.mul_(scale.view(n, c, 1, 1, 1))
 
 
 class XShiftBlock(nn.Module):
