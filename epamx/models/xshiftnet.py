@@ -172,8 +172,11 @@ class XShiftBlock(nn.Module):
         else:
             out = self.conv2(out)
             if self.se_module is not None:
-                # the convolution's fresh output is this block's own: in inference it is gated in place
-                inference = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and out.requires_grad)
+                # The convolution's fresh output is this block's own: the inference copy (batch norm folded away by
+                # optimize_for_inference) gates it in place. A model being trained keeps forward's exact rounding
+                # in its evaluations too.
+                folded = isinstance(self.conv2.bn, nn.Identity) and not torch.compiler.is_compiling()
+                inference = folded and not (torch.is_grad_enabled() and out.requires_grad)
                 out = self.se_module.forward_(out) if inference else self.se_module(out)
             out = self.swish(out)
         identity = self.downsample(x) if self.downsample is not None else x
