@@ -3,14 +3,16 @@
 PyTorch's CPU tensors come from the C library's malloc, which hands buffers of more than a few tens of MB straight
 back to the operating system when they are freed; the next forward pass then faults every page of its activations
 in again, zero-filled, a pass over memory of its own. While a :func:`cpu_cache` scope is open (the models that
-:func:`epamx.models.optimize_for_inference` returns open one around each CPU forward), buffers of at least
-``min_bytes`` (1 MiB) freed by tensors stay with epamx and serve the next request of their size class (sizes are
-rounded up by at most 1/16). Smaller buffers go to the allocator the cache replaced.
+:func:`epamx.models.optimize_for_inference` returns open one around each CPU forward), requests of at least
+``min_bytes`` (1 MiB) are served by the smallest free cached buffer that fits with at most a quarter to spare
+(sizes are rounded up by at most 1/16), and buffers freed by tensors go back to the cache. Smaller requests go to
+PyTorch's default allocator.
 
-The cache never reserves more than the most memory its buffers ever held in use at once: a request that finds no
-free buffer of its class first releases free buffers of other classes. Buffers stay cached after the scope
-closes, for the next one; :func:`empty_cpu_cache` hands the free ones back. What it buys: docs/performance.md,
-Inference.
+Buffers stay cached after the scope closes, for the next one. When the last open scope closes, free buffers that
+neither it nor the scope before it used are released (a change of input shapes recycles memory rather than growing
+the cache), and a request that finds no fitting buffer first releases free ones while the reserve would exceed 4x
+the most memory ever in use at once; :func:`empty_cpu_cache` hands all free buffers back. What it buys:
+docs/performance.md, Inference.
 
 From the first scope on, the cache is the CPU allocator of the whole process (every thread), as PyTorch's own
 allocator is; outside scopes it hands every request to PyTorch's default allocator, and inside one, requests from
@@ -51,7 +53,7 @@ def cpu_cache_exit() -> None:
 def cpu_cache_stats() -> Dict[str, Any]:
     """The cache's state: ``active`` (a scope is open), ``depth`` (open scopes), ``in_use_bytes`` (its buffers
     held by tensors), ``free_bytes`` (cached, free), ``peak_in_use_bytes``, ``hits`` / ``misses`` (requests served
-    from the cache / freshly allocated), ``evictions`` (free buffers released to make room) and ``min_bytes`` (the
+    from the cache / freshly allocated), ``evictions`` (free buffers released: stale at a scope's end, or to bound the reserve) and ``min_bytes`` (the
     smallest request it serves)."""
     return dict(load_extension()._cpu_cache_stats())
 

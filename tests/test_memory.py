@@ -22,11 +22,17 @@ def _floats(nbytes):
     return nbytes // 4
 
 
+def _freed_buffer(nbytes):
+    """The address of a float tensor of nbytes, allocated and freed at once."""
+    a = torch.empty(_floats(nbytes))
+    address = a.data_ptr()
+    del a
+    return address
+
+
 def test_a_freed_buffer_serves_the_next_request_of_its_size():
     with cpu_cache():
-        a = torch.empty(_floats(3 * MIB))
-        first = a.data_ptr()
-        del a
+        first = _freed_buffer(3 * MIB)
         b = torch.empty(_floats(3 * MIB))
         assert b.data_ptr() == first
         stats = cpu_cache_stats()
@@ -37,9 +43,7 @@ def test_a_freed_buffer_serves_the_next_request_of_its_size():
 
 def test_a_slightly_smaller_request_reuses_a_larger_free_buffer_but_a_much_smaller_one_does_not():
     with cpu_cache():
-        a = torch.empty(_floats(8 * MIB))
-        first = a.data_ptr()
-        del a
+        first = _freed_buffer(8 * MIB)
         near = torch.empty(_floats(7 * MIB))
         assert near.data_ptr() == first
         del near

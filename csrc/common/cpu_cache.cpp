@@ -29,21 +29,24 @@ class CachingCpuAllocator final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       data = take(size, evicted);
+      if (data != nullptr) live_[data] = size;
     }
     for (void* p : evicted) c10::free_cpu(p);
     // No huge-page advice on fresh buffers (unlike empty_for_overwrite): where the kernel compacts memory on a
     // huge-page fault, the first forward pass ran 5x slower with it, and later passes reuse the buffers anyway.
     if (data == nullptr) {
+      void* fresh = nullptr;
       try {
-        data = c10::alloc_cpu(size);
+        fresh = c10::alloc_cpu(size);
       } catch (...) {
         std::lock_guard<std::mutex> lock(mutex_);
         in_use_bytes_ -= size;
         throw;
       }
+      std::lock_guard<std::mutex> lock(mutex_);
+      live_[fresh] = size;
+      data = fresh;
     }
-    std::lock_guard<std::mutex> lock(mutex_);
-    live_[data] = size;
     return {data, data, &CachingCpuAllocator::release, c10::Device(c10::DeviceType::CPU)};
   }
 

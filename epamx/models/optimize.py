@@ -108,7 +108,7 @@ def optimize_for_inference(model: nn.Module, memory_format: str = "auto",
       spatial conv+BN).
     - The copy computes in ``memory_format`` ("auto": channels_last_3d on CPU, contiguous on CUDA), its weights
       converted once, here.
-    - The Swish activations run in place; squeeze-and-excitation's gate and the Swish after it are one pass.
+    - The Swish activations run in place; squeeze-and-excitation gates in place (``SqueezeExcite.forward_``).
     - Parameters no longer require gradients; the copy is in eval mode. The fused epamx ops are kept (without
       ``cache_memory``, the temporal shift is done in place around its convolution).
 
@@ -117,7 +117,7 @@ def optimize_for_inference(model: nn.Module, memory_format: str = "auto",
       inputs and returns float32 logits. On a CPU without bfloat16 instructions (:func:`cpu_has_bf16`) it warns
       that this is slower than float32.
     - ``cache_memory`` (default True): on a CPU each forward runs in an :func:`epamx.memory.cpu_cache` scope, so
-      the next forward reuses its activations' memory (kept between calls: about 2.5x the activations of one
+      the next forward reuses its activations' memory (kept between calls: about 2.7x the activations of one
       forward; :func:`epamx.memory.empty_cpu_cache` releases it). Compiled calls are left to the caller.
 
     The logits match the original's in eval mode within float rounding (|difference| <= 1e-4 for the
