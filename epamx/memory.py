@@ -1,10 +1,10 @@
 """A caching allocator for large CPU buffers: repeated forward passes reuse the memory of the last one.
 
-PyTorch's CPU tensors come from the C library's malloc, which hands buffers of more than a few tens of MB straight
-back to the operating system when they are freed; the next forward pass then faults every page of its activations
-in again, zero-filled, a pass over memory of its own. While a :func:`cpu_cache` scope is open (the models that
+PyTorch's CPU tensors come from the C library's malloc, which hands buffers above its mmap threshold (128 KiB at
+first, rising to at most 32 MiB) straight back to the operating system when they are freed; the next forward pass
+then faults every page of its activations in again, zero-filled, a pass over memory of its own. While a :func:`cpu_cache` scope is open (the models that
 :func:`epamx.models.optimize_for_inference` returns open one around each CPU forward), requests of at least
-``min_bytes`` (1 MiB) are served by the smallest free cached buffer that fits with at most a quarter to spare
+``min_bytes`` (128 KiB, malloc's initial mmap threshold) are served by the smallest free cached buffer that fits with at most a quarter to spare
 (sizes are rounded up by at most 1/16), and buffers freed by tensors go back to the cache. Smaller requests go to
 PyTorch's default allocator.
 

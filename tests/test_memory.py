@@ -58,13 +58,13 @@ def test_small_buffers_and_tensors_outside_a_scope_bypass_the_cache():
         torch.empty(1000)
     after = cpu_cache_stats()
     assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
-    assert after["min_bytes"] == MIB
+    assert after["min_bytes"] == 128 * 1024
 
 
 def test_size_classes_round_up_by_at_most_a_sixteenth():
     from epamx._extension import load_extension
     size_class = load_extension()._cpu_cache_size_class
-    for n in (MIB, MIB + 1, 3 * MIB + 12345, 100 * MIB - 7, (1 << 30) + 1):
+    for n in (128 * 1024, 128 * 1024 + 1, 300 * 1024 + 5, MIB, MIB + 1, 3 * MIB + 12345, 100 * MIB - 7, (1 << 30) + 1):
         c = size_class(n)
         assert n <= c <= n + n / 16 + 1
 

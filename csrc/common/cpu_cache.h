@@ -15,7 +15,9 @@
 
 namespace epamx {
 
-constexpr size_t kCacheMinBytes = size_t(1) << 20;
+// glibc's initial mmap threshold: larger buffers are mapped for each request and unmapped when freed (the threshold
+// rises only when such a buffer is freed, which the cache prevents), so every page of them would fault in again.
+constexpr size_t kCacheMinBytes = size_t(128) << 10;
 
 struct CpuCacheStats {
   bool active;
