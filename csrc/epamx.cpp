@@ -41,6 +41,11 @@ TORCH_LIBRARY(epamx, m) {
   m.def("_affine_act_backward(Tensor grad, Tensor x, Tensor scale, Tensor shift, Tensor coef_u, Tensor coef_x, "
         "Tensor coef_1, int activation) -> Tensor");
 
+  // Squeeze-and-excitation in inference, CPU only. x: (N, C, ...); channel_sums: (N, C) in x's accumulation dtype;
+  // gate_silu_: x = silu(x * gate[n, c]) in place, gate (N, C) in x's accumulation dtype.
+  m.def("channel_sums(Tensor x) -> Tensor");
+  m.def("gate_silu_(Tensor(a!) x, Tensor gate) -> ()");
+
   // Pose heatmaps (PoseC3D GeneratePoseTarget). keypoints: (N, M, T, V, 2), scores: (N, M, T, V),
   // limbs: joint pairs flattened; output (N, C, T, H, W), C = V (with_joints) + L.
   m.def("render_heatmaps(Tensor keypoints, Tensor? scores, int[2] size, float sigma=0.6, int[]? limbs=None, "

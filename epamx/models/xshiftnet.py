@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from epamx.nn import TemporalShift, batch_norm_act, conv_act, fused_batch_norm_applies, fused_conv_act_applies
 from epamx.nn.conv_act import as_frames, from_frames
+from epamx.ops import channel_sums, gate_silu_
 
 
 def _frame_wise_conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
@@ -114,6 +115,17 @@ class SqueezeExcite(nn.Module):
         scale = torch.sigmoid(F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias))
         return x.mul_(scale.view(n, c, 1, 1, 1))
 
+    def forward_silu_(self, x: Tensor) -> Tensor:
+        """``silu(forward(x))`` in place, for inference on a CPU (x not needed for a gradient): the channel sums
+        and the gating with Swish each one pass of an epamx op (epamx.ops.channel_sums, gate_silu_), the MLP in
+        the weights' dtype as in :meth:`forward_`."""
+        n, c = x.shape[:2]
+        weight1 = self.fc1.weight
+        pooled = (channel_sums(x) / (x.numel() // (n * c))).to(weight1.dtype)
+        hidden = torch.relu(F.linear(pooled, weight1.flatten(1), self.fc1.bias))
+        gate = torch.sigmoid(F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias))
+        return gate_silu_(x, gate.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
+
 
 class XShiftBlock(nn.Module):
     """shift -> 1x1x1 conv+BN+ReLU -> (1,3,3) depthwise conv+BN (spatial stride) -> [SE] -> Swish -> 1x1x1 conv+BN,
@@ -171,14 +183,17 @@ class XShiftBlock(nn.Module):
                                  se.gate if se is not None else None, tuple(se.parameters()) if se is not None else ())
         else:
             out = self.conv2(out)
-            if self.se_module is not None:
-                # The convolution's fresh output is this block's own: the inference copy (batch norm folded away by
-                # optimize_for_inference) gates it in place. A model being trained keeps forward's exact rounding
-                # in its evaluations too.
-                folded = isinstance(self.conv2.bn, nn.Identity) and not torch.compiler.is_compiling()
-                inference = folded and not (torch.is_grad_enabled() and out.requires_grad)
-                out = self.se_module.forward_(out) if inference else self.se_module(out)
-            out = self.swish(out)
+            # The convolution's fresh output is this block's own: the inference copy (batch norm folded away by
+            # optimize_for_inference) gates it in place, on a CPU with Swish in the same pass. A model being
+            # trained keeps forward's exact rounding in its evaluations too.
+            folded = isinstance(self.conv2.bn, nn.Identity) and not torch.compiler.is_compiling()
+            inference = folded and not (torch.is_grad_enabled() and out.requires_grad)
+            if self.se_module is not None and inference and swish and out.device.type == "cpu":
+                out = self.se_module.forward_silu_(out)
+            else:
+                if self.se_module is not None:
+                    out = self.se_module.forward_(out) if inference else self.se_module(out)
+                out = self.swish(out)
         identity = self.downsample(x) if self.downsample is not None else x
         if self.conv3.folded_applies(out) and isinstance(self.relu, nn.ReLU):
             return self.conv3.conv_act(out, "relu", add=identity)

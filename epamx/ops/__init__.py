@@ -10,6 +10,7 @@ from epamx.ops.render_heatmaps import (
     render_heatmaps,
     render_heatmaps_reference,
 )
+from epamx.ops.squeeze_excite import channel_sums, channel_sums_reference, gate_silu_, gate_silu_reference
 from epamx.ops.temporal_shift import temporal_shift, temporal_shift_, temporal_shift_reference, temporal_unshift_
 
 __all__ = [
@@ -25,6 +26,10 @@ __all__ = [
     "batch_norm_act_reference",
     "channel_pool",
     "channel_pool_reference",
+    "channel_sums",
+    "channel_sums_reference",
+    "gate_silu_",
+    "gate_silu_reference",
     "render_heatmaps",
     "render_heatmaps_reference",
     "temporal_shift",

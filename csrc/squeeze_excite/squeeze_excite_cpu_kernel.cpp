@@ -1,0 +1,166 @@
+// Squeeze-and-excitation's passes in inference, vectorised (compiled once per instruction set).
+#include "squeeze_excite/squeeze_excite_cpu_kernel.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <limits>
+#include <numeric>
+#include <vector>
+#include <type_traits>
+
+#include "common/cpu_parallel.h"
+#include "common/cpu_vec.h"
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+namespace epamx {
+namespace CPU_CAPABILITY {
+namespace {
+
+// VecIO, with bfloat16 converted in registers where AVX-512 is built (at::vec's conversion of one float vector
+// measured 2-3x slower here): a bfloat16 is the high half of a float, and rounding to nearest even is integer
+// arithmetic; NaNs stay NaN (quiet).
+template <typename scalar_t>
+struct Io : VecIO<scalar_t> {};
+
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+struct Io<c10::BFloat16> : VecIO<c10::BFloat16> {
+  using Vec = at::vec::Vectorized<float>;
+  static __mmask16 mask(int64_t count) { return count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1); }
+  static Vec load(const c10::BFloat16* p, int64_t count = 16) {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask(count), p);
+    return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+  static void store(c10::BFloat16* p, const Vec& v, int64_t count = 16) {
+    const __m512 f = v;
+    const __m512i i = _mm512_castps_si512(f);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(i, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_or_si512(i, _mm512_set1_epi32(0x400000)));
+    _mm256_mask_storeu_epi16(p, mask(count), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  }
+};
+#endif
+
+// z * sigmoid(z) = z / (1 + exp(-z)); exp within 2 ulp (exp_u20); with AVX-512 the division is a 14-bit
+// reciprocal estimate refined by one Newton step (about 1 ulp; vdivps was the loop's bottleneck).
+template <typename Vec>
+Vec silu(const Vec& z) {
+  const Vec d = Vec(1) + z.neg().exp_u20();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<Vec, at::vec::Vectorized<float>>) {
+    const __m512 dv = d, r0 = _mm512_rcp14_ps(dv);
+    __m512 r = _mm512_mul_ps(r0, _mm512_fnmadd_ps(dv, r0, _mm512_set1_ps(2.0f)));
+    // exp(-z) overflowed (z < -88.7): the step gives 0 * (2 - inf * 0) = NaN where 1 / inf = 0 is meant.
+    r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(dv, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_GT_OQ),
+                           _mm512_setzero_ps());
+    return Vec(_mm512_mul_ps(z, r));
+  }
+#endif
+  return z / d;
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void channel_sums_kernel(const SqueezeGeometry& g, const scalar_t* x, at::opmath_type<scalar_t>* partial) {
+  using IO = Io<scalar_t>;
+  using Vec = typename IO::Vec;
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t W = IO::kWidth;
+  const int64_t blocks = (g.S + kSumBlock - 1) / kSumBlock;
+  if (g.channels_last) {
+    at::parallel_for(0, g.N * blocks, grain_for(kSumBlock * g.C), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / blocks, s0 = task % blocks * kSumBlock, s1 = std::min(g.S, s0 + kSumBlock);
+        const scalar_t* xn = x + n * g.S * g.C;
+        acc_t* out = partial + task * g.C;
+        for (int64_t c = 0; c < g.C; c += W) {
+          const int64_t count = std::min(W, g.C - c);
+          Vec a(0), b(0);  // two chains: even and odd pixels
+          int64_t s = s0;
+          for (; s + 1 < s1; s += 2) {
+            a += IO::load(xn + s * g.C + c, count);
+            b += IO::load(xn + (s + 1) * g.C + c, count);
+          }
+          if (s < s1) a += IO::load(xn + s * g.C + c, count);
+          (a + b).store(out + c, count);
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, g.N * g.C, grain_for(g.S), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / g.C, c = row % g.C;
+        const scalar_t* xr = x + row * g.S;
+        for (int64_t b = 0; b < blocks; ++b) {
+          const int64_t s0 = b * kSumBlock, s1 = std::min(g.S, s0 + kSumBlock);
+          Vec a(0);
+          for (int64_t s = s0; s < s1; s += W) a += IO::load(xr + s, std::min(W, s1 - s));
+          partial[(n * blocks + b) * g.C + c] = sum_lanes(a);
+        }
+      }
+    });
+  }
+}
+
+template <typename scalar_t>
+void gate_silu_kernel(const SqueezeGeometry& g, scalar_t* x, const at::opmath_type<scalar_t>* gate) {
+  using IO = Io<scalar_t>;
+  using Vec = typename IO::Vec;
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t W = IO::kWidth;
+  if (g.channels_last) {
+    // A sample's pixels are one stream of S * C elements whose factors repeat every C: the stream is cut into
+    // pieces of `period` = lcm(C, W) elements, each multiplied by the same `period` factors, whole vectors (a
+    // vector per pixel's channels would leave C % W lanes idle at every pixel).
+    const int64_t period = std::lcm(g.C, W), per_sample = g.S * g.C;
+    const int64_t pieces = (per_sample + period - 1) / period;
+    at::parallel_for(0, g.N * pieces, grain_for(period), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> factors(static_cast<size_t>(period));
+      int64_t sample = -1;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / pieces, k0 = task % pieces * period;
+        if (n != sample) {
+          for (int64_t k = 0; k < period; ++k) factors[k] = gate[n * g.C + k % g.C];
+          sample = n;
+        }
+        scalar_t* piece = x + n * per_sample + k0;
+        const int64_t len = std::min(period, per_sample - k0);
+        int64_t k = 0;
+        for (; k + W <= len; k += W) IO::store(piece + k, silu(IO::load(piece + k, W) * Vec::loadu(&factors[k])), W);
+        if (k < len) {
+          IO::store(piece + k, silu(IO::load(piece + k, len - k) * Vec::loadu(&factors[k], len - k)), len - k);
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, g.N * g.C, grain_for(g.S), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* xr = x + r * g.S;
+        const Vec factor(gate[r]);
+        for (int64_t s = 0; s < g.S; s += W) {
+          const int64_t count = std::min(W, g.S - s);
+          IO::store(xr + s, silu(IO::load(xr + s, count) * factor), count);
+        }
+      }
+    });
+  }
+}
+
+#define EPAMX_INSTANTIATE(scalar_t)                                                                              \
+  template void channel_sums_kernel<scalar_t>(const SqueezeGeometry&, const scalar_t*, at::opmath_type<scalar_t>*); \
+  template void gate_silu_kernel<scalar_t>(const SqueezeGeometry&, scalar_t*, const at::opmath_type<scalar_t>*);
+EPAMX_INSTANTIATE(float)
+EPAMX_INSTANTIATE(double)
+EPAMX_INSTANTIATE(c10::Half)
+EPAMX_INSTANTIATE(c10::BFloat16)
+#undef EPAMX_INSTANTIATE
+
+}  // namespace CPU_CAPABILITY
+}  // namespace epamx
