@@ -58,10 +58,6 @@ class MemoryFormatPolicy:
 
     def __init__(self, value: str, owner: str):
         self.value = check_memory_format(value, owner)
-        # False: inputs are passed on as given (the weights are still converted). optimize_for_inference's CPU copy
-        # sets it: oneDNN's stem convolutions read a contiguous clip directly and write channels-last output for
-        # channels-last weights, which saves a pass over the input.
-        self.convert_inputs = True
 
     def prepare(self, module: nn.Module, *inputs: Optional[Tensor]):
         device = next((x.device for x in inputs if x is not None), None)
@@ -72,6 +68,4 @@ class MemoryFormatPolicy:
             probe = _layout_probe(module)
             if probe is not None and not probe.is_contiguous(memory_format=fmt):
                 module.to(memory_format=fmt)
-        if not self.convert_inputs:
-            return inputs
         return tuple(x.contiguous(memory_format=fmt) if x is not None and x.dim() == 5 else x for x in inputs)

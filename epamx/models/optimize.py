@@ -151,16 +151,12 @@ def optimize_for_inference(model: nn.Module, memory_format: str = "auto",
     if fmt is not None:
         fast = fast.to(memory_format=fmt)
     fast.memory_format = memory_format
-    # On a CPU the stems take the clips as they come (oneDNN reads a contiguous clip itself, writing channels-last
-    # output): converting them first was a pass of its own (1.01-1.02x per clip, interleaved).
-    inputs_as_given = device.type == "cpu" and fmt == torch.channels_last_3d
-    fast._memory_format.convert_inputs = not inputs_as_given
     if dtype != torch.float32:
         if device.type == "cpu" and not cpu_has_bf16():
             warnings.warn("optimize_for_inference: this CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16): "
                           "bfloat16 inference will be slower than float32 here", RuntimeWarning, stacklevel=2)
         fast = fast.to(dtype)
-        fast.register_forward_pre_hook(_inputs_to(dtype, None if inputs_as_given else fmt))
+        fast.register_forward_pre_hook(_inputs_to(dtype, fmt))
         fast.register_forward_hook(_outputs_to_float32)
     if cache_memory:
         hooks = _CpuCacheHooks()
