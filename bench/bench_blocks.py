@@ -88,3 +88,40 @@ def test_depthwise_convolution(compare, device, case):
 
     compare("depthwise (1, 3, 3) convolution fwd+bwd", f"{case} {shape} stride {stride} float32 channels_last_3d",
             {"conv3d": run(conv3d), "frame_wise": run(frame_wise)}, device=device, baseline="conv3d")
+
+
+# EPAM-Net's squeeze-and-excitation inputs in inference, one clip: the depthwise outputs of the SE blocks.
+SE_SHAPES = {"rgb-stage1": (1, 54, 16, 56, 56), "pose-stage1": (1, 54, 48, 28, 28),
+             "rgb-stage2": (1, 108, 16, 28, 28),
+             "pose-stage2": (1, 108, 48, 14, 14), "rgb-stage4": (1, 432, 16, 7, 7)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", list(SE_SHAPES))
+def test_squeeze_excite_silu_inference(compare, device, case, dtype):
+    """Inference (optimize_for_inference's copy on a CPU): squeeze-and-excitation then Swish, in place on a fresh
+    copy of the depthwise output each call. `aten`: channel sums, the MLP, ``mul_`` and ``silu_`` (what the copy
+    ran before, SqueezeExcite.forward_ + F.silu); `fused`: epamx.ops.channel_sums and gate_silu_
+    (SqueezeExcite.forward_silu_); `copy`: the copy alone, in every row's time."""
+    _cpu_only(device)
+    shape = SE_SHAPES[case]
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype=dtype, memory_format=CL)
+    se = SqueezeExcite(shape[1], 1 / 16).to(dtype).requires_grad_(False)
+    with torch.inference_mode():
+        torch.testing.assert_close(se.forward_silu_(x.clone()).float(),
+                                   torch.nn.functional.silu(se.forward_(x.clone())).float(),
+                                   rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+    def run(fn):
+        def step():
+            with torch.inference_mode():
+                fn(x.clone())
+        return step
+
+    name = str(dtype).replace("torch.", "")
+    compare("squeeze-excite + Swish, inference", f"{case} {shape} {name} channels_last_3d",
+            {"aten": run(lambda y: torch.nn.functional.silu(se.forward_(y), inplace=True)),
+             "fused": run(se.forward_silu_), "copy": run(lambda y: y)},
+            device=device, baseline="aten")
