@@ -46,6 +46,9 @@ TORCH_LIBRARY(epamx, m) {
   m.def("channel_sums(Tensor x) -> Tensor");
   m.def("gate_silu_(Tensor(a!) x, Tensor gate) -> ()");
 
+  // A 4-D/5-D tensor in channels-last memory (optionally cast to dtype) in one pass, CPU only: the models' inputs.
+  m.def("to_channels_last(Tensor x, ScalarType? dtype=None) -> Tensor");
+
   // Pose heatmaps (PoseC3D GeneratePoseTarget). keypoints: (N, M, T, V, 2), scores: (N, M, T, V),
   // limbs: joint pairs flattened; output (N, C, T, H, W), C = V (with_joints) + L.
   m.def("render_heatmaps(Tensor keypoints, Tensor? scores, int[2] size, float sigma=0.6, int[]? limbs=None, "

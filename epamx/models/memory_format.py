@@ -11,6 +11,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from epamx.ops import to_channels_last
+
 __all__ = ["MEMORY_FORMATS", "preferred_memory_format", "resolve_memory_format"]
 
 # The values a model's ``memory_format`` accepts. "preserve": run in whatever format the inputs and weights have.
@@ -37,6 +39,13 @@ def resolve_memory_format(value: str, device: Union[torch.device, str]) -> Optio
     if value == "auto":
         return preferred_memory_format(device)
     return _FORMATS[value]
+
+
+def _converted(x: Tensor, fmt: torch.memory_format) -> Tensor:
+    """x in ``fmt``: epamx's one-pass conversion into channels_last_3d (ATen's ran 2-4x slower on the clips)."""
+    if fmt == torch.channels_last_3d:
+        return to_channels_last(x)
+    return x.contiguous(memory_format=fmt)
 
 
 def _layout_probe(module: nn.Module) -> Optional[Tensor]:
@@ -68,4 +77,4 @@ class MemoryFormatPolicy:
             probe = _layout_probe(module)
             if probe is not None and not probe.is_contiguous(memory_format=fmt):
                 module.to(memory_format=fmt)
-        return tuple(x.contiguous(memory_format=fmt) if x is not None and x.dim() == 5 else x for x in inputs)
+        return tuple(_converted(x, fmt) if x is not None and x.dim() == 5 else x for x in inputs)

@@ -17,6 +17,7 @@ from epamx.models.memory_format import check_memory_format, resolve_memory_forma
 from epamx.models.streams import PoseStream, RGBStream
 from epamx.models.xshiftnet import ConvBNAct, XShiftBlock
 from epamx.nn import SpatialTemporalAttention
+from epamx.ops import to_channels_last
 
 __all__ = ["INFERENCE_DTYPES", "cpu_has_bf16", "optimize_for_inference"]
 
@@ -46,6 +47,8 @@ def _cast_floating(value: Any, dtype: torch.dtype, clip_format: Optional[torch.m
     """value's floating tensors in ``dtype``; 5-D ones (clips) also in ``clip_format`` where given, in the same
     pass (the forward would otherwise convert the cast copy again)."""
     if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+        if clip_format == torch.channels_last_3d and value.dim() == 5:
+            return to_channels_last(value, dtype)
         if clip_format is not None and value.dim() == 5:
             return value.to(dtype=dtype, memory_format=clip_format)
         return value.to(dtype)

@@ -12,6 +12,7 @@ from epamx.ops.render_heatmaps import (
 )
 from epamx.ops.squeeze_excite import channel_sums, channel_sums_reference, gate_silu_, gate_silu_reference
 from epamx.ops.temporal_shift import temporal_shift, temporal_shift_, temporal_shift_reference, temporal_unshift_
+from epamx.ops.to_channels_last import to_channels_last, to_channels_last_reference
 
 __all__ = [
     "COCO17_FLIP_PAIRS",
@@ -36,4 +37,6 @@ __all__ = [
     "temporal_shift_",
     "temporal_shift_reference",
     "temporal_unshift_",
+    "to_channels_last",
+    "to_channels_last_reference",
 ]
