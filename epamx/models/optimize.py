@@ -17,6 +17,7 @@ from epamx.models.memory_format import check_memory_format, resolve_memory_forma
 from epamx.models.streams import PoseStream, RGBStream
 from epamx.models.xshiftnet import ConvBNAct, XShiftBlock
 from epamx.nn import SpatialTemporalAttention
+from epamx.nn.conv_act import pack_weight
 from epamx.ops import to_channels_last
 
 __all__ = ["INFERENCE_DTYPES", "cpu_has_bf16", "optimize_for_inference"]
@@ -161,6 +162,12 @@ def optimize_for_inference(model: nn.Module, memory_format: str = "auto",
         fast = fast.to(dtype)
         fast.register_forward_pre_hook(_inputs_to(dtype, fmt))
         fast.register_forward_hook(_outputs_to_float32)
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        # The folded convolutions' weights in oneDNN's layout, now: conv_act would otherwise reorder them on every
+        # call (epamx.nn.conv_act.pack_weight), and packing inside a forward would take buffers of the memory cache.
+        for module in fast.modules():
+            if isinstance(module, ConvBNAct) and module.conv.weight.dtype in (torch.float32, torch.bfloat16):
+                pack_weight(module.conv, module.frame_wise and fmt == torch.channels_last_3d)
     if cache_memory:
         hooks = _CpuCacheHooks()
         fast.register_forward_pre_hook(hooks.before, prepend=True)

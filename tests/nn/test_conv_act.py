@@ -67,3 +67,32 @@ def test_applies_only_to_cpu_inference_in_the_weights_dtype():
 def test_bad_activation_is_explained():
     with torch.no_grad(), pytest.raises(ValueError, match="conv_act: activation must be one of"):
         conv_act(_conv((1, 1, 1)), _input(), "gelu")
+
+
+def test_packed_weights_are_reused_and_remade_when_the_weight_changes():
+    """conv_act runs on the weight packed in oneDNN's layout (epamx.nn.conv_act.pack_weight): the same packed tensor
+    call after call, bit for bit the unpacked convolution; changed in place, converted to bfloat16 or run
+    frame-wise (a 2D weight), it is packed again, and the results follow the new weight."""
+    import copy
+
+    from epamx.nn.conv_act import _PACKED, pack_weight
+    conv = _conv((1, 3, 3), groups=8, channels=(8, 8))
+    x = _input()
+    with torch.no_grad():
+        first = conv_act(conv, x, "relu")
+        packed = _PACKED[conv][1]
+        assert conv_act(conv, x, "relu").equal(first) and _PACKED[conv][1] is packed
+        assert pack_weight(conv) is packed
+        want = F.relu(torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, conv.padding, conv.stride,
+                                                              conv.dilation, conv.groups, "none", [], None))
+        assert first.equal(want)
+        conv.weight.mul_(2)  # in place: a new version
+        torch.testing.assert_close(conv_act(conv, x, "relu"), F.relu(conv(x)), rtol=1e-5, atol=1e-5)
+        assert _PACKED[conv][1] is not packed
+        frames = conv_act(conv, x, "relu", frame_wise=True)  # the 2D weight
+        torch.testing.assert_close(frames, F.relu(conv(x)), rtol=1e-5, atol=1e-5)
+        clone = copy.deepcopy(conv)  # the packed weight stays outside the module
+        torch.testing.assert_close(conv_act(clone, x, "relu"), F.relu(conv(x)), rtol=1e-5, atol=1e-5)
+        conv.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16)
+        torch.testing.assert_close(conv_act(conv, xb, "relu").float(), F.relu(conv(xb)).float(), rtol=2e-2, atol=2e-2)
