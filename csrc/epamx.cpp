@@ -42,9 +42,9 @@ TORCH_LIBRARY(epamx, m) {
         "Tensor coef_1, int activation) -> Tensor");
 
   // Squeeze-and-excitation in inference, CPU only. x: (N, C, ...); channel_sums: (N, C) in x's accumulation dtype;
-  // gate_silu_: x = silu(x * gate[n, c]) in place, gate (N, C) in x's accumulation dtype.
+  // gate_silu_: x = silu(x * gate[n, c]) in place, gate (N, C) in x's accumulation dtype; no gate: x = silu(x).
   m.def("channel_sums(Tensor x) -> Tensor");
-  m.def("gate_silu_(Tensor(a!) x, Tensor gate) -> ()");
+  m.def("gate_silu_(Tensor(a!) x, Tensor? gate) -> ()");
 
   // A 4-D/5-D tensor in channels-last memory (optionally cast to dtype) in one pass, CPU only: the models' inputs.
   m.def("to_channels_last(Tensor x, ScalarType? dtype=None) -> Tensor");

@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 #include "batch_norm_act/batch_norm_act.h"
@@ -43,14 +44,16 @@ at::Tensor channel_sums_cpu(const at::Tensor& x_in) {
   return out;
 }
 
-void gate_silu_cpu_(const at::Tensor& x, const at::Tensor& gate_in) {
+void gate_silu_cpu_(const at::Tensor& x, const std::optional<at::Tensor>& gate_in) {
   constexpr const char* op = "gate_silu_";
   check_affine_input(x, op);
-  check_coefficient(gate_in, x, op, "gate");
+  if (gate_in) check_coefficient(*gate_in, x, op, "gate");
   if (x.numel() == 0) return;
   // The kernels work on dense channels-last or contiguous memory; any other x is gated in a copy written back.
   const at::Tensor work = affine_input(x);
-  const at::Tensor gate = gate_in.contiguous();
+  // Without a gate, factors of 1 (one multiply per vector of a compute-bound pass).
+  const at::Tensor gate = gate_in ? gate_in->contiguous()
+                                  : at::ones({x.size(0), x.size(1)}, x.options().dtype(at::toOpMathType(x.scalar_type())));
   const SqueezeGeometry g = squeeze_geometry(work, affine_channels_last(work));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), op, [&] {
     EPAMX_CPU_KERNEL_CALL(gate_silu_kernel<scalar_t>, g, work.mutable_data_ptr<scalar_t>(),

@@ -82,6 +82,63 @@ Vec silu(const Vec& z) {
   return z / (Vec(1) + z.neg().exp_u20());
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// silu for a bfloat16 result (8 significant bits): e^r by its degree-4 Taylor polynomial (relative error 4e-5) and
+// the 14-bit reciprocal estimate without the Newton step (6e-5), about 1e-4 in all against the 2e-3 of bfloat16's
+// own rounding, in 12 vector operations. rcp14(inf) = 0 gives z < -88.7 -> -0 and z = -inf -> NaN as above.
+inline __m512 silu_for_bf16(__m512 z) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmsub_ps(n, _mm512_set1_ps(0.693145751953125f), z);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 24), r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.0f));
+  return _mm512_mul_ps(z, _mm512_rcp14_ps(d));
+}
+
+// One piece of gate_silu_'s bfloat16 stream: x = silu(x * factors) for len elements.
+void gate_silu_piece_bf16(c10::BFloat16* piece, const float* factors, int64_t len) {
+  using IO = Io<c10::BFloat16>;
+  for (int64_t j = 0; j < len; j += 16) {
+    const int64_t count = std::min<int64_t>(16, len - j);
+    const __m512 z = _mm512_mul_ps(IO::load(piece + j, count), _mm512_maskz_loadu_ps(IO::mask(count), factors + j));
+    IO::store(piece + j, at::vec::Vectorized<float>(silu_for_bf16(z)), count);
+  }
+}
+
+#if defined(__GNUC__)
+// The same with the CPU's bfloat16 conversion (AVX512-BF16: AMD Zen 4 and later, Intel Cooper Lake and Sapphire
+// Rapids and later), called where the CPU has it: vcvtneps2bf16 rounds to nearest even as the integer sequence does
+// (it reads float32 denormals, below 1.2e-38, as zero).
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+void gate_silu_piece_bf16_native(c10::BFloat16* piece, const float* factors, int64_t len) {
+  using IO = Io<c10::BFloat16>;
+  for (int64_t j = 0; j < len; j += 16) {
+    const int64_t count = std::min<int64_t>(16, len - j);
+    const __mmask16 m = IO::mask(count);
+    const __m512 z = _mm512_mul_ps(IO::load(piece + j, count), _mm512_maskz_loadu_ps(m, factors + j));
+    _mm256_mask_storeu_epi16(piece + j, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(silu_for_bf16(z))));
+  }
+}
+#pragma GCC pop_options
+#endif
+
+// gate_silu_piece_bf16_native where the CPU has AVX512-BF16, else gate_silu_piece_bf16.
+using PieceBf16 = void (*)(c10::BFloat16*, const float*, int64_t);
+PieceBf16 gate_silu_piece_bf16_for_this_cpu() {
+#if defined(__GNUC__)
+  static const PieceBf16 fn = __builtin_cpu_supports("avx512bf16") ? gate_silu_piece_bf16_native : gate_silu_piece_bf16;
+  return fn;
+#else
+  return gate_silu_piece_bf16;
+#endif
+}
+#endif
+
 }  // namespace
 
 template <typename scalar_t>
@@ -138,6 +195,9 @@ void gate_silu_kernel(const SqueezeGeometry& g, scalar_t* x, const at::opmath_ty
     // vector per pixel's channels would leave C % W lanes idle at every pixel).
     const int64_t period = std::lcm(g.C, W), per_sample = g.S * g.C;
     const int64_t pieces = (per_sample + period - 1) / period;
+#if defined(CPU_CAPABILITY_AVX512)
+    const PieceBf16 piece_bf16 = gate_silu_piece_bf16_for_this_cpu();
+#endif
     at::parallel_for(0, g.N * pieces, grain_for(period), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> factors(static_cast<size_t>(period));
       int64_t sample = -1;
@@ -150,6 +210,12 @@ void gate_silu_kernel(const SqueezeGeometry& g, scalar_t* x, const at::opmath_ty
         scalar_t* piece = x + n * per_sample + k0;
         const int64_t len = std::min(period, per_sample - k0);
         int64_t k = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          piece_bf16(piece, factors.data(), len);
+          continue;
+        }
+#endif
         for (; k + W <= len; k += W) IO::store(piece + k, silu(IO::load(piece + k, W) * Vec::loadu(&factors[k])), W);
         if (k < len) {
           IO::store(piece + k, silu(IO::load(piece + k, len - k) * Vec::loadu(&factors[k], len - k)), len - k);

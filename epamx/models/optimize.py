@@ -74,6 +74,14 @@ class _CpuCacheHooks:
     def __init__(self):
         self._entered = threading.local()
 
+    # Deep copies and pickles of the model get hooks of their own, with no scope open (a thread-local cannot be
+    # copied).
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._entered = threading.local()
+
     def _stack(self) -> list:
         if not hasattr(self._entered, "stack"):
             self._entered.stack = []

@@ -175,7 +175,8 @@ class XShiftBlock(nn.Module):
             out = self.conv1(self.shift(x))
         swish = isinstance(self.swish, nn.SiLU)
         if self.se_module is None and swish and self.conv2.folded_applies(out):
-            out = self.conv2.conv_act(out, "swish")
+            # Swish in epamx's own pass: oneDNN's swish post-op took longer than the convolution itself.
+            out = gate_silu_(self.conv2.conv_act(out, "none"))
         elif self.fused and fused_batch_norm_applies(self.conv2.bn, out):
             se = self.se_module
             out = batch_norm_act(self.conv2.bn, self.conv2.convolve(out),

@@ -56,7 +56,10 @@ def pack_weight(conv: nn.Conv3d, frame_wise: bool = False) -> Tensor:
     every folded convolution's weight up front (outside any memory-cache scope, so the packed weights do not take
     activation buffers); others are packed at their first call."""
     weight = _kernel_weight(conv, frame_wise)
-    key = (conv.weight.data_ptr(), conv.weight._version, conv.weight.dtype, weight.dim())
+    source = conv.weight
+    # An inference tensor (made under torch.inference_mode) has no version counter: its storage alone identifies it.
+    version = None if source.is_inference() else source._version
+    key = (source.data_ptr(), version, source.dtype, weight.dim())
     entry = _PACKED.get(conv)
     if entry is not None and entry[0] == key:
         return entry[1]

@@ -1,6 +1,7 @@
 """Squeeze-and-excitation followed by Swish, in inference: the two passes over a block's depthwise output.
 
     channel_sums(x)[n, c] = sum of x[n, c, ...]             gate_silu_(x, gate): x = silu(x * gate[n, c])
+                                                            gate_silu_(x): x = silu(x)
 
 In between, the squeeze-and-excitation MLP turns the channel means into the gate (epamx.models' SqueezeExcite).
 ATen takes a pass for the sum, one for the gating and one for the SiLU (and its channels-last bfloat16 sums are
@@ -9,11 +10,17 @@ epamx.models.optimize_for_inference makes calls them on CPU tensors; elsewhere u
 
 channel_sums accumulates in x's accumulation dtype (float32 for half, bfloat16 and float32, float64 for float64)
 over fixed blocks of 256 positions, the blocks added in float64, so the result does not depend on the thread
-count. gate_silu_'s exp is within 2 ulp and its division within about 1 ulp in float32, so its results differ
-from F.silu's by a few ulp. Layouts: any; channels-last and contiguous x are read in place, others through a copy.
+count. gate_silu_ is within 4 float32 ulp of F.silu (AVX-512: its own exp and a refined reciprocal; other builds
+exp_u20 and a division); in bfloat16 (AVX-512) it computes to about 1e-4, below bfloat16's rounding (results
+differ from F.silu's rounded ones by one bfloat16 ulp in about 0.02% of values), and rounds with the CPU's
+bfloat16 instructions where it has them. Without a gate it is the Swish of X-ShiftNet's blocks without
+squeeze-and-excitation, which the inference copy runs after the depthwise convolution instead of oneDNN's swish
+post-op (1.0-1.5x faster per block). Layouts: any; channels-last and contiguous x are read in place, others through a copy.
 What they buy: docs/performance.md, Inference.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,17 +40,19 @@ def channel_sums_reference(x: Tensor) -> Tensor:
     return x.to(acc).sum(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x.to(acc)
 
 
-def gate_silu_(x: Tensor, gate: Tensor) -> Tensor:
+def gate_silu_(x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
     """x = silu(x * gate[n, c]) in place and returned, for x (N, C, ...) and gate (N, C) in x's accumulation
-    dtype. CPU, no gradients."""
-    if torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad):
+    dtype; without a gate x = silu(x). CPU, no gradients."""
+    if torch.is_grad_enabled() and (x.requires_grad or (gate is not None and gate.requires_grad)):
         raise RuntimeError("gate_silu_: an inference op, it has no gradient; use gate_silu_reference to "
                            "differentiate")
     torch.ops.epamx.gate_silu_(x, gate)
     return x
 
 
-def gate_silu_reference(x: Tensor, gate: Tensor) -> Tensor:
+def gate_silu_reference(x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
+    if gate is None:
+        return F.silu(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).to(x.dtype)
     view = (*gate.shape, *(1,) * (x.dim() - 2))
     return F.silu(x.to(gate.dtype) * gate.view(view)).to(x.dtype)
 
@@ -55,5 +64,5 @@ def _channel_sums_fake(x):
 
 
 @torch.library.register_fake("epamx::gate_silu_")
-def _gate_silu_fake(x, gate):
+def _gate_silu_fake(x, gate=None):
     return None

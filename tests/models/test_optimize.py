@@ -1,6 +1,7 @@
 """Fast by default: the memory-format policy of the models, the stems' frame-wise convolution, and
 optimize_for_inference (batch norm folded), each against the plain contiguous model."""
 import copy
+import io
 import warnings
 
 import pytest
@@ -162,6 +163,37 @@ def test_optimized_model_gives_the_same_logits():
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert model.rgb_backbone.conv1_s.conv.weight.is_contiguous()
+
+
+def test_optimized_under_inference_mode_and_copied():
+    """Made under torch.inference_mode (its weights inference tensors), deep-copied and loaded with other weights,
+    saved whole and loaded, the copy gives the model's logits: its convolutions' packed weights (epamx.nn.conv_act.pack_weight) are kept
+    outside it and follow the weights."""
+    model = epamnet(num_classes=7)
+    imgs, heatmaps = small_clip(seed=2)
+    with torch.no_grad():
+        want = model(imgs, heatmaps)
+    with torch.inference_mode():
+        fast = optimize_for_inference(model)
+        got = fast(imgs, heatmaps)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    fast = optimize_for_inference(model)
+    twin = copy.deepcopy(fast)
+    other = epamnet(num_classes=7, seed=5)
+    twin.load_state_dict(optimize_for_inference(other).state_dict())
+    with torch.no_grad():
+        for g, w in zip(twin(imgs, heatmaps), other(imgs, heatmaps)):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+        for g, w in zip(fast(imgs, heatmaps), want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    buffer = io.BytesIO()  # saved whole and loaded back
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        for g, w in zip(loaded(imgs, heatmaps), want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
 def test_optimized_model_in_float64_is_exact_to_rounding():

@@ -96,3 +96,6 @@ def test_packed_weights_are_reused_and_remade_when_the_weight_changes():
         conv.to(torch.bfloat16)
         xb = x.to(torch.bfloat16)
         torch.testing.assert_close(conv_act(conv, xb, "relu").float(), F.relu(conv(xb)).float(), rtol=2e-2, atol=2e-2)
+    with torch.inference_mode():  # weights made here are inference tensors, without a version counter
+        made = _conv((1, 1, 1))
+        torch.testing.assert_close(conv_act(made, x, "relu"), F.relu(made(x)), rtol=1e-5, atol=1e-5)

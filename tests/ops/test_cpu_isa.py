@@ -14,7 +14,8 @@ ISAS = ["DEFAULT", "AVX2", "AVX512"]
 HERE = pathlib.Path(__file__).parent
 # Every layout, dtype and odd size against the references, the ties and NaNs of the maximum, strided views.
 SELECTION = ("(matches_reference or memory_format or ties_nan or non_contiguous or strided_views or gradcheck "
-             "or edge_values or silu_sweep or activations_range or thread_count or bit_for_bit or rounding) "
+             "or edge_values or silu_sweep or activations_range or thread_count or bit_for_bit or rounding "
+             "or without_a_gate) "
              "and not cuda")
 
 

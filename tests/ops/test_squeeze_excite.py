@@ -68,6 +68,17 @@ def test_gate_silu_matches_reference(shape, layout, dtype):
     torch.testing.assert_close(gate_silu_reference(x, gate).double(), expected, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_silu_without_a_gate_matches_reference(shape, layout, dtype):
+    x = make(shape, dtype, layout)
+    expected = F.silu(x.double())
+    y = gate_silu_(x.clone())
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(y.double(), expected, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gate_silu_reference(x).double(), expected, rtol=rtol, atol=atol)
+
+
 def test_gate_silu_over_the_activations_range():
     """Every input the fast exp and reciprocal meet: large negative (exp overflows to inf: -0), large positive,
     tiny, zero, and NaN, against F.silu in float64, in float32 and bfloat16 (bfloat16's rounding to nearest even
@@ -121,6 +132,7 @@ def test_opcheck():
     gate = make_gate(x.shape, torch.float32)
     torch.library.opcheck(torch.ops.epamx.channel_sums.default, (x,))
     torch.library.opcheck(torch.ops.epamx.gate_silu_.default, (x.clone(), gate))
+    torch.library.opcheck(torch.ops.epamx.gate_silu_.default, (x.clone(), None))
 
 
 def test_compile_fullgraph():
