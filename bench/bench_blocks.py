@@ -9,7 +9,10 @@ memory (the format EPAM-Net trains in on a CPU), float32 (on CUDA the batch norm
   over the N*T frames (what ConvBNAct(frame_wise=True) runs, no copy in this memory format).
 
 Shapes: EPAM-Net's first RGB and pose stages at 4 clips (224x224 RGB, 56x56 heatmaps), its last stages, and the
-embedded training config's small ones (16 clips, 64x64 RGB, 16x16 heatmaps)."""
+embedded training config's small ones (16 clips, 64x64 RGB, 16x16 heatmaps).
+
+And one piece of inference (optimize_for_inference's copy on a CPU), forward only, at one clip: squeeze-and-excitation
+then Swish, epamx.ops.channel_sums and gate_silu_ against ATen's passes, float32 and bfloat16."""
 import pytest
 import torch
 
