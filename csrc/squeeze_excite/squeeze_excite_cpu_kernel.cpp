@@ -5,6 +5,8 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -127,11 +129,16 @@ void gate_silu_piece_bf16_native(c10::BFloat16* piece, const float* factors, int
 #pragma GCC pop_options
 #endif
 
-// gate_silu_piece_bf16_native where the CPU has AVX512-BF16, else gate_silu_piece_bf16.
+// gate_silu_piece_bf16_native where the CPU has AVX512-BF16 (and EPAMX_DISABLE_AVX512_BF16 is unset or 0: the tests
+// run the other path that way), else gate_silu_piece_bf16.
 using PieceBf16 = void (*)(c10::BFloat16*, const float*, int64_t);
 PieceBf16 gate_silu_piece_bf16_for_this_cpu() {
 #if defined(__GNUC__)
-  static const PieceBf16 fn = __builtin_cpu_supports("avx512bf16") ? gate_silu_piece_bf16_native : gate_silu_piece_bf16;
+  static const PieceBf16 fn = [] {
+    const char* off = std::getenv("EPAMX_DISABLE_AVX512_BF16");
+    const bool native = __builtin_cpu_supports("avx512bf16") && !(off != nullptr && std::string(off) != "0");
+    return native ? gate_silu_piece_bf16_native : gate_silu_piece_bf16;
+  }();
   return fn;
 #else
   return gate_silu_piece_bf16;

@@ -158,3 +158,25 @@ def test_bad_input():
         gate_silu_(x, torch.ones(2, 5, dtype=torch.float64))
     with raises_naming(RuntimeError, "gate_silu_", "gradient"):
         gate_silu_(x.clone().requires_grad_(), torch.ones(2, 5))
+
+
+def test_bfloat16_rounding_with_and_without_the_cpus_bfloat16_instructions():
+    """gate_silu_'s bfloat16 pass rounds with vcvtneps2bf16 where the CPU has AVX512-BF16 and with integer arithmetic
+    elsewhere (EPAMX_DISABLE_AVX512_BF16=1 forces it): the two give the same bits for every value but float32
+    denormals (the instruction reads them as zero)."""
+    import subprocess
+    import sys
+    script = ("import torch, epamx; g = torch.Generator().manual_seed(0); "
+              "x = (torch.randn(2, 54, 3, 7, 7, generator=g) * 4).to(torch.bfloat16)"
+              ".contiguous(memory_format=torch.channels_last_3d); "
+              "flat = x.permute(0, 2, 3, 4, 1).view(-1); "
+              "flat[:4] = torch.tensor([float('nan'), float('inf'), -float('inf'), 0.0]); "
+              "gate = torch.rand(2, 54, generator=g) * 2; epamx.ops.gate_silu_(x, gate); "
+              "print(flat.view(torch.int16).tolist())")
+    outputs = []
+    for flag in ("0", "1"):
+        env = dict(__import__("os").environ, EPAMX_DISABLE_AVX512_BF16=flag)
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        outputs.append(run.stdout)
+    assert outputs[0] == outputs[1]
