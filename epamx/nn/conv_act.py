@@ -46,8 +46,12 @@ def from_frames(y: Tensor, n: int) -> Tensor:
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _kernel_weight(conv: nn.Module, frame_wise: bool) -> Tensor:
-    return conv.weight.squeeze(2) if frame_wise else conv.weight
+def _kernel_args(conv: nn.Module, frame_wise: bool):
+    """The weight, stride, padding and dilation oneDNN's convolution takes for ``conv``: as they are, or for its
+    frames (a 2D weight and the spatial parts) where ``frame_wise``."""
+    if frame_wise:
+        return conv.weight.squeeze(2), conv.stride[1:], conv.padding[1:], conv.dilation[1:]
+    return conv.weight, conv.stride, conv.padding, conv.dilation
 
 
 def pack_weight(conv: nn.Conv3d, frame_wise: bool = False) -> Tensor:
@@ -55,7 +59,7 @@ def pack_weight(conv: nn.Conv3d, frame_wise: bool = False) -> Tensor:
     it, made once per weight and reused by :func:`conv_act` on a CPU. epamx.models.optimize_for_inference packs
     every folded convolution's weight up front (outside any memory-cache scope, so the packed weights do not take
     activation buffers); others are packed at their first call."""
-    weight = _kernel_weight(conv, frame_wise)
+    weight, stride, padding, dilation = _kernel_args(conv, frame_wise)
     source = conv.weight
     # An inference tensor (made under torch.inference_mode) has no version counter: its storage alone identifies it.
     version = None if source.is_inference() else source._version
@@ -63,9 +67,6 @@ def pack_weight(conv: nn.Conv3d, frame_wise: bool = False) -> Tensor:
     entry = _PACKED.get(conv)
     if entry is not None and entry[0] == key:
         return entry[1]
-    stride, padding, dilation = conv.stride, conv.padding, conv.dilation
-    if frame_wise:
-        stride, padding, dilation = stride[1:], padding[1:], dilation[1:]
     reorder = torch._C._nn.mkldnn_reorder_conv3d_weight if weight.dim() == 5 else \
         torch._C._nn.mkldnn_reorder_conv2d_weight
     with torch.no_grad():
@@ -84,14 +85,13 @@ def conv_act(conv: nn.Conv3d, x: Tensor, activation: str = "none", add: Optional
         raise ValueError(f"conv_act: activation must be one of {', '.join(CONV_ACTIVATIONS)}, got {activation!r}")
     if add is not None and activation == "swish":  # oneDNN's binary post-op takes ReLU alone after the sum
         raise ValueError("conv_act: after a sum (add=...) the activation must be 'none' or 'relu'")
-    weight, stride, padding, dilation = conv.weight, conv.stride, conv.padding, conv.dilation
-    n = x.shape[0]
-    if frame_wise:
-        x, weight = as_frames(x), weight.squeeze(2)
-        stride, padding, dilation = stride[1:], padding[1:], dilation[1:]
-        add = as_frames(add) if add is not None else None
+    weight, stride, padding, dilation = _kernel_args(conv, frame_wise)
     if not torch.jit.is_tracing():
         weight = pack_weight(conv, frame_wise)
+    n = x.shape[0]
+    if frame_wise:
+        x = as_frames(x)
+        add = as_frames(add) if add is not None else None
     if add is None:
         y = torch.ops.mkldnn._convolution_pointwise(x, weight, conv.bias, padding, stride, dilation, conv.groups,
                                                     activation, [], None)
