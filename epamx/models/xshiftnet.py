@@ -111,19 +111,20 @@ class SqueezeExcite(nn.Module):
         (N, C, 1, 1, 1) PyTorch's convolution takes a slow path). Training keeps :meth:`forward`'s exact
         arithmetic, whose rounding the shipped results were trained with."""
         n, c, t, h, w = x.shape
-        hidden = torch.relu(F.linear(x.sum(dim=(2, 3, 4)) / (t * h * w), self.fc1.weight.flatten(1), self.fc1.bias))
-        scale = torch.sigmoid(F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias))
-        return x.mul_(scale.view(n, c, 1, 1, 1))
+        return x.mul_(self._linear_gate(x.sum(dim=(2, 3, 4)) / (t * h * w)).view(n, c, 1, 1, 1))
+
+    def _linear_gate(self, means: Tensor) -> Tensor:
+        """:meth:`gate` with the 1x1x1 convolutions as linear maps, for inference (:meth:`forward_`,
+        :meth:`forward_silu_`)."""
+        hidden = torch.relu(F.linear(means, self.fc1.weight.flatten(1), self.fc1.bias))
+        return torch.sigmoid(F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias))
 
     def forward_silu_(self, x: Tensor) -> Tensor:
         """``silu(forward(x))`` in place, for inference on a CPU (x not needed for a gradient): the channel sums
         and the gating with Swish each one pass of an epamx op (epamx.ops.channel_sums, gate_silu_), the MLP in
         the weights' dtype as in :meth:`forward_`."""
         n, c = x.shape[:2]
-        weight1 = self.fc1.weight
-        pooled = (channel_sums(x) / (x.numel() // (n * c))).to(weight1.dtype)
-        hidden = torch.relu(F.linear(pooled, weight1.flatten(1), self.fc1.bias))
-        gate = torch.sigmoid(F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias))
+        gate = self._linear_gate((channel_sums(x) / (x.numel() // (n * c))).to(self.fc1.weight.dtype))
         return gate_silu_(x, gate.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
 
 
