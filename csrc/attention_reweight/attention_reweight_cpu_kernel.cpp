@@ -206,10 +206,7 @@ void attention_reweight_backward_kernel(const ReweightCpuArgs<scalar_t>& args) {
 #define EPAMX_INSTANTIATE(scalar_t)                                                                      \
   template void attention_reweight_forward_kernel<scalar_t>(const ReweightCpuArgs<scalar_t>& args); \
   template void attention_reweight_backward_kernel<scalar_t>(const ReweightCpuArgs<scalar_t>& args);
-EPAMX_INSTANTIATE(float)
-EPAMX_INSTANTIATE(double)
-EPAMX_INSTANTIATE(c10::Half)
-EPAMX_INSTANTIATE(c10::BFloat16)
+EPAMX_FOR_EACH_FLOATING_TYPE(EPAMX_INSTANTIATE)
 #undef EPAMX_INSTANTIATE
 
 }  // namespace CPU_CAPABILITY

@@ -252,10 +252,7 @@ void affine_act_backward_kernel(const AffineCpuArgs<scalar_t>& a) {
   template void affine_act_kernel<scalar_t>(const AffineCpuArgs<scalar_t>& args);                 \
   template void affine_act_backward_reduce_kernel<scalar_t>(const AffineCpuArgs<scalar_t>& args); \
   template void affine_act_backward_kernel<scalar_t>(const AffineCpuArgs<scalar_t>& args);
-EPAMX_INSTANTIATE(float)
-EPAMX_INSTANTIATE(double)
-EPAMX_INSTANTIATE(c10::Half)
-EPAMX_INSTANTIATE(c10::BFloat16)
+EPAMX_FOR_EACH_FLOATING_TYPE(EPAMX_INSTANTIATE)
 #undef EPAMX_INSTANTIATE
 
 }  // namespace CPU_CAPABILITY

@@ -366,10 +366,7 @@ void channel_pool_backward_kernel(const PoolCpuArgs<scalar_t>& args) {
 #define EPAMX_INSTANTIATE(scalar_t)                                                           \
   template void channel_pool_forward_kernel<scalar_t>(const PoolCpuArgs<scalar_t>& args); \
   template void channel_pool_backward_kernel<scalar_t>(const PoolCpuArgs<scalar_t>& args);
-EPAMX_INSTANTIATE(float)
-EPAMX_INSTANTIATE(double)
-EPAMX_INSTANTIATE(c10::Half)
-EPAMX_INSTANTIATE(c10::BFloat16)
+EPAMX_FOR_EACH_FLOATING_TYPE(EPAMX_INSTANTIATE)
 #undef EPAMX_INSTANTIATE
 
 }  // namespace CPU_CAPABILITY

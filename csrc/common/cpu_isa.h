@@ -19,6 +19,10 @@ std::string cpu_isa_name();
 
 }  // namespace epamx
 
+// Applies macro M to each floating dtype the CPU kernels are instantiated for (the kernel files' explicit
+// instantiations).
+#define EPAMX_FOR_EACH_FLOATING_TYPE(M) M(float) M(double) M(c10::Half) M(c10::BFloat16)
+
 // Declares the same kernel templates in every build's namespace.
 #if defined(EPAMX_CPU_ISA_X86)
 #define EPAMX_DECLARE_CPU_KERNELS(...)  \

@@ -23,9 +23,10 @@ at::Tensor channel_sums_cpu(const at::Tensor& x_in) {
   check_affine_input(x_in, op);
   const at::Tensor x = affine_input(x_in);
   const SqueezeGeometry g = squeeze_geometry(x, affine_channels_last(x));
-  const auto acc = at::toOpMathType(x.scalar_type());
-  at::Tensor out = at::zeros({g.N, g.C}, x.options().dtype(acc));
-  if (g.N * g.C * g.S == 0) return out;
+  const auto options = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  // Empty positions sum to zero; otherwise every element is written below.
+  if (g.N * g.C * g.S == 0) return at::zeros({g.N, g.C}, options);
+  at::Tensor out = at::empty({g.N, g.C}, options);
   const int64_t blocks = (g.S + kSumBlock - 1) / kSumBlock;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;

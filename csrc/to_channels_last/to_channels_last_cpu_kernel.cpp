@@ -12,10 +12,7 @@
 #include <vector>
 
 #include "common/cpu_parallel.h"
-
-#if defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#endif
+#include "common/cpu_vec.h"
 
 namespace epamx {
 namespace CPU_CAPABILITY {
@@ -25,21 +22,15 @@ namespace {
 // interleaves the block into the output, kPositions x C elements that stay in L1/L2.
 constexpr int64_t kPositions = 256;
 
-// dst[0, n) = src[0, n) cast to out_t. float -> bfloat16 in registers where AVX-512 is built (bfloat16 is the high
-// half of a float; rounding to nearest even is integer arithmetic, NaNs stay quiet NaNs), as c10::BFloat16 rounds.
+// dst[0, n) = src[0, n) cast to out_t; float -> bfloat16 in registers where AVX-512 is built (float_to_bfloat16,
+// the same rounding as c10::BFloat16).
 template <typename in_t, typename out_t>
 void cast_run(const in_t* src, out_t* dst, int64_t n) {
   int64_t k = 0;
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, c10::BFloat16>) {
     for (; k + 16 <= n; k += 16) {
-      const __m512 f = _mm512_loadu_ps(src + k);
-      const __m512i i = _mm512_castps_si512(f);
-      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
-      __m512i r = _mm512_add_epi32(i, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q),
-                                _mm512_or_si512(i, _mm512_set1_epi32(0x400000)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), float_to_bfloat16(_mm512_loadu_ps(src + k)));
     }
   }
 #endif
@@ -74,16 +65,18 @@ void transpose_cast_kernel(const in_t* x, out_t* out, int64_t N, int64_t C, int6
 
 #define EPAMX_INSTANTIATE_OUT(in_t, out_t) \
   template void transpose_cast_kernel<in_t, out_t>(const in_t*, out_t*, int64_t, int64_t, int64_t);
-#define EPAMX_INSTANTIATE(in_t)                    \
-  EPAMX_INSTANTIATE_OUT(in_t, float)               \
-  EPAMX_INSTANTIATE_OUT(in_t, double)              \
-  EPAMX_INSTANTIATE_OUT(in_t, c10::Half)           \
-  EPAMX_INSTANTIATE_OUT(in_t, c10::BFloat16)
-EPAMX_INSTANTIATE(float)
-EPAMX_INSTANTIATE(double)
-EPAMX_INSTANTIATE(c10::Half)
-EPAMX_INSTANTIATE(c10::BFloat16)
-#undef EPAMX_INSTANTIATE
+#define EPAMX_INSTANTIATE_FROM_FLOAT(out_t) EPAMX_INSTANTIATE_OUT(float, out_t)
+#define EPAMX_INSTANTIATE_FROM_DOUBLE(out_t) EPAMX_INSTANTIATE_OUT(double, out_t)
+#define EPAMX_INSTANTIATE_FROM_HALF(out_t) EPAMX_INSTANTIATE_OUT(c10::Half, out_t)
+#define EPAMX_INSTANTIATE_FROM_BFLOAT16(out_t) EPAMX_INSTANTIATE_OUT(c10::BFloat16, out_t)
+EPAMX_FOR_EACH_FLOATING_TYPE(EPAMX_INSTANTIATE_FROM_FLOAT)
+EPAMX_FOR_EACH_FLOATING_TYPE(EPAMX_INSTANTIATE_FROM_DOUBLE)
+EPAMX_FOR_EACH_FLOATING_TYPE(EPAMX_INSTANTIATE_FROM_HALF)
+EPAMX_FOR_EACH_FLOATING_TYPE(EPAMX_INSTANTIATE_FROM_BFLOAT16)
+#undef EPAMX_INSTANTIATE_FROM_FLOAT
+#undef EPAMX_INSTANTIATE_FROM_DOUBLE
+#undef EPAMX_INSTANTIATE_FROM_HALF
+#undef EPAMX_INSTANTIATE_FROM_BFLOAT16
 #undef EPAMX_INSTANTIATE_OUT
 
 }  // namespace CPU_CAPABILITY
