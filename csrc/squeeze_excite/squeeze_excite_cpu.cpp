@@ -52,13 +52,11 @@ void gate_silu_cpu_(const at::Tensor& x, const std::optional<at::Tensor>& gate_i
   if (x.numel() == 0) return;
   // The kernels work on dense channels-last or contiguous memory; any other x is gated in a copy written back.
   const at::Tensor work = affine_input(x);
-  // Without a gate, factors of 1 (one multiply per vector of a compute-bound pass).
-  const at::Tensor gate = gate_in ? gate_in->contiguous()
-                                  : at::ones({x.size(0), x.size(1)}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  const at::Tensor gate = gate_in ? gate_in->contiguous() : at::Tensor();
   const SqueezeGeometry g = squeeze_geometry(work, affine_channels_last(work));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), op, [&] {
     EPAMX_CPU_KERNEL_CALL(gate_silu_kernel<scalar_t>, g, work.mutable_data_ptr<scalar_t>(),
-                          gate.const_data_ptr<at::opmath_type<scalar_t>>());
+                          gate.defined() ? gate.const_data_ptr<at::opmath_type<scalar_t>>() : nullptr);
   });
   if (!work.is_same(x)) x.copy_(work);
 }

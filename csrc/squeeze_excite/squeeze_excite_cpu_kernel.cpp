@@ -77,30 +77,61 @@ Vec silu(const Vec& z) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// silu for a bfloat16 result (8 significant bits): e^r by its degree-4 Taylor polynomial (relative error 4e-5) and
-// the 14-bit reciprocal estimate without the Newton step (6e-5), about 1e-4 in all against the 2e-3 of bfloat16's
-// own rounding, in 12 vector operations. rcp14(inf) = 0 gives z < -88.7 -> -0 and z = -inf -> NaN as above.
+// silu for a bfloat16 result (8 significant bits), in 10 vector operations: exp(-z) = 2^t with t = -z log2(e),
+// n = round(t) and 2^(t - n), t - n in [-1/2, 1/2], by a degree-3 polynomial fitted for the least relative error
+// (7.5e-5), 2^n by scalef; then the 14-bit reciprocal estimate of 1 + exp(-z) (6e-5). Within 1.3e-4 of
+// z * sigmoid(z) against bfloat16's own rounding of 2e-3. rcp14(inf) = 0 gives z < -88.7 -> -0 and z = -inf -> NaN,
+// as F.silu.
 inline __m512 silu_for_bf16(__m512 z) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmsub_ps(n, _mm512_set1_ps(0.693145751953125f), z);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 24), r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 t = _mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.05517132207751274f), f, _mm512_set1_ps(0.24261054396629333f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932609677314758f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999281167984009f));
   const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.0f));
   return _mm512_mul_ps(z, _mm512_rcp14_ps(d));
 }
 
-// One piece of gate_silu_'s bfloat16 stream: x = silu(x * factors) for len elements.
-void gate_silu_piece_bf16(c10::BFloat16* piece, const float* factors, int64_t len) {
-  using IO = Io<c10::BFloat16>;
-  for (int64_t j = 0; j < len; j += 16) {
-    const int64_t count = std::min<int64_t>(16, len - j);
-    const __m512 z = _mm512_mul_ps(IO::load(piece + j, count), _mm512_maskz_loadu_ps(IO::mask(count), factors + j));
-    IO::store(piece + j, at::vec::Vectorized<float>(silu_for_bf16(z)), count);
+inline __mmask16 tail_mask(int64_t count) { return __mmask16((1u << count) - 1); }
+
+inline __m512 load_bf16(const c10::BFloat16* p) {
+  return bfloat16_to_float(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// x = silu(x * factors) for len elements of a bfloat16 stream (x = silu(x) where factors is null), with Round
+// turning 16 floats into 16 bfloat16: two whole vectors per step (unmasked: a mask per vector cost a quarter of
+// the pass), then the rest under a mask.
+template <typename Round>
+inline void silu_stream_bf16(c10::BFloat16* x, const float* factors, int64_t len, Round round) {
+  auto z_at = [&](int64_t j) {
+    const __m512 v = load_bf16(x + j);
+    return factors != nullptr ? _mm512_mul_ps(v, _mm512_loadu_ps(factors + j)) : v;
+  };
+  auto store = [&](int64_t j, __m512 v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + j), round(v));
+  };
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    const __m512 a = z_at(j), b = z_at(j + 16);
+    store(j, silu_for_bf16(a));
+    store(j + 16, silu_for_bf16(b));
   }
+  for (; j < len; j += 16) {
+    const int64_t count = std::min<int64_t>(16, len - j);
+    if (count == 16) {
+      store(j, silu_for_bf16(z_at(j)));
+      continue;
+    }
+    const __mmask16 m = tail_mask(count);
+    __m512 z = bfloat16_to_float(_mm256_maskz_loadu_epi16(m, x + j));
+    if (factors != nullptr) z = _mm512_mul_ps(z, _mm512_maskz_loadu_ps(m, factors + j));
+    _mm256_mask_storeu_epi16(x + j, m, round(silu_for_bf16(z)));
+  }
+}
+
+void silu_stream_bf16_integer(c10::BFloat16* x, const float* factors, int64_t len) {
+  silu_stream_bf16(x, factors, len, [](__m512 v) { return float_to_bfloat16(v); });
 }
 
 #if defined(__GNUC__)
@@ -109,34 +140,58 @@ void gate_silu_piece_bf16(c10::BFloat16* piece, const float* factors, int64_t le
 // (it reads float32 denormals, below 1.2e-38, as zero).
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
-void gate_silu_piece_bf16_native(c10::BFloat16* piece, const float* factors, int64_t len) {
-  using IO = Io<c10::BFloat16>;
-  for (int64_t j = 0; j < len; j += 16) {
-    const int64_t count = std::min<int64_t>(16, len - j);
-    const __mmask16 m = IO::mask(count);
-    const __m512 z = _mm512_mul_ps(IO::load(piece + j, count), _mm512_maskz_loadu_ps(m, factors + j));
-    _mm256_mask_storeu_epi16(piece + j, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(silu_for_bf16(z))));
-  }
+void silu_stream_bf16_native(c10::BFloat16* x, const float* factors, int64_t len) {
+  silu_stream_bf16(x, factors, len, [](__m512 v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)); });
 }
 #pragma GCC pop_options
 #endif
 
-// gate_silu_piece_bf16_native where the CPU has AVX512-BF16 (and EPAMX_DISABLE_AVX512_BF16 is unset or 0: the tests
-// run the other path that way), else gate_silu_piece_bf16.
-using PieceBf16 = void (*)(c10::BFloat16*, const float*, int64_t);
-PieceBf16 gate_silu_piece_bf16_for_this_cpu() {
+// silu_stream_bf16_native where the CPU has AVX512-BF16 (and EPAMX_DISABLE_AVX512_BF16 is unset or 0: the tests
+// run the other path that way), else silu_stream_bf16_integer.
+using StreamBf16 = void (*)(c10::BFloat16*, const float*, int64_t);
+StreamBf16 silu_stream_bf16_for_this_cpu() {
 #if defined(__GNUC__)
-  static const PieceBf16 fn = [] {
+  static const StreamBf16 fn = [] {
     const char* off = std::getenv("EPAMX_DISABLE_AVX512_BF16");
     const bool native = __builtin_cpu_supports("avx512bf16") && !(off != nullptr && std::string(off) != "0");
-    return native ? gate_silu_piece_bf16_native : gate_silu_piece_bf16;
+    return native ? silu_stream_bf16_native : silu_stream_bf16_integer;
   }();
   return fn;
 #else
-  return gate_silu_piece_bf16;
+  return silu_stream_bf16_integer;
 #endif
 }
 #endif
+
+// x = silu(x * factors) for len elements (x = silu(x) where factors is null).
+template <typename scalar_t>
+void silu_stream(scalar_t* x, const at::opmath_type<scalar_t>* factors, int64_t len) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    static const StreamBf16 stream = silu_stream_bf16_for_this_cpu();
+    stream(x, factors, len);
+    return;
+  }
+#endif
+  using IO = Io<scalar_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  int64_t k = 0;
+  if (factors != nullptr) {
+    for (; k + W <= len; k += W) IO::store(x + k, silu(IO::load(x + k, W) * Vec::loadu(factors + k)), W);
+  } else {
+    for (; k + W <= len; k += W) IO::store(x + k, silu(IO::load(x + k, W)), W);
+  }
+  if (k < len) {
+    const int64_t count = len - k;
+    const Vec z = IO::load(x + k, count);
+    IO::store(x + k, silu(factors != nullptr ? z * Vec::loadu(factors + k, count) : z), count);
+  }
+}
+
+// Elements per task of gate_silu_kernel without a gate, and about the length of the repeating factors with one.
+constexpr int64_t kSiluChunk = 4096;
+constexpr int64_t kFactorSpan = 1024;
 
 }  // namespace
 
@@ -188,37 +243,29 @@ void gate_silu_kernel(const SqueezeGeometry& g, scalar_t* x, const at::opmath_ty
   using Vec = typename IO::Vec;
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t W = IO::kWidth;
-  if (g.channels_last) {
+  if (gate == nullptr) {
+    // x = silu(x), whatever the layout: one stream of N * C * S elements, in chunks.
+    const int64_t total = g.N * g.C * g.S, chunks = (total + kSiluChunk - 1) / kSiluChunk;
+    at::parallel_for(0, chunks, grain_for(kSiluChunk), [&](int64_t begin, int64_t end) {
+      const int64_t k0 = begin * kSiluChunk;
+      silu_stream(x + k0, static_cast<const acc_t*>(nullptr), std::min(total, end * kSiluChunk) - k0);
+    });
+  } else if (g.channels_last) {
     // A sample's pixels are one stream of S * C elements whose factors repeat every C: the stream is cut into
-    // pieces of `period` = lcm(C, W) elements, each multiplied by the same `period` factors, whole vectors (a
-    // vector per pixel's channels would leave C % W lanes idle at every pixel).
-    const int64_t period = std::lcm(g.C, W), per_sample = g.S * g.C;
-    const int64_t pieces = (per_sample + period - 1) / period;
-#if defined(CPU_CAPABILITY_AVX512)
-    const PieceBf16 piece_bf16 = gate_silu_piece_bf16_for_this_cpu();
-#endif
-    at::parallel_for(0, g.N * pieces, grain_for(period), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> factors(static_cast<size_t>(period));
+    // pieces of `span` elements, a multiple of lcm(C, W) (whole vectors: a vector per pixel's channels would leave
+    // C % W lanes idle at every pixel) of about kFactorSpan, each multiplied by the same `span` factors.
+    const int64_t period = std::lcm(g.C, W), span = period * std::max<int64_t>(1, kFactorSpan / period);
+    const int64_t per_sample = g.S * g.C, pieces = (per_sample + span - 1) / span;
+    at::parallel_for(0, g.N * pieces, grain_for(span), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> factors(static_cast<size_t>(span));
       int64_t sample = -1;
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / pieces, k0 = task % pieces * period;
+        const int64_t n = task / pieces, k0 = task % pieces * span;
         if (n != sample) {
-          for (int64_t k = 0; k < period; ++k) factors[k] = gate[n * g.C + k % g.C];
+          for (int64_t k = 0; k < span; ++k) factors[k] = gate[n * g.C + k % g.C];
           sample = n;
         }
-        scalar_t* piece = x + n * per_sample + k0;
-        const int64_t len = std::min(period, per_sample - k0);
-        int64_t k = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          piece_bf16(piece, factors.data(), len);
-          continue;
-        }
-#endif
-        for (; k + W <= len; k += W) IO::store(piece + k, silu(IO::load(piece + k, W) * Vec::loadu(&factors[k])), W);
-        if (k < len) {
-          IO::store(piece + k, silu(IO::load(piece + k, len - k) * Vec::loadu(&factors[k], len - k)), len - k);
-        }
+        silu_stream(x + n * per_sample + k0, factors.data(), std::min(span, per_sample - k0));
       }
     });
   } else {

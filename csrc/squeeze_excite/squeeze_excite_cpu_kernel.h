@@ -21,7 +21,8 @@ constexpr int64_t kSumBlock = 256;
 
 // channel_sums_kernel: partial[(n * blocks + b) * C + c] = the sum of x[n, c, s] over block b of s (kSumBlock
 // values; blocks = ceil(S / kSumBlock)), in acc_t; every partial row is written.
-// gate_silu_kernel: x[n, c, s] = silu(x[n, c, s] * gate[n, c]) in place, gate dense (N, C) in acc_t.
+// gate_silu_kernel: x[n, c, s] = silu(x[n, c, s] * gate[n, c]) in place, gate dense (N, C) in acc_t, or
+// x = silu(x) where gate is null.
 EPAMX_DECLARE_CPU_KERNELS(
     template <typename scalar_t> void channel_sums_kernel(const SqueezeGeometry& g, const scalar_t* x,
                                                           at::opmath_type<scalar_t>* partial);

@@ -11,10 +11,10 @@ epamx.models.optimize_for_inference makes calls them on CPU tensors; elsewhere u
 channel_sums accumulates in x's accumulation dtype (float32 for half, bfloat16 and float32, float64 for float64)
 over fixed blocks of 256 positions, the blocks added in float64, so the result does not depend on the thread
 count. gate_silu_ is within 4 float32 ulp of F.silu (AVX-512: its own exp and a refined reciprocal; other builds
-exp_u20 and a division). In bfloat16 (AVX-512) it computes to about 1e-4, below bfloat16's rounding (results differ
-from F.silu's rounded ones by one bfloat16 ulp in about 0.02% of values), and rounds with the CPU's bfloat16
-instructions where it has them (the same bits as its integer rounding but for float32 denormals;
-EPAMX_DISABLE_AVX512_BF16=1 turns them off). Without a gate it is the Swish of X-ShiftNet's blocks without
+exp_u20 and a division). In bfloat16 (AVX-512) it computes to 1.3e-4, below bfloat16's rounding (results differ
+from F.silu's rounded ones by one bfloat16 ulp in about 0.7% of values, for inputs drawn from N(0, 3)), and rounds
+with the CPU's bfloat16 instructions where it has them (the same bits as its integer rounding but for float32
+denormals; EPAMX_DISABLE_AVX512_BF16=1 turns them off). Without a gate it is the Swish of X-ShiftNet's blocks without
 squeeze-and-excitation, which the inference copy runs after the depthwise convolution instead of oneDNN's swish
 post-op (1.0-1.5x faster per block). Layouts: any; channels-last and contiguous x are read in place, others through
 a copy. What they buy: docs/performance.md, Inference.
