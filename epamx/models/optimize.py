@@ -15,7 +15,7 @@ from epamx.memory import cpu_cache_enter, cpu_cache_exit
 from epamx.models.epamnet import EPAMNet
 from epamx.models.memory_format import check_memory_format, resolve_memory_format
 from epamx.models.streams import PoseStream, RGBStream
-from epamx.models.xshiftnet import ConvBNAct, XShiftBlock
+from epamx.models.xshiftnet import ConvBNAct, SqueezeExcite, XShiftBlock
 from epamx.nn import SpatialTemporalAttention
 from epamx.nn.conv_act import pack_weight
 from epamx.ops import to_channels_last
@@ -103,6 +103,19 @@ class _CpuCacheHooks:
             cpu_cache_exit()
 
 
+def _to_dtype_but_squeeze_excite(model: nn.Module, dtype: torch.dtype) -> None:
+    """model in ``dtype`` (in place) but for its squeeze-and-excitation MLPs, which stay in float32: they read
+    float32 channel sums and give the float32 gate that the gating pass takes, on (N, C) tensors where bfloat16
+    would only add two conversions per block (and its matrix products run slower at that size)."""
+    squeeze = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, SqueezeExcite)]
+    for parent, name, _ in squeeze:
+        setattr(parent, name, None)
+    model.to(dtype)
+    for parent, name, child in squeeze:
+        setattr(parent, name, child)
+
+
 def _resolve_dtype(dtype) -> torch.dtype:
     resolved = INFERENCE_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if resolved not in INFERENCE_DTYPES.values():
@@ -167,7 +180,7 @@ def optimize_for_inference(model: nn.Module, memory_format: str = "auto",
         if device.type == "cpu" and not cpu_has_bf16():
             warnings.warn("optimize_for_inference: this CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16): "
                           "bfloat16 inference will be slower than float32 here", RuntimeWarning, stacklevel=2)
-        fast = fast.to(dtype)
+        _to_dtype_but_squeeze_excite(fast, dtype)
         fast.register_forward_pre_hook(_inputs_to(dtype, fmt))
         fast.register_forward_hook(_outputs_to_float32)
     if device.type == "cpu" and torch.backends.mkldnn.is_available():

@@ -101,8 +101,10 @@ class SqueezeExcite(nn.Module):
         return torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled.view(n, c, 1, 1, 1))))).view(n, c)
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=(2, 3, 4), keepdim=True)))))
-        return x * scale
+        # The MLP in its weights' dtype: float32 in optimize_for_inference's bfloat16 copy (a no-op cast elsewhere).
+        pooled = x.mean(dim=(2, 3, 4), keepdim=True).to(self.fc1.weight.dtype)
+        scale = torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))
+        return x * scale.to(x.dtype)
 
     def forward_(self, x: Tensor) -> Tensor:
         """:meth:`forward` in place, for inference (x not needed for a gradient): x is multiplied by its gate and
@@ -111,20 +113,22 @@ class SqueezeExcite(nn.Module):
         (N, C, 1, 1, 1) PyTorch's convolution takes a slow path). Training keeps :meth:`forward`'s exact
         arithmetic, whose rounding the shipped results were trained with."""
         n, c, t, h, w = x.shape
-        return x.mul_(self._linear_gate(x.sum(dim=(2, 3, 4)) / (t * h * w)).view(n, c, 1, 1, 1))
+        return x.mul_(self._linear_gate(x.sum(dim=(2, 3, 4)), 1 / (t * h * w)).view(n, c, 1, 1, 1))
 
-    def _linear_gate(self, means: Tensor) -> Tensor:
-        """:meth:`gate` with the 1x1x1 convolutions as linear maps, for inference (:meth:`forward_`,
-        :meth:`forward_silu_`)."""
-        hidden = torch.relu(F.linear(means, self.fc1.weight.flatten(1), self.fc1.bias))
-        return torch.sigmoid(F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias))
+    def _linear_gate(self, sums: Tensor, scale: float) -> Tensor:
+        """:meth:`gate` of the means ``sums * scale``, with the 1x1x1 convolutions as linear maps (the scale folded
+        into the first), in the weights' dtype, for inference (:meth:`forward_`, :meth:`forward_silu_`)."""
+        sums = sums.to(self.fc1.weight.dtype)
+        hidden = torch.addmm(self.fc1.bias, sums, self.fc1.weight.flatten(1).t(), alpha=scale).relu_()
+        return torch.addmm(self.fc2.bias, hidden, self.fc2.weight.flatten(1).t()).sigmoid_()
 
     def forward_silu_(self, x: Tensor) -> Tensor:
         """``silu(forward(x))`` in place, for inference on a CPU (x not needed for a gradient): the channel sums
         and the gating with Swish each one pass of an epamx op (epamx.ops.channel_sums, gate_silu_), the MLP in
-        the weights' dtype as in :meth:`forward_`."""
+        the weights' dtype as in :meth:`forward_` (float32 in optimize_for_inference's bfloat16 copy, which
+        takes the float32 sums and gives the float32 gate that gate_silu_ reads without a conversion)."""
         n, c = x.shape[:2]
-        gate = self._linear_gate((channel_sums(x) / (x.numel() // (n * c))).to(self.fc1.weight.dtype))
+        gate = self._linear_gate(channel_sums(x), 1 / (x.numel() // (n * c)))
         return gate_silu_(x, gate.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
 
 

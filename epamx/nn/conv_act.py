@@ -16,14 +16,16 @@ __all__ = ["CONV_ACTIVATIONS", "as_frames", "conv_act", "from_frames", "fused_co
 
 CONV_ACTIVATIONS = ("none", "relu", "swish")
 
+_HAS_MKLDNN = torch.backends.mkldnn.is_available()  # whether this build of PyTorch has oneDNN: fixed
+_DTYPES = (torch.float32, torch.bfloat16)
+
 
 def fused_conv_act_applies(conv: nn.Conv3d, x: Tensor) -> bool:
     """Whether :func:`conv_act` runs ``conv`` on x as one oneDNN call: inference (no gradients) on a CPU tensor of
     float32 or bfloat16 with the weight's dtype, oneDNN present, outside torch.compile (inductor makes the same
     fusions itself)."""
-    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and x.dtype in (torch.float32, torch.bfloat16) and conv.weight.dtype == x.dtype
-            and torch.backends.mkldnn.is_available())
+    return (_HAS_MKLDNN and not torch.is_grad_enabled() and x.dtype in _DTYPES and x.device.type == "cpu"
+            and conv.weight.dtype == x.dtype and not torch.compiler.is_compiling())
 
 
 def as_frames(x: Tensor) -> Tensor:
@@ -54,25 +56,32 @@ def _kernel_args(conv: nn.Module, frame_wise: bool):
     return conv.weight, conv.stride, conv.padding, conv.dilation
 
 
+def _packed_args(conv: nn.Conv3d, frame_wise: bool) -> tuple:
+    """(packed weight, stride, padding, dilation) for conv_act's oneDNN call, from conv's entry in _PACKED, made
+    anew where its weight changed since. One lookup per call: the checks that the weight is the same are a few
+    attribute reads, where unpacking the geometry again cost two more dispatched ops per frame-wise call."""
+    source = conv.weight
+    # An inference tensor (made under torch.inference_mode) has no version counter: its storage alone identifies it.
+    key = (source.data_ptr(), None if source.is_inference() else source._version, source.dtype, frame_wise)
+    entry = _PACKED.get(conv)
+    if entry is not None and entry[0] == key:
+        return entry[1:]
+    weight, stride, padding, dilation = _kernel_args(conv, frame_wise)
+    reorder = torch._C._nn.mkldnn_reorder_conv3d_weight if weight.dim() == 5 else \
+        torch._C._nn.mkldnn_reorder_conv2d_weight
+    with torch.no_grad():
+        packed = reorder(weight.to_mkldnn(), list(padding), list(stride), list(dilation), conv.groups, None)
+    entry = (key, packed, list(stride), list(padding), list(dilation))
+    _PACKED[conv] = entry
+    return entry[1:]
+
+
 def pack_weight(conv: nn.Conv3d, frame_wise: bool = False) -> Tensor:
     """conv's weight (as :func:`conv_act` passes it: squeezed to 2D where ``frame_wise``) in oneDNN's layout for
     it, made once per weight and reused by :func:`conv_act` on a CPU. epamx.models.optimize_for_inference packs
     every folded convolution's weight up front (outside any memory-cache scope, so the packed weights do not take
     activation buffers); others are packed at their first call."""
-    weight, stride, padding, dilation = _kernel_args(conv, frame_wise)
-    source = conv.weight
-    # An inference tensor (made under torch.inference_mode) has no version counter: its storage alone identifies it.
-    version = None if source.is_inference() else source._version
-    key = (source.data_ptr(), version, source.dtype, weight.dim())
-    entry = _PACKED.get(conv)
-    if entry is not None and entry[0] == key:
-        return entry[1]
-    reorder = torch._C._nn.mkldnn_reorder_conv3d_weight if weight.dim() == 5 else \
-        torch._C._nn.mkldnn_reorder_conv2d_weight
-    with torch.no_grad():
-        packed = reorder(weight.to_mkldnn(), list(padding), list(stride), list(dilation), conv.groups, None)
-    _PACKED[conv] = (key, packed)
-    return packed
+    return _packed_args(conv, frame_wise)[0]
 
 
 def conv_act(conv: nn.Conv3d, x: Tensor, activation: str = "none", add: Optional[Tensor] = None,
@@ -85,9 +94,10 @@ def conv_act(conv: nn.Conv3d, x: Tensor, activation: str = "none", add: Optional
         raise ValueError(f"conv_act: activation must be one of {', '.join(CONV_ACTIVATIONS)}, got {activation!r}")
     if add is not None and activation == "swish":  # oneDNN's binary post-op takes ReLU alone after the sum
         raise ValueError("conv_act: after a sum (add=...) the activation must be 'none' or 'relu'")
-    weight, stride, padding, dilation = _kernel_args(conv, frame_wise)
-    if not torch.jit.is_tracing():
-        weight = pack_weight(conv, frame_wise)
+    if torch.jit.is_tracing():
+        weight, stride, padding, dilation = _kernel_args(conv, frame_wise)
+    else:
+        weight, stride, padding, dilation = _packed_args(conv, frame_wise)
     n = x.shape[0]
     if frame_wise:
         x = as_frames(x)

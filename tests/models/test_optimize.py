@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from epamx.models import EPAMNet, PoseStream, RGBStream, optimize_for_inference, preferred_memory_format
-from epamx.models.xshiftnet import ConvBNAct
+from epamx.models.xshiftnet import ConvBNAct, SqueezeExcite
 from test_epamnet import randomize_batch_norm
 
 CL = torch.channels_last_3d
@@ -295,9 +295,18 @@ def test_bfloat16_logits_are_close_to_float32_with_the_same_top1(seed):
 
 
 def test_bfloat16_copy_holds_bfloat16_weights_and_leaves_the_model_alone():
+    """All weights in bfloat16 but the squeeze-and-excitation MLPs' (float32, unrounded: they read float32 sums
+    and give the float32 gate)."""
     model = epamnet("contiguous")
     fast = optimize_for_inference(model, "contiguous", dtype="bfloat16")
-    assert all(p.dtype == torch.bfloat16 for p in fast.parameters())
+    squeeze = {name for name, module in fast.named_modules() if isinstance(module, SqueezeExcite)}
+    assert squeeze
+    original = dict(model.named_parameters())
+    for name, p in fast.named_parameters():
+        if name.rsplit(".", 2)[0] in squeeze:
+            assert p.dtype == torch.float32 and torch.equal(p, original[name]), name
+        else:
+            assert p.dtype == torch.bfloat16, name
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
