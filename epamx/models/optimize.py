@@ -170,6 +170,7 @@ def optimize_for_inference(model: nn.Module, memory_format: str = "auto",
             # With the memory cache the shifted copy costs no fresh allocation: one pass over the block's input
             # instead of shifting it in place and restoring it.
             module.inplace_shift = not cache_memory
+            module.folded = True  # its ConvBNActs are folded in this loop too (XShiftBlock._forward_folded)
     fast.requires_grad_(False)
     device = next(fast.parameters()).device
     fmt = resolve_memory_format(memory_format, device)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from epamx.nn import TemporalShift, batch_norm_act, conv_act, fused_batch_norm_applies, fused_conv_act_applies
 from epamx.nn.conv_act import as_frames, from_frames
-from epamx.ops import channel_sums, gate_silu_
+from epamx.ops import channel_sums, gate_silu_, temporal_shift
 
 
 def _frame_wise_conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
@@ -148,6 +148,10 @@ class XShiftBlock(nn.Module):
     docs/performance.md, X-ShiftNet blocks and the fused training path.
     """
 
+    # Set on the block by optimize_for_inference, which folds every batch norm of the block into its convolution
+    # (a class attribute: blocks saved before it existed read False).
+    folded: bool = False
+
     def __init__(self, in_channels: int, planes: int, out_channels: int, spatial_stride: int = 1, fold_div: int = 8,
                  se_ratio: Optional[float] = None, use_swish: bool = True, fused: bool = True):
         super().__init__()
@@ -170,7 +174,30 @@ class XShiftBlock(nn.Module):
         return (self.inplace_shift and self.shift.fused and not torch.compiler.is_compiling()
                 and not (torch.is_grad_enabled() and x.requires_grad))
 
+    def _forward_folded(self, x: Tensor) -> Tensor:
+        """:meth:`forward` of optimize_for_inference's copy on a CPU without gradients, where every convolution is
+        one oneDNN call with what follows it (epamx.nn.conv_act): the same calls the general path below makes for
+        that copy, without its per-module dispatch and checks (about 35 us of Python per block, 1-2 ms of a
+        one-clip forward; tests/models/test_optimize.py checks the two paths give the same bits)."""
+        if self._shift_in_place(x):
+            with self.shift.shifted_in_place(x):
+                out = conv_act(self.conv1.conv, x, "relu")
+        else:
+            out = conv_act(self.conv1.conv, temporal_shift(x, self.shift.fold_div), "relu")
+        conv2 = self.conv2
+        out = conv_act(conv2.conv, out, "none", frame_wise=conv2._runs_frame_wise(out))
+        # Swish in epamx's own pass: oneDNN's swish post-op took longer than the convolution itself.
+        out = gate_silu_(out) if self.se_module is None else self.se_module.forward_silu_(out)
+        identity = x if self.downsample is None else conv_act(self.downsample.conv, x, "none")
+        return conv_act(self.conv3.conv, out, "relu", add=identity)
+
+    def _folded_path_applies(self, x: Tensor) -> bool:
+        return (self.folded and self.shift.fused and isinstance(self.swish, nn.SiLU) and isinstance(self.relu, nn.ReLU)
+                and fused_conv_act_applies(self.conv1.conv, x))
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._folded_path_applies(x):
+            return self._forward_folded(x)
         if self._shift_in_place(x):
             with self.shift.shifted_in_place(x):
                 out = self.conv1(x)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from epamx.models import EPAMNet, PoseStream, RGBStream, optimize_for_inference, preferred_memory_format
-from epamx.models.xshiftnet import ConvBNAct, SqueezeExcite
+from epamx.models.xshiftnet import ConvBNAct, SqueezeExcite, XShiftBlock
 from test_epamnet import randomize_batch_norm
 
 CL = torch.channels_last_3d
@@ -292,6 +292,29 @@ def test_bfloat16_logits_are_close_to_float32_with_the_same_top1(seed):
         assert (g - w).abs().max() <= 5e-2
         assert torch.equal(g.argmax(1), w.argmax(1))
     assert torch.equal(sum(got).argmax(1), sum(want).argmax(1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("memory_format,cache_memory", [("auto", True), ("auto", False), ("contiguous", True)])
+def test_folded_block_path_gives_the_general_paths_bits(dtype, memory_format, cache_memory):
+    """The inference copy's blocks take XShiftBlock._forward_folded; with it switched off they take the general
+    forward, which must make the same calls: the same logits, bit for bit (blocks with and without squeeze-and-
+    excitation, with a downsampling convolution, the shift as a copy or in place, frame-wise or 3D depthwise)."""
+    model = epamnet(memory_format)
+    fast = optimize_for_inference(model, memory_format, dtype=dtype, cache_memory=cache_memory)
+    blocks = [m for m in fast.modules() if isinstance(m, XShiftBlock)]
+    assert blocks and all(b.folded for b in blocks)
+    imgs, heatmaps = small_clip(batch=2)
+    first = blocks[0].conv1.conv
+    with torch.no_grad():
+        assert blocks[0]._folded_path_applies(torch.zeros(1, first.in_channels, 2, 4, 4, dtype=first.weight.dtype))
+        folded = fast(imgs, heatmaps)
+        for b in blocks:
+            b.folded = False
+        general = fast(imgs, heatmaps)
+    for f, g in zip(folded, general):
+        assert torch.equal(f, g)
+    assert not XShiftBlock.folded and not any(m.folded for m in model.modules() if isinstance(m, XShiftBlock))
 
 
 def test_bfloat16_copy_holds_bfloat16_weights_and_leaves_the_model_alone():
