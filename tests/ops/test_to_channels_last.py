@@ -10,7 +10,7 @@ from epamx.ops import to_channels_last, to_channels_last_reference
 # The clips (3 RGB channels, 17 heatmaps), one channel, positions fewer than one 256-block and a partial last block,
 # 4-D frames.
 SHAPES = [(1, 3, 16, 24, 22), (2, 17, 5, 7, 9), (1, 1, 3, 5, 7), (3, 5, 1, 1, 1), (2, 3, 600), (2, 7, 13, 11),
-          (1, 33, 2, 9, 17)]
+          (1, 33, 2, 9, 17), (2, 3, 3, 17, 19)]
 SHAPES = [s for s in SHAPES if len(s) in (4, 5)]
 
 
