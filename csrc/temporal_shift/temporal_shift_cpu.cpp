@@ -9,26 +9,10 @@
 #include "common/cpu_memory.h"
 #include "common/cpu_parallel.h"
 #include "temporal_shift/temporal_shift.h"
+#include "temporal_shift/temporal_shift_cpu_kernel.h"
 
 namespace epamx {
 namespace {
-
-constexpr int64_t kPixelBlock = 256;
-
-// Channels [c0, c0 + count) of `pixels` rows of `row` elements: copied from `src`'s same rows, or zeros where
-// `src` is null.
-template <typename bits_t>
-void patch_channels(bits_t* dst, const bits_t* src, int64_t c0, int64_t count, int64_t row, int64_t pixels) {
-  for (int64_t p = 0; p < pixels; ++p) {
-    bits_t* o = dst + p * row + c0;
-    if (src == nullptr) {
-      for (int64_t k = 0; k < count; ++k) o[k] = bits_t(0);
-    } else {
-      const bits_t* i = src + p * row + c0;
-      for (int64_t k = 0; k < count; ++k) o[k] = i[k];
-    }
-  }
-}
 
 // x dense in channels-last memory: [N, T, P, C], each pixel's channels one row. Output row (n, t, p) takes each
 // channel group (the two shifted ones, the rest) from the frame shift_source_frame names, same pixel, so every
@@ -36,32 +20,17 @@ void patch_channels(bits_t* dst, const bits_t* src, int64_t c0, int64_t count, i
 at::Tensor shift_copy_channels_last_cpu(const at::Tensor& x, const ShiftLayout& L, int sign, at::MemoryFormat format,
                                         const char* op) {
   at::Tensor out = empty_for_overwrite(x.sizes(), x.options().memory_format(format));
-  const int64_t row = L.C, frame = L.P * L.C;
+  const int64_t frame = L.P * L.C;
   dispatch_by_unit(x.element_size(), op, [&]<typename bits_t>() {
-    const auto* src = static_cast<const bits_t*>(x.const_data_ptr());
-    auto* dst = static_cast<bits_t*>(out.mutable_data_ptr());
-    at::parallel_for(0, L.N * L.T, grain_for(frame), [&](int64_t begin, int64_t end) {
-      for (int64_t f = begin; f < end; ++f) {
-        const int64_t t = f % L.T;
-        // The frame channel c's group reads (shift_source_frame), or null where the shift pads with zeros.
-        const auto source = [&](int64_t c) -> const bits_t* {
-          const int64_t s = shift_source_frame<int64_t>(t, c, L.T, L.fold, sign);
-          return s < 0 ? nullptr : src + (f - t + s) * frame;
-        };
-        const bits_t *first = source(0), *second = source(L.fold), *rest = source(2 * L.fold);
-        bits_t* frame_out = dst + f * frame;
-        // Per block of pixels: one bulk copy of whole rows from the unshifted frame, then the two shifted groups
-        // patched in while the block is in cache (per-pixel copies of a few channels each ran 3-7x slower than
-        // a plain copy of the tensor).
-        for (int64_t p0 = 0; p0 < L.P; p0 += kPixelBlock) {
-          const int64_t pixels = std::min(kPixelBlock, L.P - p0), at = p0 * row;
-          bits_t* o = frame_out + at;
-          std::copy_n(rest + at, pixels * row, o);
-          patch_channels(o, first ? first + at : nullptr, 0, L.fold, row, pixels);
-          patch_channels(o, second ? second + at : nullptr, L.fold, L.fold, row, pixels);
-        }
-      }
-    });
+    if constexpr (sizeof(bits_t) > 8) {
+      TORCH_CHECK(false, op, ": unsupported element size ", sizeof(bits_t));
+    } else {
+      const auto* src = static_cast<const bits_t*>(x.const_data_ptr());
+      auto* dst = static_cast<bits_t*>(out.mutable_data_ptr());
+      at::parallel_for(0, L.N * L.T, grain_for(frame), [&](int64_t begin, int64_t end) {
+        EPAMX_CPU_KERNEL_CALL(shift_frames_channels_last<bits_t>, src, dst, L.T, L.P, L.C, L.fold, sign, begin, end);
+      });
+    }
   });
   return out;
 }

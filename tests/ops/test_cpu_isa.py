@@ -15,7 +15,7 @@ HERE = pathlib.Path(__file__).parent
 # Every layout, dtype and odd size against the references, the ties and NaNs of the maximum, strided views.
 SELECTION = ("(matches_reference or memory_format or ties_nan or non_contiguous or strided_views or gradcheck "
              "or edge_values or silu_sweep or activations_range or thread_count or bit_for_bit or rounding "
-             "or without_a_gate) "
+             "or without_a_gate or channels_last_forward) "
              "and not cuda")
 
 
@@ -34,5 +34,5 @@ def test_the_kernels_of_a_lower_instruction_set(isa):
     assert reported.stdout.strip() == isa, reported.stderr
     result = _run(isa, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", SELECTION,
                   "test_attention_reweight.py", "test_channel_pool.py", "test_batch_norm_act.py",
-                  "test_squeeze_excite.py", "test_to_channels_last.py")
+                  "test_squeeze_excite.py", "test_to_channels_last.py", "test_temporal_shift.py")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

@@ -21,6 +21,8 @@ SHAPES = [
     (2, 5, 3, 2, 2, 5),
     (1, 3, 5, 2, 3, 2),
     (2, 24, 3, 17, 19, 8),  # frames of 323 pixels: the channels-last kernel's blocks of 256 pixels and a partial one
+    (1, 100, 4, 5, 7, 8),  # rows of 200 / 400 bytes (2- / 4-byte dtypes): the vector and the block assembly
+    (2, 72, 3, 3, 5, 2),  # fold = C / 2: no unshifted channels
 ]
 
 
