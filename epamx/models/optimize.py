@@ -135,11 +135,13 @@ def optimize_for_inference(model: nn.Module, memory_format: str = "auto",
       converted once, here.
     - The Swish activations run in place; squeeze-and-excitation gates in place (``SqueezeExcite.forward_``).
     - Parameters no longer require gradients; the copy is in eval mode. The fused epamx ops are kept (without
-      ``cache_memory``, the temporal shift is done in place around its convolution).
+      ``cache_memory``, the temporal shift is done in place around its convolution). On a CPU without gradients
+      each X-ShiftNet block takes its lean inference path (``XShiftBlock._forward_folded``): every convolution
+      one oneDNN call with its activation or residual sum, the same results as the general forward.
 
     - ``dtype=torch.bfloat16`` (or ``"bfloat16"``): the folded weights are converted to bfloat16 once, here, and
-      the copy computes in bfloat16 (oneDNN's bfloat16 convolutions accumulate in float32); it takes float32
-      inputs and returns float32 logits. On a CPU without bfloat16 instructions (:func:`cpu_has_bf16`) it warns
+      the copy computes in bfloat16 (oneDNN's bfloat16 convolutions accumulate in float32; the squeeze-and-excitation
+      MLPs stay in float32); it takes float32 inputs and returns float32 logits. On a CPU without bfloat16 instructions (:func:`cpu_has_bf16`) it warns
       that this is slower than float32.
     - ``cache_memory`` (default True): on a CPU each forward runs in an :func:`epamx.memory.cpu_cache` scope, so
       the next forward reuses its activations' memory (kept between calls: about 2.7x the activations of one

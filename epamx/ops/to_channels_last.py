@@ -4,7 +4,9 @@
 
 bit for bit (casts round to nearest even, as ATen's). ATen's copy into a channels-last tensor walks the output with
 the input's strides and ran 4-12x slower than a plain copy on EPAM-Net's clips (3 or 17 channels); this kernel
-casts each channel's run of 256 positions into a staging block, then interleaves the block. The models convert their
+interleaves a 3-channel clip's planes straight from the input (casting after, in whole vectors) and for other
+channel counts casts each channel's run of 256 positions into a staging block, then interleaves the block (1.8-8x
+ATen's conversion on EPAM-Net's clips, docs/performance.md). The models convert their
 inputs with it on a CPU (epamx.models' memory-format policy and optimize_for_inference's bfloat16 inputs). CPU
 kernel only, no gradient: on other devices, for inputs that require a gradient and under torch.compile it is ATen's
 conversion.
