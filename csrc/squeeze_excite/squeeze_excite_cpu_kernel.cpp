@@ -168,8 +168,7 @@ template <typename scalar_t>
 void silu_stream(scalar_t* x, const at::opmath_type<scalar_t>* factors, int64_t len) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    static const StreamBf16 stream = silu_stream_bf16_for_this_cpu();
-    stream(x, factors, len);
+    silu_stream_bf16_for_this_cpu()(x, factors, len);
     return;
   }
 #endif
