@@ -93,8 +93,6 @@ inline __m512 silu_for_bf16(__m512 z) {
   return _mm512_mul_ps(z, _mm512_rcp14_ps(d));
 }
 
-inline __mmask16 tail_mask(int64_t count) { return __mmask16((1u << count) - 1); }
-
 inline __m512 load_bf16(const c10::BFloat16* p) {
   return bfloat16_to_float(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
@@ -123,8 +121,9 @@ inline void silu_stream_bf16(c10::BFloat16* x, const float* factors, int64_t len
       store(j, silu_for_bf16(z_at(j)));
       continue;
     }
-    const __mmask16 m = tail_mask(count);
-    __m512 z = bfloat16_to_float(_mm256_maskz_loadu_epi16(m, x + j));
+    using IO = Io<c10::BFloat16>;
+    const __mmask16 m = IO::mask(count);
+    __m512 z = IO::load(x + j, count);
     if (factors != nullptr) z = _mm512_mul_ps(z, _mm512_maskz_loadu_ps(m, factors + j));
     _mm256_mask_storeu_epi16(x + j, m, round(silu_for_bf16(z)));
   }

@@ -48,39 +48,29 @@ void assemble_by_blocks(bits_t* out, const bits_t* first, const bits_t* second, 
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// Masked 512-bit moves of 2-, 4- and 8-byte lanes.
+// 512-bit blends of 2-, 4- and 8-byte lanes under a mask.
 template <int Bytes>
 struct Lanes;
 template <>
 struct Lanes<2> {
   using mask_t = __mmask32;
-  static __m512i load_zeroed(mask_t m, const void* p) { return _mm512_maskz_loadu_epi16(m, p); }
-  static __m512i load_into(__m512i v, mask_t m, const void* p) { return _mm512_mask_loadu_epi16(v, m, p); }
-  static void store(void* p, mask_t m, __m512i v) { _mm512_mask_storeu_epi16(p, m, v); }
   static __m512i blend(mask_t m, __m512i a, __m512i b) { return _mm512_mask_blend_epi16(m, a, b); }
 };
 template <>
 struct Lanes<4> {
   using mask_t = __mmask16;
-  static __m512i load_zeroed(mask_t m, const void* p) { return _mm512_maskz_loadu_epi32(m, p); }
-  static __m512i load_into(__m512i v, mask_t m, const void* p) { return _mm512_mask_loadu_epi32(v, m, p); }
-  static void store(void* p, mask_t m, __m512i v) { _mm512_mask_storeu_epi32(p, m, v); }
   static __m512i blend(mask_t m, __m512i a, __m512i b) { return _mm512_mask_blend_epi32(m, a, b); }
 };
 template <>
 struct Lanes<8> {
   using mask_t = __mmask8;
-  static __m512i load_zeroed(mask_t m, const void* p) { return _mm512_maskz_loadu_epi64(m, p); }
-  static __m512i load_into(__m512i v, mask_t m, const void* p) { return _mm512_mask_loadu_epi64(v, m, p); }
-  static void store(void* p, mask_t m, __m512i v) { _mm512_mask_storeu_epi64(p, m, v); }
   static __m512i blend(mask_t m, __m512i a, __m512i b) { return _mm512_mask_blend_epi64(m, a, b); }
 };
 
-// A frame as one stream of P * C elements in whole vectors: each vector's lanes come from `rest` (a zeroing
-// masked load) and then from `first` and `second` under their masks, which repeat every lcm(C, lanes) elements.
-// Each element is read from one source only, and the three source frames stay in L2 between neighbouring output
-// frames: about the rate of a plain copy, where the per-pixel patches of a few channels (3 of 24 in EPAM-Net's
-// first blocks) ran 2-4x slower.
+// A frame as one stream of P * C elements in whole vectors: each vector is `rest`'s, with the lanes of `first` and
+// `second` blended in under their masks, which repeat every lcm(C, lanes) elements; the last partial vector
+// element by element. The three source frames stay in L2 between neighbouring output frames: about 2x a plain
+// copy's time, where the per-pixel patches of a few channels (3 of 24 in EPAM-Net's first blocks) took 3-4x.
 template <typename bits_t>
 class VectorAssembler {
  public:
@@ -88,7 +78,7 @@ class VectorAssembler {
   using mask_t = typename L::mask_t;
   static constexpr int64_t W = 64 / sizeof(bits_t);
 
-  VectorAssembler(int64_t C, int64_t fold) {
+  VectorAssembler(int64_t C, int64_t fold) : C_(C), fold_(fold) {
     const int64_t vectors = std::lcm(C, W) / W;
     first_lanes_.assign(static_cast<size_t>(vectors), 0);
     second_lanes_.assign(static_cast<size_t>(vectors), 0);
@@ -113,18 +103,15 @@ class VectorAssembler {
       v = L::blend(second_lanes_[j], v, second != nullptr ? _mm512_loadu_si512(second + k) : zero);
       _mm512_storeu_si512(out + k, v);
     }
-    for (; k < total; k += W, j = (j + 1 == vectors) ? 0 : j + 1) {
-      const int64_t count = std::min(W, total - k);
-      const mask_t live = count == W ? mask_t(~mask_t(0)) : mask_t((mask_t(1) << count) - 1);
-      const mask_t a = first_lanes_[j] & live, b = second_lanes_[j] & live;
-      __m512i v = L::load_zeroed(mask_t(live & ~(a | b)), rest + k);
-      if (first != nullptr) v = L::load_into(v, a, first + k);
-      if (second != nullptr) v = L::load_into(v, b, second + k);
-      L::store(out + k, live, v);
+    for (; k < total; ++k) {
+      const int64_t c = k % C_;
+      const bits_t* source = c < fold_ ? first : c < 2 * fold_ ? second : rest;
+      out[k] = source != nullptr ? source[k] : bits_t(0);
     }
   }
 
  private:
+  int64_t C_, fold_;
   // The lanes `first` and `second` fill, for the vectors of one period of lcm(C, W) elements.
   std::vector<mask_t> first_lanes_, second_lanes_;
 };

@@ -52,7 +52,7 @@ template <typename in_t, typename out_t>
 void transpose_cast_kernel(const in_t* x, out_t* out, int64_t N, int64_t C, int64_t S) {
   const int64_t blocks = (S + kPositions - 1) / kPositions;
   at::parallel_for(0, N * blocks, grain_for(kPositions * C), [&](int64_t begin, int64_t end) {
-    std::vector<out_t> stage(static_cast<size_t>(kPositions * C));
+    std::vector<out_t> stage(C == 3 ? 0 : static_cast<size_t>(kPositions * C));
     std::vector<in_t> rgb(std::is_same_v<in_t, out_t> || C != 3 ? 0 : static_cast<size_t>(kPositions * 3));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, s0 = task % blocks * kPositions, len = std::min(kPositions, S - s0);
