@@ -8,8 +8,12 @@
 namespace epamx::cuda {
 
 constexpr int kThreadsPerBlock = 256;
-// Enough blocks to fill any current GPU several times over; grid-stride loops cover the rest.
-constexpr int64_t kMaxBlocks = 65535LL * 8;
+// Enough blocks to fill any current GPU several times over; grid-stride loops cover the rest. (The CUDA emulator,
+// tools/cuda_emu, sets a small EPAMX_CUDA_MAX_BLOCKS so that its tests take those loops past their first round.)
+#ifndef EPAMX_CUDA_MAX_BLOCKS
+#define EPAMX_CUDA_MAX_BLOCKS (65535LL * 8)
+#endif
+constexpr int64_t kMaxBlocks = EPAMX_CUDA_MAX_BLOCKS;
 
 inline unsigned int blocks_for(int64_t work_items, int threads = kThreadsPerBlock) {
   const int64_t blocks = (work_items + threads - 1) / threads;

@@ -1,0 +1,168 @@
+"""Builds the CUDA emulator: every CUDA source of csrc/ compiled as C++ that runs its kernels' threads on the CPU
+(prelude.h says what is and is not modelled), registered as the CPU kernels of the operators torch.ops.epamx_emu.*,
+which take epamx's schemas. tests/ops/test_cuda_emulated.py compares them with epamx's CPU kernels, so the CUDA code
+is exercised (indexing, launch geometry, grid-stride loops, warp teams, block reductions, barriers) on a machine
+without a GPU. It is a rehearsal, not the proof: tools/gpu_check.sh runs the real kernels on a GPU.
+
+    python tools/cuda_emu/emulator.py     builds (into build/cuda_emu/) and lists the emulated operators
+
+Each .cu file is copied with these changes only: comments blanked (line numbers kept, for the compiler's messages),
+each launch `k<<<grid, block, smem, stream>>>(args)` rewritten as a call of the emulator's launch, a line at the top
+of each __global__ body recording that the kernel ran, and pinned host memory made pageable (a CPU build of torch
+has no pinned allocator). selftest.cu, kernels with known faults, is built beside them: the tests check that the
+emulator catches each fault.
+"""
+import os
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+CSRC = ROOT / "csrc"
+BUILD = ROOT / "build" / "cuda_emu"
+# The grid's largest size in blocks (csrc/common/cuda_utils.cuh, EPAMX_CUDA_MAX_BLOCKS): small, so that tests of a
+# few thousand elements already take the kernels' grid-stride loops past their first round.
+MAX_BLOCKS = 3
+# Sources with no kernel to run (build facts of the CUDA toolkit).
+SKIPPED = {"cuda_info.cu"}
+
+_LIBRARY = None
+
+
+def cuda_sources():
+    return sorted(p for p in CSRC.rglob("*.cu") if p.name not in SKIPPED)
+
+
+def _blank_comments(text):
+    """text with every comment replaced by spaces (newlines kept); string literals left alone."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        if text.startswith("//", i):
+            j = text.find("\n", i)
+            j = n if j < 0 else j
+            out.append(" " * (j - i))
+            i = j
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            j = n if j < 0 else j + 2
+            out.append(re.sub(r"[^\n]", " ", text[i:j]))
+            i = j
+        elif text[i] == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i:j + 1])
+            i = j + 1
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _matching(text, i, open_="(", close=")"):
+    """The index just past the bracket that closes text[i] (an opening bracket)."""
+    depth = 0
+    for j in range(i, len(text)):
+        depth += (text[j] == open_) - (text[j] == close)
+        if depth == 0:
+            return j + 1
+    raise ValueError(f"unbalanced {open_} at offset {i}")
+
+
+def _rewrite_launches(text, name):
+    """Every `kernel<<<config>>>(` as `::epamx_emu::launch(kernel, ::epamx_emu::Config(config), "name:line")(`."""
+    out, pos = [], 0
+    for m in re.finditer(r"<<<", text):
+        if m.start() < pos:
+            raise ValueError(f"{name}: nested launch at offset {m.start()}")
+        end = text.find(">>>", m.end())
+        start = max(text.rfind(c, 0, m.start()) for c in ";{}") + 1  # the statement's start
+        kernel, config = text[start:m.start()], text[m.end():end]
+        if not kernel.strip() or end < 0 or not text[end + 3:].lstrip().startswith("("):
+            raise ValueError(f"{name}: cannot read the launch at line {text.count(chr(10), 0, m.start()) + 1}")
+        line = text.count("\n", 0, m.start()) + 1
+        lead = kernel[:len(kernel) - len(kernel.lstrip())]
+        out.append(text[pos:start])
+        # (the kernel's and the config's newlines move into the call: line numbers are kept)
+        out.append(f'{lead}::epamx_emu::launch({kernel.lstrip()}, ::epamx_emu::Config({config}), "{name}:{line}")')
+        pos = end + 3
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _mark_kernels(text):
+    """A line at the top of every __global__ function's body recording its name (the first time it runs)."""
+    out, pos, names = [], 0, []
+    for m in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(", text):
+        body = text.index("{", _matching(text, m.end() - 1))
+        names.append(m.group(1))
+        out.append(text[pos:body + 1])
+        out.append(f' static const bool epamx_emu_ran = ::epamx_emu::mark_kernel("{m.group(1)}"); '
+                   "(void)epamx_emu_ran;")
+        pos = body + 1
+    out.append(text[pos:])
+    return "".join(out), names
+
+
+def translate(path):
+    """The C++ text of the .cu file at path, and the names of its __global__ functions."""
+    rel = path.relative_to(ROOT).as_posix()  # for the compiler's messages
+    text = _blank_comments(path.read_text())
+    text = _rewrite_launches(text, path.name)
+    text, names = _mark_kernels(text)
+    text = text.replace(".pinned_memory(true)", ".pinned_memory(false)")
+    return f'#line 1 "{rel}"\n{text}', names
+
+
+def kernel_names():
+    """Every __global__ function of the emulated sources."""
+    return sorted(n for p in cuda_sources() for n in translate(p)[1])
+
+
+def op_names():
+    """The epamx operators the CUDA sources register kernels for."""
+    names = []
+    for p in cuda_sources():
+        names += re.findall(r'm\.impl\("(\w+)"', p.read_text())
+    return sorted(set(names))
+
+
+def load(verbose=False):
+    """Builds (once; ninja rebuilds what changed) and loads the emulator: afterwards torch.ops.epamx_emu.<op> runs
+    the CUDA kernels of torch.ops.epamx.<op> on CPU tensors. Returns torch.ops.epamx_emu."""
+    global _LIBRARY
+    import torch
+    import torch.utils.cpp_extension as ext
+
+    import epamx  # noqa: F401  (registers the schemas copied below)
+
+    if _LIBRARY is None:
+        src = BUILD / "src"
+        src.mkdir(parents=True, exist_ok=True)
+        sources = [str(HERE / "runtime.cpp")]
+        for p in [*cuda_sources(), HERE / "selftest.cu"]:
+            out = src / (p.stem + ".cpp")
+            text = translate(p)[0]
+            if not out.exists() or out.read_text() != text:  # untouched files keep their timestamps for ninja
+                out.write_text(text)
+            sources.append(str(out))
+        library = torch.library.Library("epamx_emu", "DEF")
+        for name in op_names():
+            schema = str(getattr(torch.ops.epamx, name).default._schema)
+            library.define(schema.split("::", 1)[1])
+        ext.load(name="epamx_cuda_emu", sources=sources, build_directory=str(BUILD), is_python_module=False,
+                 extra_include_paths=[str(HERE / "include"), str(CSRC)],
+                 extra_cflags=["-O1", "-std=c++20", "-include", str(HERE / "prelude.h"),
+                               f"-DEPAMX_CUDA_MAX_BLOCKS={MAX_BLOCKS}", "-Wno-unused-parameter"],
+                 verbose=verbose)
+        _LIBRARY = library
+    return torch.ops.epamx_emu
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    ops = load(verbose="-v" in sys.argv)
+    print("emulated operators:", ", ".join(f"epamx_emu.{n}" for n in op_names()))
+    print("kernels:", ", ".join(kernel_names()))
