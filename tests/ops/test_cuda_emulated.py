@@ -5,10 +5,12 @@ needed: this is the rehearsal that runs everywhere; tests/ops/test_cuda_vs_cpu.p
 The emulator runs every CUDA thread of a block (fibers, barriers and warp shuffles as on a GPU) and stops a launch
 whose barrier or full-warp shuffle not every thread reaches. Each case runs under three schedules (SCHEDULES) and
 must give the same bits under each, so a result that depends on the order threads run in (a missing barrier, two
-threads writing one element) fails; the grid is capped at 3 blocks
-(emulator.MAX_BLOCKS), so the grid-stride loops run past their first round. Outputs are allocated NaN-filled, so an
-element no thread writes shows."""
+threads writing one element) fails. The grid is capped at 3 blocks (emulator.MAX_BLOCKS), so the grid-stride loops
+run past their first round. Outputs and scratch buffers start NaN-filled, and each block's shared memory too, so a
+value no thread wrote shows. CI runs this module a second time with the kernels built with AddressSanitizer."""
+import contextlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +44,10 @@ import emulator as cuda_emu  # noqa: E402
 SCHEDULES = ["lockstep", "warps-reverse", "shuffled:7"]
 CPU = torch.ops.epamx
 SHIFT_LAYOUTS = ["contiguous", "strided", "channels_last"]
+# Every float dtype with int32 offsets, and float32 with int64 offsets (EPAMX_CUDA_EMU_INDEX=int64), for the kernels
+# that take int64 offsets for tensors past int32's reach.
+DTYPE_INDEX = [(d, "int32") for d in FLOAT_DTYPES] + [(torch.float32, "int64")]
+DTYPE_INDEX_IDS = DTYPE_IDS + ["float32-int64"]
 BN_LAYOUTS = SHIFT_LAYOUTS + ["transposed"]
 
 
@@ -50,21 +56,30 @@ def emu():
     return cuda_emu.load()
 
 
-def emulated(fn):
-    """fn() (which calls epamx_emu ops, on inputs of its own) under every schedule, with NaN-filled allocations:
-    the first run's result, after checking that every run gave the same bits."""
-    previous = os.environ.get("EPAMX_CUDA_EMU_SCHEDULE")
-    runs = []
+@contextlib.contextmanager
+def emulator_settings(**settings):
+    """EPAMX_CUDA_EMU_<NAME>=value for each name=value inside (the emulator reads them at each launch)."""
+    names = {f"EPAMX_CUDA_EMU_{name.upper()}": value for name, value in settings.items()}
+    previous = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
     try:
-        for schedule in SCHEDULES:
-            os.environ["EPAMX_CUDA_EMU_SCHEDULE"] = schedule
-            with poisoned_allocations():
-                runs.append(fn())
+        yield
     finally:
-        if previous is None:
-            os.environ.pop("EPAMX_CUDA_EMU_SCHEDULE")
-        else:
-            os.environ["EPAMX_CUDA_EMU_SCHEDULE"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
+def emulated(fn, index="int32"):
+    """fn() (which calls epamx_emu ops, on inputs of its own) under every schedule, with NaN-filled allocations, and
+    int64 offsets wherever a kernel can take them if index is "int64": the first run's result, after checking that
+    every run gave the same bits."""
+    runs = []
+    for schedule in SCHEDULES:
+        with emulator_settings(schedule=schedule, index=index), poisoned_allocations():
+            runs.append(fn())
     first = _flat(runs[0])
     for schedule, run in zip(SCHEDULES[1:], runs[1:]):
         for a, b in zip(first, _flat(run), strict=True):
@@ -95,9 +110,9 @@ def sums_close(emu_out, cpu_out, dtype):
 # ---- temporal_shift ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", SHIFT_LAYOUTS)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype,index", DTYPE_INDEX, ids=DTYPE_INDEX_IDS)
 @pytest.mark.parametrize("shape", SHIFT_SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-fd{s[5]}")
-def test_temporal_shift(emu, shape, dtype, layout):
+def test_temporal_shift(emu, shape, dtype, index, layout):
     *size, fold_div = shape
     x = lay_out(randn(size, 1, dtype), layout)
 
@@ -108,7 +123,7 @@ def test_temporal_shift(emu, shape, dtype, layout):
         return (emu.temporal_shift(x, fold_div, None), emu._temporal_shift_backward(x, fold_div, None), inplace,
                 back_inplace)
 
-    out, back, inplace, back_inplace = emulated(run)
+    out, back, inplace, back_inplace = emulated(run, index)
     close(out, CPU.temporal_shift(x, fold_div, None), dtype, exact=True)
     close(back, CPU._temporal_shift_backward(x, fold_div, None), dtype, exact=True)
     expected = x.clone()
@@ -119,8 +134,9 @@ def test_temporal_shift(emu, shape, dtype, layout):
     close(back_inplace, expected, dtype, exact=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-def test_temporal_shift_tsm_layout(emu, dtype):
+@pytest.mark.parametrize("dtype,index", [(torch.float32, "int32"), (torch.float16, "int32"), (torch.float16, "int64")],
+                         ids=["float32", "float16", "float16-int64"])
+def test_temporal_shift_tsm_layout(emu, dtype, index):
     # (N * T, C, H, W) with num_segments: as allocated, channels-last (pixels with one other stride, shifted in
     # place element by element) and H/W transposed (two strides: shifted in a dense copy written back).
     x = randn((3 * 5, 19, 3, 5), 3, dtype)
@@ -129,7 +145,7 @@ def test_temporal_shift_tsm_layout(emu, dtype):
             y = x.clone()
             emu.temporal_shift_(y, 4, 5)
             return emu.temporal_shift(x, 4, 5), y
-        out, inplace = emulated(run)
+        out, inplace = emulated(run, index)
         close(out, CPU.temporal_shift(x, 4, 5), dtype, exact=True)
         expected = x.clone()
         CPU.temporal_shift_(expected, 4, 5)
@@ -185,16 +201,16 @@ def test_channel_pool_ties_and_nan(emu, layout, channels):
 
 # ---- render_heatmaps ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype,index", DTYPE_INDEX, ids=DTYPE_INDEX_IDS)
 @pytest.mark.parametrize("limbs", [None, COCO17_LIMBS], ids=["joints", "limbs"])
 @pytest.mark.parametrize("size", [(56, 56), (23, 31), (1, 7)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_render_heatmaps(emu, size, limbs, dtype):
+def test_render_heatmaps(emu, size, limbs, dtype, index):
     kp, scores = keypoints(2, 2, 3, 17, size, seed=8)
     if dtype == torch.float32:  # persons and frames transposed in memory
         kp, scores = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (kp, scores)]
     limbs = [j for limb in limbs for j in limb] if limbs else None
     args = (list(size), 0.6, limbs, True, 1e-3, dtype)
-    out = emulated(lambda: emu.render_heatmaps(kp, scores, *args))
+    out = emulated(lambda: emu.render_heatmaps(kp, scores, *args), index)
     close(out, CPU.render_heatmaps(kp, scores, *args), dtype)
 
 
@@ -202,9 +218,9 @@ def test_render_heatmaps(emu, size, limbs, dtype):
 
 @pytest.mark.parametrize("act", list(ACTIVATIONS))
 @pytest.mark.parametrize("layout", BN_LAYOUTS)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype,index", DTYPE_INDEX, ids=DTYPE_INDEX_IDS)
 @pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_batch_norm_act_kernels(emu, shape, dtype, layout, act):
+def test_batch_norm_act_kernels(emu, shape, dtype, index, layout, act):
     # The row reductions' plans (several rows a block; rows cut into slices and a second pass; channel tiles),
     # the affine activation and its backward pass.
     code = ACTIVATIONS[act]
@@ -219,7 +235,7 @@ def test_batch_norm_act_kernels(emu, shape, dtype, layout, act):
                 ops._affine_act_backward_reduce(grad, x, scale, shift, code),
                 ops._affine_act_backward(grad, x, scale, shift, scale, coef_x, coef_1, code))
 
-    moments, out, sums, dx = emulated(lambda: run(emu))
+    moments, out, sums, dx = emulated(lambda: run(emu), index)
     moments_cpu, out_cpu, sums_cpu, dx_cpu = run(CPU)
     for a, b in zip(moments, moments_cpu, strict=True):
         rows_close(a, b, 1e-10)
@@ -244,9 +260,23 @@ def test_every_kernel_runs(emu):
         emu._channel_moments(x), emu.affine_act(x, n_c, n_c, 1), emu._affine_act_backward_reduce(x, x, n_c, n_c, 1)
         emu._affine_act_backward(x, x, n_c, n_c, n_c, n_c, n_c, 1)
     emu.render_heatmaps(rand((1, 1, 2, 17, 2), 6) * 8, None, [8, 8], 0.6, None, True, 1e-3, None)
-    missing = set(cuda_emu.kernel_names()) - set(emu._kernels_run())
+    run = {name.split("/")[0] for name in emu._kernels_run()}
+    missing = set(cuda_emu.kernel_names()) - run
     assert not missing, f"kernels never run: {sorted(missing)}"
     assert len(cuda_emu.kernel_names()) >= 14
+
+
+def test_every_kernel_that_can_runs_with_int64_offsets(emu):
+    # EPAMX_CUDA_EMU_INDEX=int64 makes temporal_shift, batch_norm_act and render_heatmaps pick their int64 kernels.
+    x, n_c = randn((2, 40, 4, 3, 5), 1), rand((2, 40), 4)
+    with emulator_settings(index="int64"):
+        emu.temporal_shift(x, 8, None), emu.temporal_shift_(x.clone(), 8, None)
+        emu._channel_moments(x), emu.affine_act(x, n_c, n_c, 1), emu._affine_act_backward_reduce(x, x, n_c, n_c, 1)
+        emu._affine_act_backward(x, x, n_c, n_c, n_c, n_c, n_c, 1)
+        emu.render_heatmaps(rand((1, 1, 2, 17, 2), 6) * 8, None, [8, 8], 0.6, None, True, 1e-3, None)
+    wide = cuda_emu.kernel_names(wide_index=True)
+    missing = {f"{name}/int64" for name in wide} - set(emu._kernels_run())
+    assert not missing and len(wide) >= 6, f"never run with int64 offsets: {sorted(missing)}"
 
 
 def test_emulator_catches_a_race(emu):
@@ -256,6 +286,12 @@ def test_emulator_catches_a_race(emu):
     # Without the barriers between the tree's levels the sum depends on which thread runs first.
     with pytest.raises(AssertionError, match="other bits"):
         emulated(lambda: emu._selftest("tree_sum", x, 0))
+
+
+def test_emulator_starts_each_block_with_shared_memory_unwritten(emu):
+    # The last thread stores nothing: each block's sum reads a slot no thread of that block wrote, NaN in every
+    # block (not block 0's value left over, nor zero).
+    assert emulated(lambda: emu._selftest("tree_sum", randn((5 * 64,), 1), 2)).isnan().all()
 
 
 def test_emulator_catches_a_lane_missing_from_a_shuffle(emu):
@@ -279,10 +315,23 @@ def test_emulator_reports_a_failed_kernel_assert(emu):
     with raises_naming(RuntimeError, "block (1, 0, 0)", "thread (17, 0, 0)", "CUDA_KERNEL_ASSERT"):
         emu._selftest("assert", x, 17)
     # A launch a GPU would refuse, or an unknown schedule, is an error too; the emulator works on afterwards.
-    with raises_naming(RuntimeError, "EPAMX_CUDA_EMU_SCHEDULE", "sideways"):
-        os.environ["EPAMX_CUDA_EMU_SCHEDULE"] = "sideways"
-        try:
-            emu._selftest("assert", x, 99)
-        finally:
-            os.environ.pop("EPAMX_CUDA_EMU_SCHEDULE")
+    with raises_naming(RuntimeError, "EPAMX_CUDA_EMU_SCHEDULE", "sideways"), emulator_settings(schedule="sideways"):
+        emu._selftest("assert", x, 99)
+    with raises_naming(RuntimeError, "EPAMX_CUDA_EMU_INDEX", "int16"), emulator_settings(index="int16"):
+        emu.temporal_shift(x.view(1, 3, 4, 4, 4), 2, None)
     assert torch.equal(emu._selftest("assert", x, 99), torch.ones(3 * 64))
+
+
+def test_emulator_under_address_sanitizer_catches_a_read_past_a_tensor():
+    # In a Python of its own, started with ASan's runtime: in bounds the kernel runs; one element past x's end, ASan
+    # stops the process naming the kernel (the whole module runs this way in CI: .ci/run).
+    env = cuda_emu.asan_environment()
+    if env is None:
+        pytest.skip("needs gcc's AddressSanitizer runtime (libasan)")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import torch, emulator; emu = emulator.load(); "
+            "out = emu._selftest('shifted_read', torch.arange(128.0), int(sys.argv[2])); print('sum', int(out.sum()))")
+    runs = [subprocess.run([sys.executable, "-c", code, str(cuda_emu.HERE), offset], env=env, capture_output=True,
+                           text=True, timeout=900) for offset in ("0", "1")]
+    assert runs[0].returncode == 0 and "sum 8128" in runs[0].stdout, runs[0].stderr[-3000:]
+    assert runs[1].returncode != 0, runs[1].stdout
+    assert "heap-buffer-overflow" in runs[1].stderr and "shifted_read_kernel" in runs[1].stderr, runs[1].stderr[-3000:]

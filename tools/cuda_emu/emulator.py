@@ -8,7 +8,9 @@ without a GPU. It is a rehearsal, not the proof: tools/gpu_check.sh runs the rea
 
 Each .cu file is copied with these changes only: comments blanked (line numbers kept, for the compiler's messages),
 each launch `k<<<grid, block, smem, stream>>>(args)` rewritten as a call of the emulator's launch, a line at the top
-of each __global__ body recording that the kernel ran, and pinned host memory made pageable (a CPU build of torch
+of each __global__ body recording that the kernel ran (and with which index type), the choices of int32 offsets made
+to also ask EPAMX_CUDA_EMU_INDEX, a call after each __shared__ declaration filling it with NaN
+once per block (the state a block must not rely on), and pinned host memory made pageable (a CPU build of torch
 has no pinned allocator). selftest.cu, kernels with known faults, is built beside them: the tests check that the
 emulator catches each fault.
 """
@@ -26,6 +28,25 @@ BUILD = ROOT / "build" / "cuda_emu"
 MAX_BLOCKS = 3
 # Sources with no kernel to run (build facts of the CUDA toolkit).
 SKIPPED = {"cuda_info.cu"}
+# EPAMX_CUDA_EMU_SANITIZE=address builds the kernels with AddressSanitizer (into build/cuda_emu_asan/): a read or
+# write outside any tensor's memory stops the process with a report naming the kernel's source line, as
+# compute-sanitizer's memcheck does on a GPU. Python must start with ASan's runtime loaded, and libstdc++ beside it
+# (else ASan finds no C++ throw to wrap, and the first exception aborts): asan_environment() sets that.
+ASAN_COMMAND = ('LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" '
+                "ASAN_OPTIONS=detect_leaks=0 EPAMX_CUDA_EMU_SANITIZE=address")
+
+
+def asan_environment(env=None):
+    """env (default: this process's) with what a Python process needs to load the AddressSanitizer build; None where
+    gcc has no ASan runtime."""
+    import subprocess
+
+    libs = [subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+            for name in ("libasan.so", "libstdc++.so")]
+    if not all(os.path.isabs(lib) for lib in libs):
+        return None
+    return dict(os.environ if env is None else env, LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0",
+                EPAMX_CUDA_EMU_SANITIZE="address")
 
 _LIBRARY = None
 
@@ -98,11 +119,51 @@ def _mark_kernels(text):
         body = text.index("{", _matching(text, m.end() - 1))
         names.append(m.group(1))
         out.append(text[pos:body + 1])
-        out.append(f' static const bool epamx_emu_ran = ::epamx_emu::mark_kernel("{m.group(1)}"); '
+        out.append(f' static const bool epamx_emu_ran = ::epamx_emu::mark_kernel("{m.group(1)}", __PRETTY_FUNCTION__); '
                    "(void)epamx_emu_ran;")
         pos = body + 1
     out.append(text[pos:])
     return "".join(out), names
+
+
+def _poison_shared(text):
+    """After each __shared__ declaration, a call that fills each declared array with 0xFF bytes (NaN as a float) the
+    first time a thread of the block passes it: as on a GPU, a block starts with shared memory it has not written."""
+    out, pos = [], 0
+    for m in re.finditer(r"__shared__\b[^;]*;", text):
+        names = re.findall(r"(\w+)\s*\[", m.group(0))
+        if not names:
+            raise ValueError(f"cannot read the __shared__ declaration {m.group(0)!r}")
+        out.append(text[pos:m.end()])
+        out.append("".join(f" ::epamx_emu::poison_shared({n}, sizeof({n}));" for n in names))
+        pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
+# Where the CUDA sources choose int32 or int64 offsets by the tensors' sizes: rewritten to choose int64 whenever
+# EPAMX_CUDA_EMU_INDEX=int64, so the int64 kernels run on small tensors too.
+_WIDE_INDEX = [
+    # dispatch_index_type({tensors}, body): one more tensor, too large for int32 under int64 (index_probe).
+    (re.compile(r"\bdispatch_index_type\(\{"), "dispatch_index_type({::epamx_emu::index_probe(), "),
+    # render_heatmaps' own limit.
+    (re.compile(r"\bconstexpr int64_t kInt32Limit = "), "const int64_t kInt32Limit = !::epamx_emu::narrow_index() ? 0 : "),
+]
+
+
+def _widen_index(text):
+    """text with each choice of int32 offsets also asking ::epamx_emu::narrow_index(); the number of choices."""
+    choices = 0
+    for pattern, replacement in _WIDE_INDEX:
+        text, n = pattern.subn(replacement, text)
+        choices += n
+    out, pos = [], 0
+    for m in re.finditer(r"\bfits_int32\(", text):  # fits_int32(t) -> (::epamx_emu::narrow_index() && fits_int32(t))
+        end = _matching(text, m.end() - 1)
+        out += [text[pos:m.start()], "(::epamx_emu::narrow_index() && ", text[m.start():end], ")"]
+        pos = end
+        choices += 1
+    return "".join(out) + text[pos:], choices
 
 
 def translate(path):
@@ -110,14 +171,17 @@ def translate(path):
     rel = path.relative_to(ROOT).as_posix()  # for the compiler's messages
     text = _blank_comments(path.read_text())
     text = _rewrite_launches(text, path.name)
-    text, names = _mark_kernels(text)
+    text, _ = _widen_index(text)
+    text, names = _mark_kernels(_poison_shared(text))
     text = text.replace(".pinned_memory(true)", ".pinned_memory(false)")
     return f'#line 1 "{rel}"\n{text}', names
 
 
-def kernel_names():
-    """Every __global__ function of the emulated sources."""
-    return sorted(n for p in cuda_sources() for n in translate(p)[1])
+def kernel_names(wide_index=False):
+    """Every __global__ function of the emulated sources; with wide_index, those of the sources that choose int64
+    offsets for large tensors (which EPAMX_CUDA_EMU_INDEX=int64 runs with int64 offsets)."""
+    return sorted(n for p in cuda_sources() for n in translate(p)[1]
+                  if not wide_index or _widen_index(_blank_comments(p.read_text()))[1])
 
 
 def op_names():
@@ -138,7 +202,14 @@ def load(verbose=False):
     import epamx  # noqa: F401  (registers the schemas copied below)
 
     if _LIBRARY is None:
-        src = BUILD / "src"
+        sanitize = os.environ.get("EPAMX_CUDA_EMU_SANITIZE", "")
+        if sanitize not in ("", "address"):
+            raise ValueError(f"EPAMX_CUDA_EMU_SANITIZE must be 'address' or unset, got {sanitize!r}")
+        if sanitize and "libasan" not in Path("/proc/self/maps").read_text():
+            raise RuntimeError("EPAMX_CUDA_EMU_SANITIZE=address needs AddressSanitizer's runtime loaded before "
+                               f"Python starts: run it as {ASAN_COMMAND} python ...")
+        build = BUILD.with_name(BUILD.name + "_asan") if sanitize else BUILD
+        src = build / "src"
         src.mkdir(parents=True, exist_ok=True)
         sources = [str(HERE / "runtime.cpp")]
         for p in [*cuda_sources(), HERE / "selftest.cu"]:
@@ -151,11 +222,12 @@ def load(verbose=False):
         for name in op_names():
             schema = str(getattr(torch.ops.epamx, name).default._schema)
             library.define(schema.split("::", 1)[1])
-        ext.load(name="epamx_cuda_emu", sources=sources, build_directory=str(BUILD), is_python_module=False,
-                 extra_include_paths=[str(HERE / "include"), str(CSRC)],
+        asan = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if sanitize else []
+        ext.load(name="epamx_cuda_emu" + ("_asan" if sanitize else ""), sources=sources, build_directory=str(build),
+                 is_python_module=False, extra_include_paths=[str(HERE / "include"), str(CSRC)],
                  extra_cflags=["-O1", "-std=c++20", "-include", str(HERE / "prelude.h"),
-                               f"-DEPAMX_CUDA_MAX_BLOCKS={MAX_BLOCKS}", "-Wno-unused-parameter"],
-                 verbose=verbose)
+                               f"-DEPAMX_CUDA_MAX_BLOCKS={MAX_BLOCKS}", "-Wno-unused-parameter", *asan],
+                 extra_ldflags=asan[:1], verbose=verbose)
         _LIBRARY = library
     return torch.ops.epamx_emu
 

@@ -13,7 +13,7 @@
 // whether warps keep pace or one runs ahead to the next __syncthreads(), so results that depend on that order
 // (races) differ between schedules.
 // What it does not model: concurrency itself (threads run one at a time, between barriers to completion), memory
-// visibility, uninitialised shared memory (a block sees the previous block's values), device-only code paths
+// visibility, device-only code paths
 // (__CUDA_ARCH__ is not defined: the host branch of an #ifdef runs), the speed of anything.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -81,8 +81,18 @@ void sync_threads();
 void shuffle(unsigned int mask, const void* value, size_t bytes, int src_lane, void* result, const char* kind);
 int lane_id();
 [[noreturn]] void kernel_assert_failed(const char* condition, const char* file, int line);
-// Records that kernel `name` ran (tools/cuda_emu/emulator.py puts a call at the top of every __global__ body).
-bool mark_kernel(const char* name);
+// Fills bytes at p with 0xFF (NaN as a float) the first time a thread of the running block calls it for p
+// (emulator.py puts a call after every __shared__ declaration): a block cannot read another block's values.
+void poison_shared(void* p, size_t bytes);
+// Records that kernel `name` ran, as name/int32 or name/int64 where its signature (__PRETTY_FUNCTION__) has an
+// index_t (tools/cuda_emu/emulator.py puts a call at the top of every __global__ body).
+bool mark_kernel(const char* name, const char* signature);
+// EPAMX_CUDA_EMU_INDEX: "int32" (or unset) lets the kernels use int32 offsets where the tensors fit them; "int64"
+// makes every choice of offsets int64 (emulator.py rewrites the choices to ask narrow_index()).
+bool narrow_index();
+// Nothing, where narrow_index(); else a tensor too large for int32 offsets (an expanded view of one element), which
+// makes dispatch_index_type choose int64.
+const at::Tensor* index_probe();
 
 }  // namespace epamx_emu
 

@@ -47,6 +47,7 @@ struct Block {
   std::vector<std::array<unsigned char, kSlotBytes>> slots[2];
   const std::function<void()>* body = nullptr;
   std::string error;  // set by a fiber that failed; the scheduler throws it
+  std::set<void*> poisoned;  // the __shared__ arrays filled with NaN in the running block
 };
 
 thread_local ThreadContext g_context;
@@ -159,6 +160,7 @@ std::string stuck(const Block& b) {
 
 void run_block(Block& b, const Config& c, const uint3& block_idx, const Schedule& s, uint64_t salt, const char* site) {
   g_context.block_idx = block_idx;
+  b.poisoned.clear();
   for (int t = 0; t < b.threads; ++t) {
     Fiber& f = b.fibers[t];
     getcontext(&f.ctx);
@@ -301,9 +303,28 @@ void kernel_assert_failed(const char* condition, const char* file, int line) {
   std::abort();
 }
 
-bool mark_kernel(const char* name) {
-  g_kernels_run.insert(name);
+void poison_shared(void* p, size_t bytes) {
+  if (g_block != nullptr && g_block->poisoned.insert(p).second) std::memset(p, 0xFF, bytes);
+}
+
+bool mark_kernel(const char* name, const char* signature) {
+  const std::string s = signature;
+  const bool int64 = s.find("index_t = long") != std::string::npos, int32 = s.find("index_t = int") != std::string::npos;
+  g_kernels_run.insert(std::string(name) + (int64 ? "/int64" : int32 ? "/int32" : ""));
   return true;
+}
+
+bool narrow_index() {
+  const char* v = std::getenv("EPAMX_CUDA_EMU_INDEX");
+  const std::string text = v ? v : "int32";
+  if (text != "int32" && text != "int64")
+    throw std::runtime_error("EPAMX_CUDA_EMU_INDEX must be int32 or int64, got '" + text + "'");
+  return text == "int32";
+}
+
+const at::Tensor* index_probe() {
+  static const at::Tensor none, wide = at::zeros({1}).expand({int64_t(1) << 32});
+  return narrow_index() ? &none : &wide;
 }
 
 }  // namespace epamx_emu

@@ -9,12 +9,14 @@ namespace epamx_emu_selftest {
 
 constexpr int kThreads = 64;
 
-// A block's 64 values summed by a tree in shared memory into out[block]; with `barrier` false the __syncthreads()
-// between the tree's levels is missing: a race, whose result depends on the order the threads run in.
-__global__ void tree_sum_kernel(const float* x, float* out, bool barrier) {
+// A block's 64 values summed by a tree in shared memory into out[block]. Faults: with `barrier` false the
+// __syncthreads() between the tree's levels is missing (a race, whose result depends on the order the threads run
+// in); with `store_last` false the last thread never stores its value (the sum reads shared memory the block has
+// not written).
+__global__ void tree_sum_kernel(const float* x, float* out, bool barrier, bool store_last) {
   __shared__ float v[kThreads];
   const int t = threadIdx.x;
-  v[t] = x[blockIdx.x * kThreads + t];
+  if (store_last || t != kThreads - 1) v[t] = x[blockIdx.x * kThreads + t];
   for (int half = kThreads / 2; half > 0; half /= 2) {
     if (barrier) __syncthreads();
     if (t < half) v[t] += v[t + half];
@@ -45,6 +47,13 @@ __global__ void assert_kernel(float* out, int bad) {
   out[blockIdx.x * kThreads + threadIdx.x] = 1.0f;
 }
 
+// Thread i writes out[i] = x[i + offset]: with offset 1 the last thread reads one element past x's end, which only
+// AddressSanitizer sees (EPAMX_CUDA_EMU_SANITIZE=address; compute-sanitizer's memcheck on a GPU).
+__global__ void shifted_read_kernel(const float* x, float* out, int offset) {
+  const int i = static_cast<int>(blockIdx.x * kThreads + threadIdx.x);
+  out[i] = x[i + offset];
+}
+
 // Runs `kernel` on x (float32, contiguous, a multiple of 64 elements: a block of 64 threads each).
 at::Tensor selftest(std::string_view kernel, const at::Tensor& x_in, int64_t arg) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.numel() > 0 && x_in.numel() % kThreads == 0,
@@ -57,11 +66,13 @@ at::Tensor selftest(std::string_view kernel, const at::Tensor& x_in, int64_t arg
   if (kernel == "tree_sum") {
     out = at::empty({x.numel() / kThreads}, x.options());
     o = out.mutable_data_ptr<float>();
-    tree_sum_kernel<<<blocks, kThreads>>>(in, o, arg != 0);
+    tree_sum_kernel<<<blocks, kThreads>>>(in, o, arg != 0, arg != 2);  // arg: 0 no barrier, 1 sound, 2 no store
   } else if (kernel == "warp_sum") {
     warp_sum_kernel<<<blocks, kThreads>>>(in, o, static_cast<int>(arg));
   } else if (kernel == "divergent_sync") {
     divergent_sync_kernel<<<blocks, kThreads>>>(o, static_cast<int>(arg));
+  } else if (kernel == "shifted_read") {
+    shifted_read_kernel<<<blocks, kThreads>>>(in, o, static_cast<int>(arg));
   } else if (kernel == "assert") {
     assert_kernel<<<blocks, kThreads>>>(o, static_cast<int>(arg));
   } else {
