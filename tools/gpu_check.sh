@@ -396,8 +396,10 @@ stage_tests() {
     NOTE="collected only (dry run): $(pytest_line "$LOG")"; return 0
   fi
   need_gpu || return 1
+  # (the CUDA-vs-CPU tests ran in cuda-tests; the CUDA emulator's, CPU-only and minutes long, run in CI)
   # shellcheck disable=SC2046
-  run "$PYTHON" -m pytest tests -p no:cacheprovider --ignore tests/ops/test_cuda_vs_cpu.py -q -ra $(xdist_args 16)
+  run "$PYTHON" -m pytest tests -p no:cacheprovider --ignore tests/ops/test_cuda_vs_cpu.py \
+    --ignore tests/ops/test_cuda_emulated.py -q -ra $(xdist_args 16)
   local rc=$?; NOTE=$(pytest_line "$LOG"); return $((rc == 0 ? 0 : 1))
 }
 
