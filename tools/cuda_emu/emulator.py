@@ -16,6 +16,7 @@ emulator catches each fault.
 """
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -223,6 +224,8 @@ def load(verbose=False):
             schema = str(getattr(torch.ops.epamx, name).default._schema)
             library.define(schema.split("::", 1)[1])
         asan = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if sanitize else []
+        if shutil.which("ninja") is None:  # torch builds with ninja: the one pip put beside this Python, if any
+            os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         ext.load(name="epamx_cuda_emu" + ("_asan" if sanitize else ""), sources=sources, build_directory=str(build),
                  is_python_module=False, extra_include_paths=[str(HERE / "include"), str(CSRC)],
                  extra_cflags=["-O1", "-std=c++20", "-include", str(HERE / "prelude.h"),
