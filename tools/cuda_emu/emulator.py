@@ -11,10 +11,11 @@ each launch `k<<<grid, block, smem, stream>>>(args)` rewritten as a call of the 
 of each __global__ body recording that the kernel ran (and with which index type), the choices of int32 offsets made
 to also ask EPAMX_CUDA_EMU_INDEX, a call after each __shared__ declaration filling it with NaN
 once per block (the state a block must not rely on), and pinned host memory made pageable (a CPU build of torch
-has no pinned allocator). selftest.cu, kernels with known faults, is built beside them: the tests check that the
+has no pinned allocator). They are compiled with multiply-adds fused where the CPU can (nvcc's default). selftest.cu, kernels with known faults, is built beside them: the tests check that the
 emulator catches each fault.
 """
 import os
+import platform
 import re
 import shutil
 import sys
@@ -50,6 +51,20 @@ def asan_environment(env=None):
                 EPAMX_CUDA_EMU_SANITIZE="address")
 
 _LIBRARY = None
+
+
+def _contraction_flags():
+    """Multiply-adds fused as nvcc fuses them by default (--fmad=true), where this CPU has FMA instructions: the
+    emulated kernels round as the GPU's would, more nearly than unfused code (the places the compilers fuse differ)."""
+    flags = ["-ffp-contract=fast"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        try:
+            cpu = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpu = ""
+        if re.search(r"^flags\s*:.*\bfma\b", cpu, re.M):
+            flags.append("-mfma")
+    return flags
 
 
 def cuda_sources():
@@ -229,7 +244,8 @@ def load(verbose=False):
         ext.load(name="epamx_cuda_emu" + ("_asan" if sanitize else ""), sources=sources, build_directory=str(build),
                  is_python_module=False, extra_include_paths=[str(HERE / "include"), str(CSRC)],
                  extra_cflags=["-O1", "-std=c++20", "-include", str(HERE / "prelude.h"),
-                               f"-DEPAMX_CUDA_MAX_BLOCKS={MAX_BLOCKS}", "-Wno-unused-parameter", *asan],
+                               f"-DEPAMX_CUDA_MAX_BLOCKS={MAX_BLOCKS}", "-Wno-unused-parameter",
+                               *_contraction_flags(), *asan],
                  extra_ldflags=asan[:1], verbose=verbose)
         _LIBRARY = library
     return torch.ops.epamx_emu
