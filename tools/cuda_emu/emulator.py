@@ -9,10 +9,10 @@ without a GPU. It is a rehearsal, not the proof: tools/gpu_check.sh runs the rea
 Each .cu file is copied with these changes only: comments blanked (line numbers kept, for the compiler's messages),
 each launch `k<<<grid, block, smem, stream>>>(args)` rewritten as a call of the emulator's launch, a line at the top
 of each __global__ body recording that the kernel ran (and with which index type), the choices of int32 offsets made
-to also ask EPAMX_CUDA_EMU_INDEX, a call after each __shared__ declaration filling it with NaN
-once per block (the state a block must not rely on), and pinned host memory made pageable (a CPU build of torch
-has no pinned allocator). They are compiled with multiply-adds fused where the CPU can (nvcc's default). selftest.cu, kernels with known faults, is built beside them: the tests check that the
-emulator catches each fault.
+to also ask EPAMX_CUDA_EMU_INDEX, a call after each __shared__ declaration filling it with NaN once per block (the
+state a block must not rely on), and pinned host memory made pageable (a CPU build of torch has no pinned allocator).
+They are compiled with multiply-adds fused where the CPU can (nvcc's default). selftest.cu, kernels with known faults,
+is built beside them: the tests check that the emulator catches each fault.
 """
 import os
 import platform
