@@ -300,6 +300,8 @@ def test_emulator_catches_a_lane_missing_from_a_shuffle(emu):
     torch.testing.assert_close(emulated(lambda: emu._selftest("warp_sum", x, -1)), expected)
     with raises_naming(RuntimeError, "selftest.cu", "block (0, 0, 0)", "warp 0: 31 of 32 lanes wait at a shuffle"):
         emu._selftest("warp_sum", x, 5)
+    with raises_naming(RuntimeError, "thread (32, 0, 0)", "__shfl_xor_sync in a partial warp"):
+        emu._selftest("warp_sum", x, 48)
 
 
 def test_emulator_catches_a_divergent_barrier(emu):

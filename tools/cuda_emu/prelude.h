@@ -65,10 +65,16 @@ struct Config {
 // group can pass, a failed CUDA_KERNEL_ASSERT, or a launch a GPU would refuse.
 void run_grid(const Config& c, const char* site, const std::function<void()>& body);
 
+// The argument as a kernel parameter of type T takes it: by implicit conversion only, as in a launch.
+template <typename T>
+T as_parameter(T value) {
+  return value;
+}
+
 template <typename... P>
 auto launch(void (*kernel)(P...), Config c, const char* site) {
   return [kernel, c, site](auto&&... args) {
-    const std::tuple<std::decay_t<P>...> values(static_cast<std::decay_t<P>>(args)...);
+    const std::tuple<std::decay_t<P>...> values(as_parameter<std::decay_t<P>>(args)...);
     run_grid(c, site, [&] { std::apply(kernel, values); });
   };
 }

@@ -10,9 +10,9 @@
 #include <algorithm>
 #include <array>
 #include <cstdlib>
+#include <functional>
 #include <numeric>
 #include <random>
-#include <functional>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -69,6 +69,18 @@ void fiber_main() {
   Block& b = *g_block;
   (*b.body)();
   b.fibers[b.current].state = State::Done;  // uc_link returns to the scheduler
+}
+
+// Stops the launch from inside the running thread: the scheduler throws `what`, naming the thread; the fiber never
+// resumes.
+[[noreturn]] void fail_thread(const std::string& what) {
+  Block& b = *g_block;
+  const uint3 t = g_context.thread_idx;
+  b.error = "thread (" + std::to_string(t.x) + ", " + std::to_string(t.y) + ", " + std::to_string(t.z) + "): " + what;
+  Fiber& f = b.fibers[b.current];
+  f.state = State::Done;
+  swapcontext(&f.ctx, &b.scheduler);
+  std::abort();
 }
 
 // Hands control back to the scheduler until it resumes this fiber.
@@ -276,11 +288,10 @@ int lane_id() { return g_block->current % kWarp; }
 void shuffle(unsigned int mask, const void* value, size_t bytes, int src_lane, void* result, const char* kind) {
   Block& b = *g_block;
   const int t = b.current, warp_first = t - t % kWarp;
-  if (mask != 0xffffffffu) kernel_assert_failed("a full-warp mask (the emulator's only mask)", __FILE__, __LINE__);
+  if (mask != 0xffffffffu) fail_thread(std::string(kind) + " with a mask of other than all 32 lanes (not emulated)");
   if (warp_first + kWarp > b.threads)
-    kernel_assert_failed("a full warp: the block's last warp is partial, and the mask names absent lanes", __FILE__,
-                         __LINE__);
-  if (bytes > kSlotBytes) kernel_assert_failed("a shuffled value of at most 16 bytes", __FILE__, __LINE__);
+    fail_thread(std::string(kind) + " in a partial warp (the block's last), whose full mask names absent lanes");
+  if (bytes > kSlotBytes) fail_thread(std::string(kind) + " of a value over 16 bytes (not emulated)");
   Fiber& f = b.fibers[t];
   auto& bank = b.slots[f.shuffles++ % 2];
   std::memcpy(bank[t].data(), value, bytes);
@@ -292,17 +303,10 @@ void shuffle(unsigned int mask, const void* value, size_t bytes, int src_lane, v
 }
 
 void kernel_assert_failed(const char* condition, const char* file, int line) {
-  if (g_block == nullptr) throw std::runtime_error(std::string("CUDA emulator: assertion failed: ") + condition);
-  Block& b = *g_block;
-  std::ostringstream os;
-  const uint3 t = g_context.thread_idx;
-  os << "thread (" << t.x << ", " << t.y << ", " << t.z << "): CUDA_KERNEL_ASSERT(" << condition << ") failed at "
-     << file << ":" << line;
-  b.error = os.str();
-  Fiber& f = b.fibers[b.current];
-  f.state = State::Done;
-  swapcontext(&f.ctx, &b.scheduler);  // the scheduler throws; this fiber never resumes
-  std::abort();
+  const std::string what =
+      std::string("CUDA_KERNEL_ASSERT(") + condition + ") failed at " + file + ":" + std::to_string(line);
+  if (g_block == nullptr) throw std::runtime_error("CUDA emulator: " + what);
+  fail_thread(what);
 }
 
 void poison_shared(void* p, size_t bytes) {

@@ -26,7 +26,8 @@ __global__ void tree_sum_kernel(const float* x, float* out, bool barrier, bool s
 }
 
 // Every lane gets its warp's sum by a butterfly of shuffles; lane `exit_lane` (if 0..31) returns first, so its warp's
-// full-mask shuffles lack a lane: a hang or undefined behaviour on a GPU.
+// full-mask shuffles lack a lane: a hang or undefined behaviour on a GPU. (Launched with 48 threads a block, the last
+// warp's full mask names 16 lanes that do not exist.)
 __global__ void warp_sum_kernel(const float* x, float* out, int exit_lane) {
   const int t = threadIdx.x;
   if (t % 32 == exit_lane) return;
@@ -68,7 +69,7 @@ at::Tensor selftest(std::string_view kernel, const at::Tensor& x_in, int64_t arg
     o = out.mutable_data_ptr<float>();
     tree_sum_kernel<<<blocks, kThreads>>>(in, o, arg != 0, arg != 2);  // arg: 0 no barrier, 1 sound, 2 no store
   } else if (kernel == "warp_sum") {
-    warp_sum_kernel<<<blocks, kThreads>>>(in, o, static_cast<int>(arg));
+    warp_sum_kernel<<<blocks, arg == 48 ? 48 : kThreads>>>(in, o, static_cast<int>(arg));  // arg 48: blocks of 48
   } else if (kernel == "divergent_sync") {
     divergent_sync_kernel<<<blocks, kThreads>>>(o, static_cast<int>(arg));
   } else if (kernel == "shifted_read") {
