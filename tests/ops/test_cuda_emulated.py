@@ -245,6 +245,20 @@ def test_batch_norm_act_kernels(emu, shape, dtype, index, layout, act):
     close(dx, dx_cpu, dtype)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_act_reductions_at_epamnet_scale(emu, layout):
+    # EPAM-Net's first RGB stage, (4, 54, 16, 56, 56): 216 rows of 50176, cut into 2160 (contiguous) or 2008
+    # (channels-last) slices whose partial sums a second pass adds, as the GPU runs them.
+    shape = (4, 54, 16, 56, 56)
+    x, grad = lay_out(randn(shape, 11), layout), lay_out(randn(shape, 12), layout)
+    scale, shift, _, _ = bn_coefficients(shape, torch.float32, 13)
+    moments, sums = emulated(lambda: (emu._channel_moments(x), emu._affine_act_backward_reduce(grad, x, scale, shift, 2)))
+    for a, b in zip(moments, CPU._channel_moments(x), strict=True):
+        rows_close(a, b, 1e-10)
+    for a, b in zip(sums, CPU._affine_act_backward_reduce(grad, x, scale, shift, 2), strict=True):
+        rows_close(a, b, 1e-5)
+
+
 # ---- coverage, and the emulator's own checks ---------------------------------------------------------------------
 
 def test_every_kernel_runs(emu):
