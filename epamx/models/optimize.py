@@ -141,8 +141,8 @@ def optimize_for_inference(model: nn.Module, memory_format: str = "auto",
 
     - ``dtype=torch.bfloat16`` (or ``"bfloat16"``): the folded weights are converted to bfloat16 once, here, and
       the copy computes in bfloat16 (oneDNN's bfloat16 convolutions accumulate in float32; the squeeze-and-excitation
-      MLPs stay in float32); it takes float32 inputs and returns float32 logits. On a CPU without bfloat16 instructions (:func:`cpu_has_bf16`) it warns
-      that this is slower than float32.
+      MLPs stay in float32); it takes float32 inputs and returns float32 logits. On a CPU without bfloat16
+      instructions (:func:`cpu_has_bf16`) it warns that this is slower than float32.
     - ``cache_memory`` (default True): on a CPU each forward runs in an :func:`epamx.memory.cpu_cache` scope, so
       the next forward reuses its activations' memory (kept between calls: about 2.7x the activations of one
       forward; :func:`epamx.memory.empty_cpu_cache` releases it). Compiled calls are left to the caller.

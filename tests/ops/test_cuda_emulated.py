@@ -9,7 +9,6 @@ threads writing one element) fails. The grid is capped at 3 blocks (emulator.MAX
 run past their first round. Outputs and scratch buffers start NaN-filled, and each block's shared memory too, so a
 value no thread wrote shows. CI runs this module a second time with the kernels built with AddressSanitizer."""
 import contextlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from test_cuda_vs_cpu import (
     SHIFT_SHAPES,
     away_from_the_kink,
     bn_coefficients,
+    close as close_to_cpu,
     keypoints,
     lay_out,
     rand,
@@ -59,17 +59,10 @@ def emu():
 @contextlib.contextmanager
 def emulator_settings(**settings):
     """EPAMX_CUDA_EMU_<NAME>=value for each name=value inside (the emulator reads them at each launch)."""
-    names = {f"EPAMX_CUDA_EMU_{name.upper()}": value for name, value in settings.items()}
-    previous = {name: os.environ.get(name) for name in names}
-    os.environ.update(names)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in settings.items():
+            patch.setenv(f"EPAMX_CUDA_EMU_{name.upper()}", value)
         yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
 
 
 def emulated(fn, index="int32"):
@@ -83,8 +76,8 @@ def emulated(fn, index="int32"):
     first = _flat(runs[0])
     for schedule, run in zip(SCHEDULES[1:], runs[1:]):
         for a, b in zip(first, _flat(run), strict=True):
-            assert a.stride() == b.stride() and torch.equal(a.nan_to_num(), b.nan_to_num()) and \
-                torch.equal(a.isnan(), b.isnan()), f"schedule {schedule} gave other bits than {SCHEDULES[0]}"
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, check_stride=True,
+                                       msg=f"schedule {schedule} gave other bits than {SCHEDULES[0]}")
     return runs[0]
 
 
@@ -95,8 +88,7 @@ def _flat(result):
 
 
 def close(emu_out, cpu_out, dtype, exact=False):
-    rtol, atol = (0, 0) if exact else TOLERANCES[dtype]
-    torch.testing.assert_close(emu_out, cpu_out, rtol=rtol, atol=atol, equal_nan=True)
+    close_to_cpu(emu_out, cpu_out, dtype, exact)  # the GPU tests' comparison
     assert emu_out.stride() == cpu_out.stride()  # the same memory format as the CPU kernel's output
 
 
@@ -252,7 +244,8 @@ def test_batch_norm_act_reductions_at_epamnet_scale(emu, layout):
     shape = (4, 54, 16, 56, 56)
     x, grad = lay_out(randn(shape, 11), layout), lay_out(randn(shape, 12), layout)
     scale, shift, _, _ = bn_coefficients(shape, torch.float32, 13)
-    moments, sums = emulated(lambda: (emu._channel_moments(x), emu._affine_act_backward_reduce(grad, x, scale, shift, 2)))
+    moments, sums = emulated(lambda: (emu._channel_moments(x),
+                                      emu._affine_act_backward_reduce(grad, x, scale, shift, 2)))
     for a, b in zip(moments, CPU._channel_moments(x), strict=True):
         rows_close(a, b, 1e-10)
     for a, b in zip(sums, CPU._affine_act_backward_reduce(grad, x, scale, shift, 2), strict=True):

@@ -50,6 +50,7 @@ def asan_environment(env=None):
     return dict(os.environ if env is None else env, LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0",
                 EPAMX_CUDA_EMU_SANITIZE="address")
 
+
 _LIBRARY = None
 
 
@@ -97,14 +98,14 @@ def _blank_comments(text):
     return "".join(out)
 
 
-def _matching(text, i, open_="(", close=")"):
-    """The index just past the bracket that closes text[i] (an opening bracket)."""
+def _matching(text, i):
+    """The index just past the parenthesis that closes text[i] (an opening one)."""
     depth = 0
     for j in range(i, len(text)):
-        depth += (text[j] == open_) - (text[j] == close)
+        depth += (text[j] == "(") - (text[j] == ")")
         if depth == 0:
             return j + 1
-    raise ValueError(f"unbalanced {open_} at offset {i}")
+    raise ValueError(f"unbalanced ( at offset {i}")
 
 
 def _rewrite_launches(text, name):
@@ -163,7 +164,8 @@ _WIDE_INDEX = [
     # dispatch_index_type({tensors}, body): one more tensor, too large for int32 under int64 (index_probe).
     (re.compile(r"\bdispatch_index_type\(\{"), "dispatch_index_type({::epamx_emu::index_probe(), "),
     # render_heatmaps' own limit.
-    (re.compile(r"\bconstexpr int64_t kInt32Limit = "), "const int64_t kInt32Limit = !::epamx_emu::narrow_index() ? 0 : "),
+    (re.compile(r"\bconstexpr int64_t kInt32Limit = "),
+     "const int64_t kInt32Limit = !::epamx_emu::narrow_index() ? 0 : "),
 ]
 
 
@@ -183,21 +185,26 @@ def _widen_index(text):
 
 
 def translate(path):
-    """The C++ text of the .cu file at path, and the names of its __global__ functions."""
+    """The C++ text of the .cu file at path, the names of its __global__ functions, and how many choices of int32 or
+    int64 offsets it makes."""
     rel = path.relative_to(ROOT).as_posix()  # for the compiler's messages
     text = _blank_comments(path.read_text())
     text = _rewrite_launches(text, path.name)
-    text, _ = _widen_index(text)
+    text, choices = _widen_index(text)
     text, names = _mark_kernels(_poison_shared(text))
     text = text.replace(".pinned_memory(true)", ".pinned_memory(false)")
-    return f'#line 1 "{rel}"\n{text}', names
+    return f'#line 1 "{rel}"\n{text}', names, choices
 
 
 def kernel_names(wide_index=False):
     """Every __global__ function of the emulated sources; with wide_index, those of the sources that choose int64
     offsets for large tensors (which EPAMX_CUDA_EMU_INDEX=int64 runs with int64 offsets)."""
-    return sorted(n for p in cuda_sources() for n in translate(p)[1]
-                  if not wide_index or _widen_index(_blank_comments(p.read_text()))[1])
+    names = []
+    for p in cuda_sources():
+        _, kernels, choices = translate(p)
+        if choices or not wide_index:
+            names += kernels
+    return sorted(names)
 
 
 def op_names():

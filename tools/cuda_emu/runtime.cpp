@@ -315,7 +315,8 @@ void poison_shared(void* p, size_t bytes) {
 
 bool mark_kernel(const char* name, const char* signature) {
   const std::string s = signature;
-  const bool int64 = s.find("index_t = long") != std::string::npos, int32 = s.find("index_t = int") != std::string::npos;
+  const bool int64 = s.find("index_t = long") != std::string::npos;
+  const bool int32 = s.find("index_t = int") != std::string::npos;
   g_kernels_run.insert(std::string(name) + (int64 ? "/int64" : int32 ? "/int32" : ""));
   return true;
 }
