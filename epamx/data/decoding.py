@@ -5,6 +5,7 @@ both naming the file; a video is decoded once, in order, up to the last frame as
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Iterator, Sequence, Tuple, Union
 
@@ -12,8 +13,8 @@ import numpy as np
 
 from epamx.errors import DataError, DataFileNotFound
 
-__all__ = ["SHORT_VIDEO_TOLERANCE", "DecodeError", "decode_chunks", "decode_video", "read_frame_folder", "read_video", "video_frame_count", "write_frame_folder",
-           "write_video", "write_video_stream"]
+__all__ = ["SHORT_VIDEO_TOLERANCE", "DecodeError", "decode_chunks", "decode_video", "frame_rgb", "read_frame_folder",
+           "read_video", "video_frame_count", "write_frame_folder", "write_video", "write_video_stream"]
 
 PathLike = Union[str, os.PathLike]
 # A video may end a few frames before the annotation's total_frames (NTU's videos and skeletons disagree by a frame
@@ -32,6 +33,34 @@ def _needed(indices: Sequence[int]) -> np.ndarray:
     if idx.min() < 0:
         raise ValueError(f"frame indices must be >= 0, got {int(idx.min())}")
     return idx
+
+
+_converters = threading.local()
+
+
+def frame_rgb(frame) -> np.ndarray:
+    """A decoded av.VideoFrame as uint8 (H, W, 3) RGB, as ``frame.to_ndarray(format="rgb24")`` gives it, but
+    converted on the calling thread alone, by a converter of that thread's own.
+
+    PyAV's own conversion runs on a pool of threads, one per core (PyAV >= 17), and PyAV 19 keeps one such
+    converter per thread for the process's life. A process forked after a conversion (a DataLoader worker, a
+    `prepare` worker) inherits that converter but not its threads, and its first conversion then waits for them
+    forever. A single thread is also what a loader worker wants: the workers are the parallelism, and a pool per
+    worker would oversubscribe the cores. The pixels are the same either way."""
+    converter = getattr(_converters, "converter", None)
+    if converter is None:
+        from av.video.reformatter import VideoReformatter
+
+        converter = _converters.converter = [VideoReformatter(), {"threads": 1}]
+    reformatter, options = converter
+    try:
+        rgb = reformatter.reformat(frame, format="rgb24", **options)
+    except TypeError:
+        if not options:
+            raise
+        options.clear()  # PyAV < 17: no `threads` (its conversion is single-threaded)
+        rgb = reformatter.reformat(frame, format="rgb24")
+    return rgb.to_ndarray()
 
 
 def decode_video(path: PathLike) -> Iterator[Tuple[object, object]]:
@@ -80,7 +109,7 @@ def decode_chunks(path: PathLike, chunk: int = 16, ahead: int = 2) -> Iterator[T
         try:
             frames, first, stream = [], 0, None
             for frame, stream in decode_video(path):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(frame_rgb(frame))
                 if len(frames) == chunk:
                     if not put((first, np.stack(frames), stream)):
                         return
@@ -121,14 +150,14 @@ def read_video(path: PathLike, indices: Sequence[int]) -> np.ndarray:
     frames_in = decode_video(path)
     for frame, _ in frames_in:
         if decoded in wanted:
-            frames[decoded] = frame.to_ndarray(format="rgb24")
+            frames[decoded] = frame_rgb(frame)
         previous = frame
         decoded += 1
         if decoded > last:
             frames_in.close()  # stop decoding: every frame asked for is in
             break
     if decoded <= last and previous is not None and decoded >= (1 - SHORT_VIDEO_TOLERANCE) * (last + 1):
-        tail = previous.to_ndarray(format="rgb24")
+        tail = frame_rgb(previous)
         for i in range(decoded, last + 1):
             if i in wanted:
                 frames[i] = tail

@@ -21,7 +21,7 @@ import numpy as np
 
 from epamx.data.annotations import load_annotations
 from epamx.data.dataset import SampleError
-from epamx.data.decoding import DecodeError, decode_video, read_frame_folder, write_video
+from epamx.data.decoding import DecodeError, decode_video, frame_rgb, read_frame_folder, write_video
 from epamx.data.transforms import crop_resize_frames, person_box
 from epamx.errors import DataError, DataFileNotFound
 
@@ -37,7 +37,7 @@ def _video_frames(path: str):
     stream's frame rate: yields (uint8 (H, W, 3) RGB, fps)."""
     for frame, stream in decode_video(path):
         rate = stream.average_rate
-        yield frame.to_ndarray(format="rgb24"), (int(round(float(rate))) if rate else 0) or _DEFAULT_FPS
+        yield frame_rgb(frame), (int(round(float(rate))) if rate else 0) or _DEFAULT_FPS
 
 
 def _folder_frames(folder: str, count: int, template: str):

@@ -122,8 +122,10 @@ def render_video(model: EPAMNet, cfg: Config, dataset: ClipDataset, index: int, 
 
 
 def _decoded_rgb(decoded):
+    from epamx.data.decoding import frame_rgb
+
     for frame, stream in decoded:
-        yield frame.to_ndarray(format="rgb24"), stream
+        yield frame_rgb(frame), stream
 
 
 def _crop_box(dataset: ClipDataset, ann, shape):

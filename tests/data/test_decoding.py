@@ -4,13 +4,14 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from epamx.data import DecodeError, read_frame_folder, read_video, write_frame_folder, write_video
-from epamx.data.decoding import video_frame_count
+from epamx.data.decoding import decode_video, frame_rgb, video_frame_count
 from epamx.errors import DataError, DataFileNotFound
 from fakes import frame_numbers, numbered_frames, smooth_frames
 
@@ -210,3 +211,55 @@ def test_frame_folder_errors(tmp_path):
     write_frame_folder(folder, numbered_frames(1, 16, 16), "img_{:05d}.jpg")  # frame 1 now a different size
     with pytest.raises(DecodeError, match="different sizes"):
         read_frame_folder(folder, [0, 3])
+
+
+def test_frame_rgb_gives_pyavs_pixels_on_the_calling_thread_alone(tmp_path):
+    av = pytest.importorskip("av", reason="needs PyAV (av), which is not installed")
+    path = tmp_path / "clip.mp4"
+    write_video(path, smooth_frames(3, 242, 326, seed=3))  # rows and columns not a multiple of 16 or 4
+    frames = [frame for frame, _ in decode_video(path)]
+    tasks = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731
+    got, started = [], []
+
+    def convert():  # on a new thread: PyAV 19 keeps a converter, and its threads, per thread
+        for frame in frames:
+            before = tasks()
+            got.append(frame_rgb(frame))
+            started.append(tasks() - before)
+
+    thread = threading.Thread(target=convert)
+    thread.start()
+    thread.join()
+    assert started == [0] * len(frames), f"PyAV {av.__version__}: converting frames started {started} threads"
+    for frame, rgb in zip(frames, got):
+        assert rgb.dtype == np.uint8 and rgb.shape == (242, 326, 3)
+        np.testing.assert_array_equal(rgb, frame.to_ndarray(format="rgb24"))
+
+
+# A parent that has converted frames, PyAV's way and epamx's, then forks a reader (as a DataLoader's workers or
+# `prepare`'s are made). With PyAV 19's one converter per thread, kept with its worker threads, the child's first
+# PyAV conversion waits forever for threads it does not have.
+_FORKED_READER = """
+import multiprocessing, sys
+from epamx.data import read_video
+from epamx.data.decoding import decode_video, frame_rgb
+for frame, _ in decode_video(sys.argv[1]):
+    frame.to_ndarray(format="rgb24"), frame_rgb(frame)
+child = multiprocessing.get_context("fork").Process(target=read_video, args=(sys.argv[1], [0, 5]))
+child.start()
+child.join(60)
+if child.exitcode is None:
+    child.kill()
+    sys.exit("the forked reader hung")
+sys.exit(child.exitcode)
+"""
+
+
+def test_a_process_forked_after_conversions_still_reads_videos(tmp_path):
+    pytest.importorskip("av", reason="needs PyAV (av), which is not installed")
+    path = tmp_path / "clip.mp4"
+    write_video(path, smooth_frames(6, 480, 640, seed=1))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__)] + sys.path)}
+    done = subprocess.run([sys.executable, "-c", _FORKED_READER, str(path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
