@@ -14,6 +14,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import sysconfig
 import tomllib
 
 from setuptools import Extension, setup
@@ -66,8 +67,11 @@ class CMakeBuild(build_ext):
         if "EPAMX_CUDA_ARCHS" in os.environ:
             args.append(f"-DEPAMX_CUDA_ARCHS={os.environ['EPAMX_CUDA_ARCHS']}")
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args])
-        subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
+        # This Python environment's cmake and ninja (pip's, the build requirements) before any on PATH: a system
+        # CMake may be too old for torch's CUDA package (3.25.1 cannot compile CUDA C++20).
+        env = dict(os.environ, PATH=os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")]))
+        subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], env=env)
+        subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs], env=env)
 
 
 setup(
