@@ -58,6 +58,10 @@ def temporal_shift_(input: Tensor, fold_div: int = 8, num_segments: Optional[int
     """
     _check_int_args("temporal_shift_", fold_div, num_segments)
     if torch.is_grad_enabled() and input.requires_grad:
+        if torch.compiler.is_compiling():
+            # A compiled graph is functional anyway, so the shift is traced as the out-of-place op and a copy back.
+            # (torch 2.11's AOTAutograd traces _TemporalShiftInplace's forward but drops its backward's shift.)
+            return input.copy_(torch.ops.epamx.temporal_shift(input, fold_div, num_segments))
         return _TemporalShiftInplace.apply(input, fold_div, num_segments)
     torch.ops.epamx.temporal_shift_(input, fold_div, num_segments)
     return input
