@@ -36,7 +36,8 @@ def torchrun(out_dir: Path, *args):
 
 def test_two_processes_train_a_stage_and_only_rank_0_writes(tmp_path, synthetic_data):
     outputs = torchrun(tmp_path, "stage", str(tmp_path), "epamnet", "train.epochs=1")
-    assert outputs[1][0] == ""  # rank 1 prints nothing
+    # rank 1 prints nothing (Gloo's own C++ logging in some torch releases, 2.9 for one, aside)
+    assert [line for line in outputs[1][0].splitlines() if not line.startswith("[Gloo] ")] == [], outputs[1][0]
     assert "[epamnet] epoch 1/1" in outputs[0][0] and "held-out top-1" in outputs[0][0]
     assert "SyncBatchNorm needs CUDA" in outputs[0][1] and "SyncBatchNorm" not in outputs[1][1]
 
