@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import one_thread
 from epamx.cli import main
 from epamx.config import load_config
 from epamx.data import load_annotations, read_video, write_video
 from epamx.data.embedded import CLASSES, build_embedded
+from testkit import one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 

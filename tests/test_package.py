@@ -11,7 +11,7 @@ import tomllib
 import torch
 
 import epamx
-from conftest import TEST_REQUIREMENTS
+from testkit import TEST_REQUIREMENTS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import one_thread
 from epamx import inference
 from epamx.cli import main
 from epamx.config import load_config
@@ -18,6 +17,7 @@ from epamx.inference.inputs import build_batch_transform, clip_batch
 from epamx.models import build_model
 from epamx.models.streams import stream_logits
 from pose_fakes import CLASSES, TABLE_ENV, TINY, TableEstimator, raw_video, tiny_checkpoint, write_table
+from testkit import one_thread
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@ bars, caption), beside the PNG sheet; with --keypoints or the estimator."""
 import numpy as np
 import pytest
 
-from conftest import one_thread
 from epamx.cli import main
 from epamx.data.decoding import decode_video
 from pose_fakes import TABLE_ENV, TINY, raw_video, tiny_checkpoint, write_table
+from testkit import one_thread
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import json
 import pytest
 from PIL import Image
 
-from conftest import one_thread
 from epamx.cli import main
 from epamx.config import load_config
 from epamx.data import decoding
@@ -15,6 +14,7 @@ from epamx.inference import timeline
 from epamx.inference.timeline import WindowPlan, check_windows, predict_timeline
 from epamx.models import build_model
 from pose_fakes import CLASSES, TABLE_ENV, TINY, TableEstimator, raw_video, tiny_checkpoint, write_table
+from testkit import one_thread
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ import io
 import pytest
 import torch
 
-from conftest import raises_naming
 from epamx.errors import CheckpointError, CheckpointNotFound
 from epamx.models import EPAMNet, XShiftNet, load_authors_checkpoint
 from epamx.models.checkpoint import convert_authors_state_dict
+from testkit import raises_naming
 
 
 def n_params(module):

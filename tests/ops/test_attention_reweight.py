@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch._prims_common import suggest_memory_format
 
-from conftest import DEVICES, TOLERANCES, poisoned_allocations
 from epamx import _C
 from epamx.ops import attention_reweight, attention_reweight_reference
+from testkit import DEVICES, TOLERANCES, poisoned_allocations
 
 # (N, C, T, H, W): EPAM-Net's last RGB stage, odd C and T, H != W, single channel / frame / pixel; C and H*W that
 # leave the CPU kernels' vectors (8 to 16 lanes) a partial last one in either memory format, and frames of more

@@ -4,7 +4,6 @@ kernels' thread bodies in shuffled order, bad input."""
 import pytest
 import torch
 
-from conftest import TOLERANCES, poisoned_allocations
 from epamx import _C
 from epamx.ops.batch_norm_act import (
     ACTIVATIONS,
@@ -13,6 +12,7 @@ from epamx.ops.batch_norm_act import (
     batch_norm_act,
     batch_norm_act_reference,
 )
+from testkit import TOLERANCES, poisoned_allocations
 
 ACTS = list(ACTIVATIONS)
 # (N, C, T, H, W): odd sizes, C = 1, a single pixel per frame, EPAM-Net's first RGB stage (smaller T).

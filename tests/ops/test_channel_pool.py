@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch._prims_common import suggest_memory_format
 
-from conftest import TOLERANCES, poisoned_allocations
 from epamx import _C
 from epamx.ops import channel_pool, channel_pool_reference
+from testkit import TOLERANCES, poisoned_allocations
 
 # ((N, C, T, H, W), t_stride): EPAM-Net's pose features, T not a multiple of t_stride, odd C, H != W; C and H*W
 # that leave the CPU kernels' vectors (8 to 16 lanes) a partial last one, in either memory format; t_stride 1

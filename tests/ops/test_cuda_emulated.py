@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FLOAT_DTYPES, TOLERANCES, poisoned_allocations, raises_naming
 from epamx.ops import COCO17_LIMBS
 from epamx.ops.batch_norm_act import ACTIVATIONS
 from test_cuda_vs_cpu import (
@@ -36,6 +35,7 @@ from test_cuda_vs_cpu import (
     reweight_inputs,
     rows_close,
 )
+from testkit import FLOAT_DTYPES, TOLERANCES, poisoned_allocations, raises_naming
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "cuda_emu"))
 import emulator as cuda_emu  # noqa: E402

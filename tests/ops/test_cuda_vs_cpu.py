@@ -5,9 +5,9 @@ their own: each holds several GiB)."""
 import pytest
 import torch
 
-from conftest import DEVICES, FLOAT_DTYPES, TOLERANCES, on_busy_side_stream, poisoned_allocations
 from epamx.ops import COCO17_LIMBS, attention_reweight, channel_pool, render_heatmaps, temporal_shift, temporal_shift_
 from epamx.ops.batch_norm_act import ACTIVATIONS, batch_norm_act
+from testkit import DEVICES, FLOAT_DTYPES, TOLERANCES, on_busy_side_stream, poisoned_allocations
 
 pytestmark = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU")
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICES, on_busy_side_stream, poisoned_allocations
 from epamx import _C
 from epamx.ops import COCO17_LIMBS, NTU25_BONES, render_heatmaps, render_heatmaps_reference
+from testkit import DEVICES, on_busy_side_stream, poisoned_allocations
 
 # fp32 against the reference, as the issue asks. Measured on the CPU: 1.2e-7 (the polynomial exp); the GPU may
 # fuse multiply-adds, which moves float32 segment distances by a few ulps.

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOLERANCES, poisoned_allocations, raises_naming
 from epamx.ops import channel_sums, channel_sums_reference, gate_silu_, gate_silu_reference
+from testkit import TOLERANCES, poisoned_allocations, raises_naming
 
 # (N, C, ...): EPAM-Net's SE blocks (C = 54, 108, 216, 432 in channels-last: C not a multiple of the kernels'
 # 8 or 16 lanes, whole vectors over the pixel stream); odd C and positions, fewer positions than one 256-block

@@ -3,10 +3,10 @@ definition in epamx.ops.temporal_shift), on every device present, every float dt
 import pytest
 import torch
 
-from conftest import DEVICES, on_busy_side_stream, poisoned_allocations
 from epamx import _C
 from epamx.nn import TemporalShift
 from epamx.ops import temporal_shift, temporal_shift_, temporal_shift_reference, temporal_unshift_
+from testkit import DEVICES, on_busy_side_stream, poisoned_allocations
 
 LAYOUTS = ["NCTHW", "(NT)CHW"]
 

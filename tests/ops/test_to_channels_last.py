@@ -4,8 +4,8 @@ and non-finite values; opcheck, compile, bad input."""
 import pytest
 import torch
 
-from conftest import FLOAT_DTYPES, poisoned_allocations, raises_naming
 from epamx.ops import to_channels_last, to_channels_last_reference
+from testkit import FLOAT_DTYPES, poisoned_allocations, raises_naming
 
 # The clips (3 RGB channels, 17 heatmaps), one channel, positions fewer than one 256-block and a partial last block,
 # 4-D frames.
