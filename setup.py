@@ -21,9 +21,9 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = pathlib.Path(__file__).parent.resolve()
-VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
-
-MIN_TORCH = (2, 9)  # as pyproject.toml's dependencies say
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+VERSION = PROJECT["version"]
+MIN_TORCH = next(dep.removeprefix("torch>=") for dep in PROJECT["dependencies"] if dep.startswith("torch>="))
 _CUDA_CHOICES = {"auto": "AUTO", "": "AUTO", "1": "ON", "on": "ON", "0": "OFF", "off": "OFF"}
 
 
@@ -36,11 +36,10 @@ def _require_torch():
             "epamx compiles against the torch already installed, and none was found. Install torch first "
             "(here: pip install torch==2.13.0), then build with: pip install -e . --no-build-isolation"
         ) from exc
-    found = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    if found < MIN_TORCH:
+    if torch.__version__ < MIN_TORCH:  # a TorchVersion: compares as a version
         raise RuntimeError(
-            f"epamx needs torch >= {'.'.join(map(str, MIN_TORCH))} (its tests pass on 2.9.1, 2.11.0 and 2.13.0); this "
-            f"is torch {torch.__version__}. Install a newer one first (here: pip install torch==2.13.0)"
+            f"epamx needs torch >= {MIN_TORCH} (its tests pass on 2.9.1, 2.11.0 and 2.13.0); this is torch "
+            f"{torch.__version__}. Install a newer one first (here: pip install torch==2.13.0)"
         )
     return torch
 

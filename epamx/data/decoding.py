@@ -36,6 +36,7 @@ def _needed(indices: Sequence[int]) -> np.ndarray:
 
 
 _converters = threading.local()
+_CONVERT_OPTIONS = {"threads": 1}  # emptied on PyAV < 17, which has no `threads` (its conversion is single-threaded)
 
 
 def frame_rgb(frame) -> np.ndarray:
@@ -47,18 +48,17 @@ def frame_rgb(frame) -> np.ndarray:
     `prepare` worker) inherits that converter but not its threads, and its first conversion then waits for them
     forever. A single thread is also what a loader worker wants: the workers are the parallelism, and a pool per
     worker would oversubscribe the cores. The pixels are the same either way."""
-    converter = getattr(_converters, "converter", None)
-    if converter is None:
+    reformatter = getattr(_converters, "reformatter", None)
+    if reformatter is None:
         from av.video.reformatter import VideoReformatter
 
-        converter = _converters.converter = [VideoReformatter(), {"threads": 1}]
-    reformatter, options = converter
+        reformatter = _converters.reformatter = VideoReformatter()
     try:
-        rgb = reformatter.reformat(frame, format="rgb24", **options)
+        rgb = reformatter.reformat(frame, format="rgb24", **_CONVERT_OPTIONS)
     except TypeError:
-        if not options:
+        if not _CONVERT_OPTIONS:
             raise
-        options.clear()  # PyAV < 17: no `threads` (its conversion is single-threaded)
+        _CONVERT_OPTIONS.clear()
         rgb = reformatter.reformat(frame, format="rgb24")
     return rgb.to_ndarray()
 
