@@ -18,6 +18,26 @@ CONV_ACTIVATIONS = ("none", "relu", "swish")
 
 _HAS_MKLDNN = torch.backends.mkldnn.is_available()  # whether this build of PyTorch has oneDNN: fixed
 _DTYPES = (torch.float32, torch.bfloat16)
+_ONEDNN_BF16: Optional[bool] = None  # _onednn_runs_bfloat16(), found at its first call
+
+
+def _onednn_runs_bfloat16() -> bool:
+    """Whether this CPU has what oneDNN's bfloat16 convolutions need (AVX-512 BW, VL and DQ, or AVX-NE-CONVERT):
+    PyTorch refuses them elsewhere (an AVX2-only CPU, say), where conv_act runs bfloat16 through float32."""
+    global _ONEDNN_BF16
+    if _ONEDNN_BF16 is None:
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        _ONEDNN_BF16 = _HAS_MKLDNN and check is not None and bool(check())
+    return _ONEDNN_BF16
+
+
+def _widens(dtype: torch.dtype) -> bool:
+    """Whether conv_act runs ``dtype`` through oneDNN's float32 convolution: bfloat16 where oneDNN's bfloat16 path
+    is refused. The input is widened to float32 and the weight packed as float32 (both exactly: bfloat16 values),
+    and the output rounded to bfloat16: what the bfloat16 path computes (it too accumulates in float32), at
+    float32's speed plus two conversions, where PyTorch's own bfloat16 convolutions there are about 40x slower
+    than float32 (measured on an AVX2 AMD EPYC: docs/performance.md, bfloat16)."""
+    return dtype == torch.bfloat16 and not _onednn_runs_bfloat16()
 
 
 def fused_conv_act_applies(conv: nn.Conv3d, x: Tensor) -> bool:
@@ -70,6 +90,8 @@ def _packed_args(conv: nn.Conv3d, frame_wise: bool) -> tuple:
     reorder = torch._C._nn.mkldnn_reorder_conv3d_weight if weight.dim() == 5 else \
         torch._C._nn.mkldnn_reorder_conv2d_weight
     with torch.no_grad():
+        if _widens(weight.dtype):
+            weight = weight.float()
         packed = reorder(weight.to_mkldnn(), list(padding), list(stride), list(dilation), conv.groups, None)
     entry = (key, packed, list(stride), list(padding), list(dilation))
     _PACKED[conv] = entry
@@ -89,7 +111,8 @@ def conv_act(conv: nn.Conv3d, x: Tensor, activation: str = "none", add: Optional
     """``activation(conv(x) + add)`` (``add`` optional, of the output's shape) as one oneDNN convolution with
     post-ops; ``activation`` one of :data:`CONV_ACTIVATIONS` ("swish" is SiLU; after a sum "none" or "relu"). ``frame_wise``: a (1, kh, kw)
     convolution over x in channels_last_3d memory, run as a 2D convolution over its frames (no copy). Call it where
-    :func:`fused_conv_act_applies`; the output is a new tensor of x's dtype."""
+    :func:`fused_conv_act_applies`; the output is a new tensor of x's dtype. bfloat16 on a CPU where PyTorch refuses
+    oneDNN's bfloat16 path (an AVX2-only one) runs through its float32 convolution, rounded to bfloat16 after."""
     if activation not in CONV_ACTIVATIONS:
         raise ValueError(f"conv_act: activation must be one of {', '.join(CONV_ACTIVATIONS)}, got {activation!r}")
     if add is not None and activation == "swish":  # oneDNN's binary post-op takes ReLU alone after the sum
@@ -98,15 +121,23 @@ def conv_act(conv: nn.Conv3d, x: Tensor, activation: str = "none", add: Optional
         weight, stride, padding, dilation = _kernel_args(conv, frame_wise)
     else:
         weight, stride, padding, dilation = _packed_args(conv, frame_wise)
-    n = x.shape[0]
+    n, bias, dtype = x.shape[0], conv.bias, x.dtype
+    widen = _widens(dtype)
+    if widen:
+        x, add = x.float(), add.float() if add is not None else None
+        bias = bias.float() if bias is not None else None
+        if weight.dtype != torch.float32:  # traced (conv's own weight, not the packed one)
+            weight = weight.float()
     if frame_wise:
         x = as_frames(x)
         add = as_frames(add) if add is not None else None
     if add is None:
-        y = torch.ops.mkldnn._convolution_pointwise(x, weight, conv.bias, padding, stride, dilation, conv.groups,
+        y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, conv.groups,
                                                     activation, [], None)
     else:
-        y = torch.ops.mkldnn._convolution_pointwise.binary(x, add, weight, conv.bias, padding, stride, dilation,
+        y = torch.ops.mkldnn._convolution_pointwise.binary(x, add, weight, bias, padding, stride, dilation,
                                                            conv.groups, "add", None,
                                                            None if activation == "none" else activation, [], None)
+    if widen:
+        y = y.to(dtype)
     return from_frames(y, n) if frame_wise else y

@@ -1,10 +1,15 @@
 """conv_act: a convolution with its activation and residual sum as one oneDNN call, against the separate ops."""
+import importlib
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from epamx.nn import conv_act, fused_conv_act_applies
+
+conv_act_module = importlib.import_module("epamx.nn.conv_act")  # the module (epamx.nn.conv_act is the function)
 
 CL = torch.channels_last_3d
 ACTS = {"none": lambda y: y, "relu": F.relu, "swish": F.silu}
@@ -99,3 +104,50 @@ def test_packed_weights_are_reused_and_remade_when_the_weight_changes():
     with torch.inference_mode():  # weights made here are inference tensors, without a version counter
         made = _conv((1, 1, 1))
         torch.testing.assert_close(conv_act(made, x, "relu"), F.relu(made(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_knows_whether_onednn_runs_bfloat16_here():
+    """As PyTorch's own check says (AVX-512 BW/VL/DQ or AVX-NE-CONVERT): where the check were gone, every CPU would
+    take the widened bfloat16 route below."""
+    assert conv_act_module._onednn_runs_bfloat16() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert conv_act_module._widens(torch.bfloat16) != torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert not conv_act_module._widens(torch.float32)
+
+
+@pytest.fixture
+def without_onednn_bfloat16(monkeypatch):
+    """This machine as a CPU where PyTorch refuses oneDNN's bfloat16 convolutions (an AVX2-only one): conv_act
+    runs bfloat16 through oneDNN's float32 convolution there (with packed weights of its own)."""
+    monkeypatch.setattr(conv_act_module, "_ONEDNN_BF16", False)
+    monkeypatch.setattr(conv_act_module, "_PACKED", weakref.WeakKeyDictionary())
+
+
+@pytest.mark.parametrize("kernel,groups,frame_wise", [((1, 1, 1), 1, False), ((1, 3, 3), 8, True),
+                                                      ((3, 3, 3), 2, False)])
+@pytest.mark.parametrize("activation,with_add", [("none", False), ("relu", False), ("swish", False),
+                                                 ("none", True), ("relu", True)])
+def test_bfloat16_without_onednn_bfloat16_runs_through_float32(without_onednn_bfloat16, kernel, groups, frame_wise,
+                                                                activation, with_add):
+    """bfloat16 where oneDNN's bfloat16 path is refused: the float32 convolution of the same (bfloat16) values with
+    its post-ops, rounded to bfloat16 once: bit for bit oneDNN's unpacked float32 call, and within bfloat16's
+    rounding of the separate bfloat16 ops."""
+    channels = (8, 8) if groups == 8 else (8, 16)
+    conv = _conv(kernel, groups=groups, channels=channels, dtype=torch.bfloat16)
+    x = _input(dtype=torch.bfloat16)
+    add = _input(channels[1], dtype=torch.bfloat16) if with_add else None
+    with torch.no_grad():
+        assert fused_conv_act_applies(conv, x)
+        got = conv_act(conv, x, activation, add, frame_wise=frame_wise)
+        packed = conv_act_module._PACKED[conv][1]
+        args = (conv.weight.float(), conv.bias.float(), conv.padding, conv.stride, conv.dilation, conv.groups)
+        if with_add:
+            exact = torch.ops.mkldnn._convolution_pointwise.binary(
+                x.float(), add.float(), *args, "add", None, None if activation == "none" else activation, [], None)
+        else:
+            exact = torch.ops.mkldnn._convolution_pointwise(x.float(), *args, activation, [], None)
+        y = conv(x)
+        separate = ACTS[activation](y + add if with_add else y)
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape and got.is_contiguous(memory_format=CL)
+    assert packed.dtype == torch.float32 and conv_act_module.pack_weight(conv, frame_wise) is packed
+    torch.testing.assert_close(got, exact.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(got.float(), separate.float(), rtol=2e-2, atol=2e-2)
