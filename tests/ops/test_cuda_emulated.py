@@ -7,7 +7,8 @@ whose barrier or full-warp shuffle not every thread reaches. Each case runs unde
 must give the same bits under each, so a result that depends on the order threads run in (a missing barrier, two
 threads writing one element) fails. The grid is capped at 3 blocks (emulator.MAX_BLOCKS), so the grid-stride loops
 run past their first round. Outputs and scratch buffers start NaN-filled, and each block's shared memory too, so a
-value no thread wrote shows. CI runs this module a second time with the kernels built with AddressSanitizer."""
+value no thread wrote shows. CI runs this module a second time with the kernels built with AddressSanitizer
+(under the first schedule alone)."""
 import contextlib
 import os
 import subprocess
