@@ -33,6 +33,22 @@ def one_thread():
 
 
 @contextlib.contextmanager
+def without_onednn_bfloat16():
+    """Inside, this machine as a CPU where PyTorch refuses oneDNN's bfloat16 convolutions (an AVX2-only one):
+    epamx.nn.conv_act runs bfloat16 through oneDNN's float32 convolution, with packed weights of its own (a fresh
+    cache, so none packed outside is reused). Yields the module epamx.nn.conv_act (epamx.nn.conv_act is the
+    function)."""
+    import importlib
+    import weakref
+
+    module = importlib.import_module("epamx.nn.conv_act")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "_ONEDNN_BF16", False)
+        patch.setattr(module, "_PACKED", weakref.WeakKeyDictionary())
+        yield module
+
+
+@contextlib.contextmanager
 def poisoned_allocations():
     """Inside, every tensor torch allocates uninitialised (at::empty) is filled with NaN, so an output element
     a kernel forgets to write shows up as NaN instead of whatever the allocator happened to hand out."""

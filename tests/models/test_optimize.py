@@ -1,10 +1,8 @@
 """Fast by default: the memory-format policy of the models, the stems' frame-wise convolution, and
 optimize_for_inference (batch norm folded), each against the plain contiguous model."""
 import copy
-import importlib
 import io
 import warnings
-import weakref
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from torch import nn
 from epamx.models import EPAMNet, PoseStream, RGBStream, optimize_for_inference, preferred_memory_format
 from epamx.models.xshiftnet import ConvBNAct, SqueezeExcite, XShiftBlock
 from test_epamnet import randomize_batch_norm
+from testkit import without_onednn_bfloat16
 
 CL = torch.channels_last_3d
 
@@ -296,21 +295,19 @@ def test_bfloat16_logits_are_close_to_float32_with_the_same_top1(seed):
     assert torch.equal(sum(got).argmax(1), sum(want).argmax(1))
 
 
-def test_bfloat16_where_onednn_refuses_bfloat16(monkeypatch):
+def test_bfloat16_where_onednn_refuses_bfloat16():
     """On a CPU where PyTorch refuses oneDNN's bfloat16 convolutions (an AVX2-only one; this one made to look like
     it), the bfloat16 copy runs them through oneDNN's float32 ones (epamx.nn.conv_act): logits close to float32's,
     the same top-1, and close to those of the bfloat16 path where the CPU has it."""
-    conv_act_module = importlib.import_module("epamx.nn.conv_act")
     model = epamnet("auto", seed=1, num_classes=12)
     imgs, heatmaps = small_clip(seed=1, batch=4)
     with torch.no_grad():
         want = optimize_for_inference(model)(imgs, heatmaps)
         here = optimize_for_inference(model, dtype=torch.bfloat16)(imgs, heatmaps)
-        monkeypatch.setattr(conv_act_module, "_ONEDNN_BF16", False)
-        monkeypatch.setattr(conv_act_module, "_PACKED", weakref.WeakKeyDictionary())
-        fast = optimize_for_inference(model, dtype=torch.bfloat16)
-        packed = [entry[1] for entry in conv_act_module._PACKED.values()]
-        got = fast(imgs, heatmaps)
+        with without_onednn_bfloat16() as conv_act_module:
+            fast = optimize_for_inference(model, dtype=torch.bfloat16)
+            packed = [entry[1] for entry in conv_act_module._PACKED.values()]
+            got = fast(imgs, heatmaps)
     assert packed and all(p.dtype == torch.float32 for p in packed)
     for g, w, h in zip(got, want, here):
         assert g.dtype == torch.float32

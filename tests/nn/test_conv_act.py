@@ -1,6 +1,5 @@
 """conv_act: a convolution with its activation and residual sum as one oneDNN call, against the separate ops."""
 import importlib
-import weakref
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from epamx.nn import conv_act, fused_conv_act_applies
+from testkit import without_onednn_bfloat16
 
 conv_act_module = importlib.import_module("epamx.nn.conv_act")  # the module (epamx.nn.conv_act is the function)
 
@@ -114,20 +114,11 @@ def test_knows_whether_onednn_runs_bfloat16_here():
     assert not conv_act_module._widens(torch.float32)
 
 
-@pytest.fixture
-def without_onednn_bfloat16(monkeypatch):
-    """This machine as a CPU where PyTorch refuses oneDNN's bfloat16 convolutions (an AVX2-only one): conv_act
-    runs bfloat16 through oneDNN's float32 convolution there (with packed weights of its own)."""
-    monkeypatch.setattr(conv_act_module, "_ONEDNN_BF16", False)
-    monkeypatch.setattr(conv_act_module, "_PACKED", weakref.WeakKeyDictionary())
-
-
 @pytest.mark.parametrize("kernel,groups,frame_wise", [((1, 1, 1), 1, False), ((1, 3, 3), 8, True),
                                                       ((3, 3, 3), 2, False)])
 @pytest.mark.parametrize("activation,with_add", [("none", False), ("relu", False), ("swish", False),
                                                  ("none", True), ("relu", True)])
-def test_bfloat16_without_onednn_bfloat16_runs_through_float32(without_onednn_bfloat16, kernel, groups, frame_wise,
-                                                                activation, with_add):
+def test_bfloat16_without_onednn_bfloat16_runs_through_float32(kernel, groups, frame_wise, activation, with_add):
     """bfloat16 where oneDNN's bfloat16 path is refused: the float32 convolution of the same (bfloat16) values with
     its post-ops, rounded to bfloat16 once: bit for bit oneDNN's unpacked float32 call, and within bfloat16's
     rounding of the separate bfloat16 ops."""
@@ -135,10 +126,11 @@ def test_bfloat16_without_onednn_bfloat16_runs_through_float32(without_onednn_bf
     conv = _conv(kernel, groups=groups, channels=channels, dtype=torch.bfloat16)
     x = _input(dtype=torch.bfloat16)
     add = _input(channels[1], dtype=torch.bfloat16) if with_add else None
-    with torch.no_grad():
+    with torch.no_grad(), without_onednn_bfloat16() as module:
         assert fused_conv_act_applies(conv, x)
         got = conv_act(conv, x, activation, add, frame_wise=frame_wise)
-        packed = conv_act_module._PACKED[conv][1]
+        packed = module._PACKED[conv][1]
+        assert packed.dtype == torch.float32 and module.pack_weight(conv, frame_wise) is packed
         args = (conv.weight.float(), conv.bias.float(), conv.padding, conv.stride, conv.dilation, conv.groups)
         if with_add:
             exact = torch.ops.mkldnn._convolution_pointwise.binary(
@@ -148,6 +140,5 @@ def test_bfloat16_without_onednn_bfloat16_runs_through_float32(without_onednn_bf
         y = conv(x)
         separate = ACTS[activation](y + add if with_add else y)
     assert got.dtype == torch.bfloat16 and got.shape == exact.shape and got.is_contiguous(memory_format=CL)
-    assert packed.dtype == torch.float32 and conv_act_module.pack_weight(conv, frame_wise) is packed
     torch.testing.assert_close(got, exact.to(torch.bfloat16), rtol=0, atol=0)
     torch.testing.assert_close(got.float(), separate.float(), rtol=2e-2, atol=2e-2)
